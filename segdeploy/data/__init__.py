@@ -1,0 +1,1 @@
+"""Segmentation datasets: the built-in synthetic set, local folders and the Hub."""

@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests never reach a hub: they make their own data and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Two cores: keep each test process from oversubscribing them, and make sure no
+# test can wait on a network that is not there.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+
+
+@pytest.fixture(scope="session")
+def camvid() -> Path:
+    """The real CamVid folder beside the repo; real-data tests are marked slow."""
+    if not (CAMVID / "images").is_dir():
+        pytest.skip(f"real data not present at {CAMVID}")
+    return CAMVID
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the ADE20K folder layout."""
+    from segdeploy.data.synthetic import write_synthetic_folder
+
+    return write_synthetic_folder(
+        tmp_path_factory.mktemp("synthetic"), n_train=24, n_val=8, seed=0, size=64
+    )
