@@ -33,3 +33,32 @@ def synthetic_dir(tmp_path_factory) -> Path:
     return write_synthetic_folder(
         tmp_path_factory.mktemp("synthetic"), n_train=24, n_val=8, seed=0, size=64
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A Hugging Face model folder: `scratch:tiny` SegFormer, random weights, 5 classes, 64x64 input."""
+    import torch
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from segdeploy.data.synthetic import ID2LABEL
+    from segdeploy.models import scratch_config
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model = SegformerForSemanticSegmentation(scratch_config("tiny", ID2LABEL)).eval()
+    model.save_pretrained(out)
+    SegformerImageProcessor(
+        size={"height": 64, "width": 64}, do_reduce_labels=False
+    ).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """`tiny_model_dir` exported by Optimum at opset 17: model.onnx, config.json, preprocessor_config.json."""
+    from optimum.exporters.onnx import main_export
+
+    out = tmp_path_factory.mktemp("tiny_onnx")
+    main_export(str(tiny_model_dir), output=out, task="semantic-segmentation", opset=17)
+    return out
