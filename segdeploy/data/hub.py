@@ -81,7 +81,9 @@ def _load(repo: str, config: str | None, expr: str):
         scripted = "scripts are no longer supported" in str(first_err)
         err = second if scripted else first_err
     raise SegdeployError(
-        repo, f"cannot load from the Hugging Face Hub ({_one_line(err)}); {ALTERNATIVES}"
+        repo,
+        f"not a local folder, and cannot load it from the Hugging Face Hub ({_one_line(err)}); "
+        f"{ALTERNATIVES}",
     )
 
 
