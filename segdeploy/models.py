@@ -6,6 +6,12 @@ and is what the tests and the offline demo train.
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from segdeploy.errors import SegdeployError
+
 # (hidden_sizes, depths, decoder_hidden_size) per size; heads, sr ratios and MLP
 # ratios are shared by all MiT variants (Xie et al. 2021, table 6).
 _MIT = {
@@ -39,3 +45,179 @@ def scratch_config(size: str, id2label: dict[int, str]):
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
     )
+
+
+# ---------------------------------------------------------------------------
+# Resolving and loading `--model`
+# ---------------------------------------------------------------------------
+
+SCRATCH_PREFIX = "scratch:"
+_ALTERNATIVES = (
+    "use a local model folder (config.json + weights), or scratch:tiny / scratch:b0..b5 "
+    "to train from random weights"
+)
+
+
+def model_kind(model: str) -> str:
+    """How `--model` will be loaded: "scratch", "local" or "hub".
+
+    A string is a local folder when that folder exists or it is spelled like a
+    path (./x, /x, ~/x, x/y/z); anything else of the form name or org/name is a
+    Hub id.
+    """
+    if model.startswith(SCRATCH_PREFIX):
+        return "scratch"
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return "local"
+    return "hub"
+
+
+def is_pretrained(model: str) -> bool:
+    """Whether `--model` starts from trained weights (and so wants a small learning rate)."""
+    return model_kind(model) != "scratch"
+
+
+def check_model_source(model: str) -> None:
+    """Fail fast, before any data is read, if `--model` cannot be loaded.
+
+    Scratch sizes and local folders are checked on disk; a Hub id is checked by
+    fetching its config (cheap), or from the local cache when the Hub cannot be
+    reached. Raises SegdeployError naming the alternatives.
+    """
+    kind = model_kind(model)
+    if kind == "scratch":
+        size = model[len(SCRATCH_PREFIX) :]
+        if size not in _MIT:
+            raise SegdeployError(
+                "--model",
+                f"unknown scratch size {size!r}; choose one of "
+                + ", ".join(SCRATCH_PREFIX + s for s in SCRATCH_SIZES),
+            )
+        return
+    _load_config(model, kind)
+
+
+def load_model(model: str, id2label: dict[int, str], *, ignore_index: int = 255):
+    """A `SegformerForSemanticSegmentation` for `--model`, with a head for `id2label`.
+
+    Pretrained weights keep their encoder; a decode head of another size is
+    re-initialised (the guide's fine-tuning recipe). The loss ignores
+    `ignore_index`, which SegFormer otherwise fixes at 255.
+    """
+    from transformers import SegformerForSemanticSegmentation
+
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    label2id = {v: k for k, v in id2label.items()}
+    kind = model_kind(model)
+    if kind == "scratch":
+        config = scratch_config(model[len(SCRATCH_PREFIX) :], id2label)
+        config.semantic_loss_ignore_index = ignore_index
+        return SegformerForSemanticSegmentation(config)
+    config = _load_config(model, kind)
+    config.id2label, config.label2id = id2label, label2id  # num_labels follows id2label
+    config.semantic_loss_ignore_index = ignore_index
+    try:
+        return SegformerForSemanticSegmentation.from_pretrained(
+            _source(model, kind),
+            config=config,
+            ignore_mismatched_sizes=True,
+            local_files_only=not hub_reachable() if kind == "hub" else True,
+        )
+    except OSError as err:
+        raise SegdeployError(model, f"cannot load model weights: {_first_line(err)}") from None
+
+
+def load_processor(model: str, image_size: int | None = None):
+    """The `SegformerImageProcessor` of `--model`, resizing to `image_size` (square).
+
+    Labels are reduced by `segdeploy.data.label_array`, never by the processor,
+    so `do_reduce_labels` is always False here. Models without a processor
+    config (and scratch models) get SegFormer's defaults (ImageNet mean/std, 512).
+    """
+    from transformers import SegformerImageProcessor
+
+    overrides: dict = {"do_reduce_labels": False}
+    if image_size is not None:
+        overrides["size"] = {"height": image_size, "width": image_size}
+    kind = model_kind(model)
+    if kind != "scratch":
+        try:
+            return SegformerImageProcessor.from_pretrained(
+                _source(model, kind),
+                local_files_only=not hub_reachable() if kind == "hub" else True,
+                **overrides,
+            )
+        except OSError:
+            pass  # e.g. an encoder-only checkpoint saved without preprocessor_config.json
+    return SegformerImageProcessor(**overrides)
+
+
+def processor_image_size(processor) -> int:
+    """The square side a processor resizes to (SegFormer processors store height/width)."""
+    size = processor.size
+    return int(size.get("height") or size.get("shortest_edge") or 512)
+
+
+def _source(model: str, kind: str) -> str:
+    return str(Path(model).expanduser()) if kind == "local" else model
+
+
+def _load_config(model: str, kind: str):
+    from transformers import AutoConfig
+
+    if kind == "local":
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise SegdeployError(model, f"no such model folder; {_ALTERNATIVES}")
+        if not (path / "config.json").is_file():
+            raise SegdeployError(
+                model, f"not a Hugging Face model folder (no config.json); {_ALTERNATIVES}"
+            )
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise SegdeployError(path / "config.json", f"unreadable: {_first_line(err)}") from None
+    else:
+        online = hub_reachable()
+        try:
+            config = AutoConfig.from_pretrained(model, local_files_only=not online)
+        except (OSError, ValueError) as err:
+            if not online:
+                raise SegdeployError(
+                    model,
+                    "is not a local folder nor in the Hugging Face cache, and the Hub "
+                    f"cannot be reached (offline); {_ALTERNATIVES}",
+                ) from None
+            raise SegdeployError(
+                model, f"cannot load from the Hugging Face Hub: {_first_line(err)}"
+            ) from None
+    if config.model_type != "segformer":
+        raise SegdeployError(
+            model, f"is a {config.model_type!r} model; segdeploy trains SegFormer models only"
+        )
+    return config
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers at all, decided in seconds.
+
+    huggingface_hub would otherwise retry an unreachable host for about half a
+    minute per file before giving up; offline we go straight to the cache.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
