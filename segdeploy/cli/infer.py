@@ -1,12 +1,160 @@
-"""`segdeploy infer` (not implemented yet)."""
+"""`segdeploy infer`: thin Click layer over segdeploy.infer.run_infer (torch-free)."""
 
 from __future__ import annotations
 
 import click
 
+from segdeploy.runtime.providers import PROVIDERS
 
-@click.command()
-def infer() -> None:
-    """Not implemented yet."""
-    click.echo("segdeploy infer: not implemented yet", err=True)
-    raise SystemExit(2)
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "--model",
+    "model_dir",
+    default="models/segformer",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Exported model: an ONNX folder (model.onnx, config.json, preprocessor_config.json) "
+    "or a trained model folder with its export in onnx/.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="segdeploy-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...).",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDERS, case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime provider; auto = CUDA if installed, else CPU (TensorRT only on request).",
+)
+@click.option(
+    "--fallback",
+    is_flag=True,
+    help="If the provider is missing or fails, step down TensorRT -> CUDA -> CPU with a warning "
+    "instead of exiting with status 2.",
+)
+@click.option(
+    "--variant",
+    default="fp32",
+    show_default=True,
+    help="Graph to run: fp32 (model.onnx), fp16, optimized, int8, or NAME for model_NAME.onnx.",
+)
+@click.option(
+    "--fp16",
+    is_flag=True,
+    help="Half precision: TensorRT builds fp16 engines; CUDA/CPU run the fp16 graph (= --variant fp16).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per model call (and TensorRT's largest profile)  [default: 4 on CPU, 16 on GPU].",
+)
+@click.option(
+    "--trt-cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for TensorRT engines and timing cache; later runs reuse them instead of "
+    "rebuilding (minutes).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ONNX Runtime intra-op threads  [default: all cores].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads that decode/preprocess and upsample/write, each  [default: min(4, cores)].",
+)
+@click.option(
+    "--overlay",
+    is_flag=True,
+    help="Also write <stem>_overlay.jpg: the image blended with the class colours.",
+)
+@click.option(
+    "--skip-existing",
+    is_flag=True,
+    help="Skip images whose outputs already exist: resumes an interrupted run.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse images larger than this many pixels (decompression-bomb guard)  "
+    "[default: Pillow's, about 89 million].",
+)
+def infer(
+    inputs: tuple[str, ...],
+    model_dir: str,
+    output: str,
+    provider: str,
+    fallback: bool,
+    variant: str,
+    fp16: bool,
+    batch_size: int | None,
+    trt_cache: str | None,
+    threads: int | None,
+    workers: int | None,
+    overlay: bool,
+    skip_existing: bool,
+    max_pixels: int | None,
+) -> None:
+    """Segment images with an exported SegFormer on ONNX Runtime; no torch needed.
+
+    INPUT is any mix of image files, folders (searched recursively; non-image
+    files are ignored) and quoted globs ('photos/**/*.jpg'). For each image a
+    label PNG at the image's own size (8-bit, 16-bit above 256 classes) is
+    written under OUTPUT, mirroring the inputs, with OUTPUT/summary.json
+    (per image: size, classes present and their pixel share, time; failures;
+    totals and images/s).
+
+    \b
+    Example:
+      segdeploy infer --model models/segformer photos/ -o masks --overlay
+      segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
+
+    A file that cannot be read (corrupt, not an image, empty, too large) is
+    reported and skipped; the exit status is then 1. A missing model or
+    provider exits with status 2 at once. Ctrl-C leaves only complete files;
+    rerun with --skip-existing to continue.
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from segdeploy.infer import run_infer
+    from segdeploy.runtime.image_io import MAX_PIXELS
+
+    with logging_redirect_tqdm():
+        result = run_infer(
+            inputs,
+            model_dir,
+            output,
+            provider=provider.lower(),
+            variant=variant,
+            fallback=fallback,
+            batch_size=batch_size,
+            threads=threads,
+            workers=workers,
+            trt_cache=trt_cache,
+            fp16=fp16,
+            overlay=overlay,
+            skip_existing=skip_existing,
+            max_pixels=max_pixels or MAX_PIXELS,
+        )
+    t = result["totals"]
+    click.echo(
+        f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed) "
+        f"in {t['seconds']:.1f} s on {result['provider']}"
+        + (f", {t['images_per_s']:.2f} images/s" if t["images"] and t["images_per_s"] else "")
+        + f"; summary: {result['summary']}"
+    )
+    if t["failed"]:
+        click.get_current_context().exit(1)

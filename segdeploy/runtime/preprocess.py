@@ -1,0 +1,132 @@
+"""SegformerImageProcessor's resize, rescale and normalise, in numpy and Pillow.
+
+Reads the model folder's preprocessor_config.json and reproduces the Hugging
+Face image processor (transformers is not available on deployment machines):
+Pillow resize to (height, width) with the configured resample filter, then
+`float32(float64(x) * rescale_factor)`, then `(x - mean) / std` in float32,
+channels first. Because the input is 8-bit, rescale and normalise are a
+per-channel lookup table of 256 values computed with exactly those operations,
+so the result is bit-identical to the processor's and costs one gather.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from segdeploy.errors import SegdeployError
+
+CONFIG_NAME = "preprocessor_config.json"
+
+# HF PILImageResampling values are Pillow's.
+_RESAMPLE = {int(r): r for r in Image.Resampling}
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Callable: list of RGB PIL images -> float32 [N, 3, height, width]."""
+
+    size: tuple[int, int] | None  # (height, width); None: keep each image's size
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> Preprocessor:
+        path = Path(model_dir) / CONFIG_NAME
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SegdeployError(
+                path, "missing: the model folder needs its preprocessor_config.json"
+            ) from None
+        except (OSError, ValueError) as err:
+            raise SegdeployError(path, f"unreadable: {err}") from None
+        return cls.from_dict(cfg, where=path)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, *, where: str | os.PathLike = CONFIG_NAME) -> Preprocessor:
+        kind = cfg.get("image_processor_type", "SegformerImageProcessor")
+        if kind not in (
+            "SegformerImageProcessor",
+            "SegformerImageProcessorFast",
+            "SegformerFeatureExtractor",
+        ):
+            raise SegdeployError(
+                where, f"unsupported image_processor_type {kind!r} (SegFormer only)"
+            )
+        size = None
+        if cfg.get("do_resize", True):
+            s = cfg.get("size", {"height": 512, "width": 512})
+            if isinstance(s, int):
+                s = {"height": s, "width": s}
+            if not (isinstance(s, dict) and {"height", "width"} <= set(s)):
+                raise SegdeployError(where, f"size must be {{'height', 'width'}}, got {s!r}")
+            size = (int(s["height"]), int(s["width"]))
+        resample = cfg.get("resample", 2)
+        if int(resample) not in _RESAMPLE:
+            raise SegdeployError(where, f"unknown resample {resample!r}")
+
+        def triple(v, name):
+            v = [float(v)] * 3 if isinstance(v, int | float) else [float(x) for x in v]
+            if len(v) != 3:
+                raise SegdeployError(where, f"{name} needs 3 values, got {v}")
+            return tuple(v)
+
+        return cls(
+            size=size,
+            resample=_RESAMPLE[int(resample)],
+            do_rescale=bool(cfg.get("do_rescale", True)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(cfg.get("do_normalize", True)),
+            image_mean=triple(cfg.get("image_mean", cls.image_mean), "image_mean"),
+            image_std=triple(cfg.get("image_std", cls.image_std), "image_std"),
+        )
+
+    def lut(self) -> np.ndarray:
+        """[3, 256] float32: the processor's value for each channel and byte, same operations."""
+        x = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 3))
+        v = x.astype(np.float32)
+        if self.do_rescale:
+            v = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            v = (v - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return np.ascontiguousarray(v.T, dtype=np.float32)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        if self.size is None:
+            return image
+        h, w = self.size
+        return image.resize((w, h), resample=self.resample, reducing_gap=None)
+
+    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        arrays = [self.to_array(im) for im in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes cannot share a batch: {sorted(shapes)}")
+        return np.stack(arrays)
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """float32 [3, h, w] for one RGB image."""
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}")
+        pixels = np.asarray(self.resize(image))  # h, w, 3 uint8
+        lut = self._lut
+        out = np.empty((3, *pixels.shape[:2]), np.float32)
+        for c in range(3):
+            np.take(lut[c], pixels[..., c], out=out[c])
+        return out
+
+    @cached_property
+    def _lut(self) -> np.ndarray:
+        return self.lut()

@@ -1,0 +1,260 @@
+"""`Segmenter`: an exported SegFormer as a function from images to label maps, without torch.
+
+The work is split into three steps that `segdeploy infer` runs on different
+threads: `prepare` (decode + preprocess, per image), `forward` (the model, per
+batch) and the pending masks it returns (upsample + argmax, per image).
+`predict` and `predict_batch` chain them for library users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segdeploy.errors import SegdeployError
+from segdeploy.runtime import providers as prov
+from segdeploy.runtime.image_io import MAX_PIXELS, load_image, to_rgb
+from segdeploy.runtime.preprocess import Preprocessor
+from segdeploy.runtime.upsample import label_dtype, upsample_argmax
+
+log = logging.getLogger(__name__)
+
+#: Graph file per variant, as `segdeploy export` names them; any other variant
+#: name `v` means `model_v.onnx`.
+VARIANT_FILES = {
+    "fp32": "model.onnx",
+    "fp16": "model_fp16.onnx",
+    "optimized": "model_optimized.onnx",
+    "int8": "model_int8.onnx",
+}
+#: Input that a graph with argmax fused in (`segdeploy export --fuse-argmax`) takes.
+OUTPUT_SIZE_INPUT = "output_size"
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+def variant_file(variant: str) -> str:
+    if not variant or any(c in variant for c in "/\\") or variant.startswith("."):
+        raise SegdeployError("--variant", f"not a variant name: {variant!r}")
+    return VARIANT_FILES.get(variant, f"model_{variant}.onnx")
+
+
+def resolve_model_dir(model_dir: str | os.PathLike, variant: str = "fp32") -> tuple[Path, Path]:
+    """(folder, graph file) for a model folder: an ONNX folder, or a trained
+    model folder with its export in `onnx/`."""
+    model_dir = Path(model_dir)
+    name = variant_file(variant)
+    if not model_dir.is_dir():
+        raise SegdeployError(model_dir, "model folder not found")
+    for folder in (model_dir, model_dir / "onnx"):
+        if (folder / name).is_file():
+            return folder, folder / name
+    have = sorted(
+        p.name for d in (model_dir, model_dir / "onnx") if d.is_dir() for p in d.glob("*.onnx")
+    )
+    hint = f" (found: {', '.join(have)})" if have else " (run `segdeploy export` first)"
+    raise SegdeployError(model_dir, f"no {name} here or in onnx/ for variant {variant!r}{hint}")
+
+
+def read_id2label(folder: Path) -> dict[int, str] | None:
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        return {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()} or None
+    except (OSError, ValueError, AttributeError) as err:
+        raise SegdeployError(path, f"unreadable: {err}") from None
+
+
+class _BatchOutput:
+    """One batch's model output, copied to the host at most once, when first needed.
+
+    On CUDA it is an OrtValue in device memory: the model thread hands it on
+    without waiting for the copy, which happens on whichever thread asks first.
+    """
+
+    def __init__(self, value: Any):
+        self._value = value
+        self._host: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def host(self) -> np.ndarray:
+        with self._lock:
+            if self._host is None:
+                v = self._value
+                self._host = v if isinstance(v, np.ndarray) else v.numpy()
+                self._value = None
+            return self._host
+
+
+class PendingMask:
+    """A mask whose upsampling has not run yet; call it to get the (H, W) labels."""
+
+    def __init__(self, batch: _BatchOutput, index: int, size: tuple[int, int], fused: bool):
+        self._batch, self._index, self.size, self._fused = batch, index, size, fused
+
+    def __call__(self) -> np.ndarray:
+        out = self._batch.host()[self._index]
+        if self._fused:
+            return out
+        return upsample_argmax(out, self.size)
+
+
+class Segmenter:
+    """Semantic segmentation with an exported SegFormer on ONNX Runtime.
+
+    `model_dir` is an ONNX folder (model.onnx, config.json,
+    preprocessor_config.json) or a trained model folder with it in `onnx/`.
+    `variant` picks the graph: fp32 (model.onnx), fp16, optimized, int8, or any
+    `model_<variant>.onnx`. `provider`: auto | cpu | cuda | tensorrt; a missing
+    one raises SegdeployError unless `fallback` (TensorRT -> CUDA -> CPU).
+    `fp16`: TensorRT builds fp16 engines; on CUDA and CPU it selects the fp16
+    graph (same as variant="fp16"). `batch_size` is the largest batch the model
+    runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        provider: str = "auto",
+        variant: str = "fp32",
+        *,
+        fallback: bool = False,
+        threads: int | None = None,
+        trt_cache: str | os.PathLike | None = None,
+        fp16: bool = False,
+        batch_size: int | None = None,
+        device_id: int = 0,
+        max_pixels: int | None = MAX_PIXELS,
+    ):
+        import onnxruntime as ort
+
+        if batch_size is not None and batch_size < 1:
+            raise SegdeployError("--batch-size", f"must be at least 1, got {batch_size}")
+        available = ort.get_available_providers()
+        choice = prov.choose_provider(provider, available, fallback=fallback)
+        if fp16 and variant == "fp32" and choice.name != "tensorrt":
+            variant = (
+                "fp16"  # TensorRT converts the fp32 graph itself; the others need the fp16 graph
+            )
+        self.folder, self.onnx_path = resolve_model_dir(model_dir, variant)
+        self.variant = variant
+        self.preprocessor = Preprocessor.from_dir(self.folder)
+        if batch_size is None:
+            batch_size = 4 if choice.name == "cpu" else 16
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.session = prov.create_session(
+            self.onnx_path,
+            provider,
+            fallback=fallback,
+            threads=threads,
+            trt_cache=trt_cache,
+            fp16=fp16,
+            batch_size=batch_size,
+            image_size=self.preprocessor.size,
+            device_id=device_id,
+            available=available,
+        )
+        self.provider = prov.active_provider(self.session)
+        self.device_id = device_id
+        inputs = [i.name for i in self.session.get_inputs()]
+        self.input_name = inputs[0]
+        self.fused = OUTPUT_SIZE_INPUT in inputs
+        out = self.session.get_outputs()[0]
+        self.id2label = read_id2label(self.folder)
+        if self.id2label is None:
+            classes = out.shape[1] if not self.fused and len(out.shape) == 4 else None
+            if not isinstance(classes, int):
+                raise SegdeployError(
+                    self.folder / "config.json", "missing: cannot tell the classes"
+                )
+            self.id2label = {i: str(i) for i in range(classes)}
+        self.num_labels = len(self.id2label)
+        self.label_dtype = label_dtype(self.num_labels)
+
+    # -- steps -----------------------------------------------------------------
+    def load(self, image: ImageLike) -> Image.Image:
+        """An RGB PIL image from a path (EXIF applied, bomb-guarded), PIL image or HxWx3 array."""
+        if isinstance(image, str | os.PathLike):
+            return load_image(image, max_pixels=self.max_pixels)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise SegdeployError(
+                    None, f"arrays must be uint8 HxW or HxWx3, got {image.dtype} {image.shape}"
+                )
+            return to_rgb(Image.fromarray(image))
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        raise SegdeployError(None, f"cannot segment a {type(image).__name__}")
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """float32 [3, h, w] model input for one RGB image."""
+        return self.preprocessor.to_array(image)
+
+    def forward(
+        self, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]
+    ) -> list[PendingMask]:
+        """Run the model on prepared inputs; one pending mask per input, at its `sizes` entry.
+
+        Inputs of different shapes (only when the preprocessor keeps image
+        sizes) run as separate batches, as do different sizes on a fused graph.
+        """
+        if len(inputs) != len(sizes):
+            raise ValueError("one size per input")
+        groups: dict[Any, list[int]] = {}
+        for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
+            key = (x.shape, tuple(size)) if self.fused else x.shape
+            groups.setdefault(key, []).append(i)
+        pending: list[PendingMask | None] = [None] * len(inputs)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                pixels = np.stack([inputs[i] for i in chunk])
+                out = _BatchOutput(self._run(pixels, tuple(sizes[chunk[0]])))
+                for j, i in enumerate(chunk):
+                    pending[i] = PendingMask(out, j, tuple(sizes[i]), self.fused)
+        return pending  # type: ignore[return-value]
+
+    def _run(self, pixels: np.ndarray, size: tuple[int, int]):
+        feeds = {self.input_name: pixels}
+        if self.fused:
+            feeds[OUTPUT_SIZE_INPUT] = np.asarray(size, dtype=np.int64)
+        if self.provider in ("cuda", "tensorrt"):
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)  # one host->device copy
+            binding.bind_output(self.session.get_outputs()[0].name, "cuda", self.device_id)
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0]  # stays on the GPU until PendingMask asks
+        return self.session.run([self.session.get_outputs()[0].name], feeds)[0]
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """The model alone: float32 [N, C, h/4, w/4] for preprocessed [N, 3, h, w] input."""
+        if self.fused:
+            raise SegdeployError(
+                self.onnx_path, "this graph has argmax fused in; it returns labels, not logits"
+            )
+        out = self._run(np.ascontiguousarray(pixels, dtype=np.float32), (0, 0))
+        return out if isinstance(out, np.ndarray) else out.numpy()
+
+    # -- convenience -----------------------------------------------------------
+    def predict(self, image: ImageLike) -> np.ndarray:
+        """(H, W) class ids for one image, at the image's own size."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
+        """Class-id maps for images of any sizes, batched `batch_size` at a time."""
+        rgb = [self.load(im) for im in images]
+        inputs = [self.prepare(im) for im in rgb]
+        sizes = [(im.height, im.width) for im in rgb]
+        return [p() for p in self.forward(inputs, sizes)]
