@@ -1,0 +1,290 @@
+"""Export a SegFormer model folder to ONNX through Optimum, with fp16 and optimised variants.
+
+The ONNX folder holds `model.onnx` (fp32, dynamic batch and spatial axes) plus
+`config.json` and `preprocessor_config.json`, so that optimum's
+`ORTModelForSemanticSegmentation` and `segdeploy infer` load it as it is.
+Variants sit beside it with the same input and output names and fp32 I/O:
+`model_fp16.onnx` and `model_optimized.onnx`. The whole folder, validation
+reports included, is built in a temporary folder and renamed into place, so a
+reader never meets a half-written export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segdeploy.atomic import atomic_dir
+from segdeploy.errors import SegdeployError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+#: Below opset 11, ONNX's Resize cannot express PyTorch's bilinear interpolation,
+#: which SegFormer's decode head uses: such a graph would not be faithful.
+MIN_OPSET = 11
+
+#: Graph file of each variant inside an ONNX folder (the int8 helper writes "int8").
+VARIANTS = {
+    "fp32": "model.onnx",
+    "fp16": "model_fp16.onnx",
+    "optimized": "model_optimized.onnx",
+    "int8": "model_int8.onnx",
+}
+COPIED_FILES = ("config.json", "preprocessor_config.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    graphs: dict[str, Path]  # variant -> graph file, final location
+    opset: int
+    export_seconds: float
+    validation_seconds: float | None = None
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> report
+
+    @property
+    def passed(self) -> bool | None:
+        """False if any validated graph failed; None when nothing was validated."""
+        verdicts = [r["passed"] for r in self.reports.values() if r.get("passed") is not None]
+        return all(verdicts) if verdicts else None
+
+
+def graph_path(onnx_dir: str | os.PathLike, variant: str = "fp32") -> Path:
+    if variant not in VARIANTS:
+        raise SegdeployError(
+            "--variant", f"unknown variant {variant!r}; choose {', '.join(VARIANTS)}"
+        )
+    return Path(onnx_dir) / VARIANTS[variant]
+
+
+def read_segformer_config(model_dir: str | os.PathLike, *, need_weights: bool) -> dict[str, Any]:
+    """config.json of a SegFormer folder; SegdeployError if the folder is anything else."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SegdeployError(model_dir, "not a folder (expected a SegFormer model folder)")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise SegdeployError(model_dir, "no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SegdeployError(config_file, f"unreadable: {err}") from err
+    if not isinstance(config, dict) or config.get("model_type") != "segformer":
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise SegdeployError(config_file, f"model_type is {found!r}, not 'segformer'")
+    if need_weights and not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise SegdeployError(
+            model_dir, "no PyTorch weights (model.safetensors): not a trained model folder"
+        )
+    return config
+
+
+def num_labels_of(config: dict[str, Any]) -> int:
+    if config.get("id2label"):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))  # transformers' own default
+
+
+def check_opset(opset: int) -> None:
+    import onnx
+
+    highest = onnx.defs.onnx_opset_version()
+    if opset > highest:
+        raise SegdeployError(
+            "--opset",
+            f"{opset} is newer than the installed onnx {onnx.__version__} writes (<= {highest})",
+        )
+    if opset < MIN_OPSET:
+        raise SegdeployError(
+            "--opset",
+            f"{opset} is too old: SegFormer's bilinear resize needs opset >= {MIN_OPSET} to match PyTorch",
+        )
+
+
+def check_output(model_dir: Path, output: Path) -> None:
+    # atomic_dir replaces `output` as a whole: it must never be the model folder or hold it.
+    model_dir, output = model_dir.resolve(), output.resolve()
+    if output == model_dir or output in model_dir.parents:
+        raise SegdeployError("--output", f"{output} would replace the model folder {model_dir}")
+    if output.exists() and not output.is_dir():
+        raise SegdeployError("--output", f"{output} exists and is not a folder")
+
+
+class _DropOpsetAdvice(logging.Filter):
+    # Optimum advises opset >= 18 for SegFormer at every export; 17 is our documented
+    # default and validates exactly, so the advice is noise for the user.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "lower than the recommended minimum opset" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's advice that does not apply to the user's run.
+
+    Optimum loads the model through transformers' auto classes, which warn about
+    deprecated arguments and slow image processors that the user did not choose.
+    """
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("optimum.exporters.onnx.convert")
+    flt = _DropOpsetAdvice()
+    logger.addFilter(flt)
+    verbosity = hf_logging.get_verbosity()
+    if verbosity >= hf_logging.WARNING:  # leave -vv (debug) untouched
+        hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        logger.removeFilter(flt)
+
+
+def export_fp32(model_dir: Path, out_dir: Path, opset: int) -> Path:
+    """Optimum's exporter: model.onnx with dynamic batch/height/width, config and preprocessor."""
+    from optimum.exporters.onnx import main_export
+
+    with _quiet_exporter():
+        # do_validation=False: Optimum's check compares logits on one dummy input; ours
+        # (segdeploy.validation) compares mean IoU on real images, and runs after this.
+        main_export(
+            str(model_dir),
+            output=out_dir,
+            task="semantic-segmentation",
+            opset=opset,
+            do_validation=False,
+            local_files_only=True,
+        )
+    for name in COPIED_FILES:
+        if not (out_dir / name).is_file() and (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    onnx_path = out_dir / VARIANTS["fp32"]
+    if not onnx_path.is_file():
+        raise RuntimeError(f"Optimum wrote no {onnx_path.name} in {out_dir}")
+    return onnx_path
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """fp16 weights and compute, fp32 inputs and outputs (Cast nodes at the edges).
+
+    onnxruntime's own converter; it appends the edge Casts at the end of the node
+    list, so the graph is topologically re-sorted before the checker sees it.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = convert_float_to_float16(onnx.load(src), keep_io_types=True)
+    sorted_model = OnnxModel(model)
+    sorted_model.topological_sort()
+    model = sorted_model.model
+    onnx.checker.check_model(model)
+    onnx.save(model, dst)
+    return dst
+
+
+def optimize_graph(src: Path, dst: Path) -> Path:
+    """onnxruntime's graph optimisations (level EXTENDED, CPU) saved as a graph.
+
+    EXTENDED fuses ops (FusedMatMul, ...) into com.microsoft contrib ops that both
+    the CPU and CUDA providers run; level ALL would add CPU-only layout changes.
+    onnxruntime.transformers' optimizer was not used: it knows BERT-like models,
+    not SegFormer.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = os.fspath(dst)
+    opts.log_severity_level = 3
+    ort.InferenceSession(os.fspath(src), opts, providers=["CPUExecutionProvider"])
+    if not dst.is_file():
+        raise RuntimeError(f"onnxruntime wrote no optimised graph at {dst}")
+    return dst
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    optimize: bool = False,
+    validate: bool = True,
+    data=None,
+    max_images: int | None = None,
+    tolerance: float | None = None,
+    logit_tolerance: float | None = None,
+    provider: str = "cpu",
+    batch_size: int = 4,
+    random_inputs: int = 4,
+    progress: bool = False,
+) -> ExportResult:
+    """Export `model_dir` to `output` (default `model_dir/onnx`) and validate every graph made.
+
+    `data` is the validation data (`segdeploy.validation.load_validation_data`), or
+    None to compare logits on random inputs only. Reports are written beside the
+    graphs (`validation.json`, `validation_fp16.json`, ...) before the folder is
+    moved into place. Bad input raises SegdeployError before anything is written.
+    """
+    model_dir = Path(model_dir)
+    output = Path(output) if output is not None else model_dir / "onnx"
+    read_segformer_config(model_dir, need_weights=True)
+    check_opset(opset)
+    check_output(model_dir, output)
+
+    graphs: dict[str, Path] = {}
+    result = ExportResult(output=output, graphs=graphs, opset=opset, export_seconds=0.0)
+    with atomic_dir(output) as tmp:
+        start = time.perf_counter()
+        built = {"fp32": export_fp32(model_dir, tmp, opset)}
+        if fp16:
+            built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANTS["fp16"])
+        if optimize:
+            built["optimized"] = optimize_graph(built["fp32"], tmp / VARIANTS["optimized"])
+        result.export_seconds = time.perf_counter() - start
+        log.info(
+            "exported %s in %.1f s",
+            ", ".join(p.name for p in built.values()),
+            result.export_seconds,
+        )
+
+        if validate:
+            from segdeploy.validation import validate_graphs
+
+            start = time.perf_counter()
+            result.reports = validate_graphs(
+                list(built.values()),
+                model_dir,
+                data=data,
+                max_images=max_images,
+                tolerance=tolerance,
+                logit_tolerance=logit_tolerance,
+                provider=provider,
+                batch_size=batch_size,
+                random_inputs=random_inputs,
+                onnx_dir_name=output,
+                skip_unrunnable=("fp16",),
+                progress=progress,
+            )
+            result.reports = {variant: result.reports[path.name] for variant, path in built.items()}
+            result.validation_seconds = time.perf_counter() - start
+    graphs.update({variant: output / path.name for variant, path in built.items()})
+    return result

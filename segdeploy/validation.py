@@ -1,0 +1,643 @@
+"""Prove an ONNX export faithful: run it and the PyTorch model on the same images, compare.
+
+Both models see the very same `pixel_values` (the SegformerImageProcessor of the
+PyTorch model folder), and both sets of logits go through the one function
+`upsample_argmax` (bilinear to the label size, align_corners=False, as in the
+Hugging Face semantic-segmentation guide) before the mean IoU is accumulated.
+Images are streamed in small batches: only confusion matrices and running sums
+are kept, never the logits of the whole split.
+
+The verdict: the export passes when its mean IoU is within `tolerance` of
+PyTorch's, either way (an export that scores higher is as unfaithful as one that
+scores lower). Without labelled data, the logits of random images are compared
+instead, which proves less: it is said so in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segdeploy.atomic import write_json
+from segdeploy.errors import SegdeployError
+from segdeploy.export import VARIANTS, num_labels_of, read_segformer_config
+
+log = logging.getLogger(__name__)
+
+#: Largest allowed change of mean IoU (absolute, either way), per graph precision.
+DEFAULT_TOLERANCE = {"fp32": 0.001, "fp16": 0.005, "int8": 0.01}
+#: Random-input mode: largest allowed max |logit difference|, relative to the
+#: largest |logit| of PyTorch (or 1, whichever is larger).
+DEFAULT_LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 1e-1}
+RANDOM_INPUT_NOTE = (
+    "no labelled data: compared logits on random images only, which proves less than "
+    "mean IoU on real images (pass --dataset to validate on data)"
+)
+_INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+}
+
+
+# ---------------------------------------------------------------- what to compare with
+
+
+def recorded_dataset(model_dir: str | os.PathLike):
+    """The DatasetSpec that `segdeploy train` recorded in train_args.json, or None."""
+    from segdeploy.data import DatasetSpec
+
+    path = Path(model_dir) / "train_args.json"
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("dataset")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise SegdeployError(path, f"unreadable: {err}") from err
+    if not recorded:
+        return None
+    try:
+        return DatasetSpec.from_dict(recorded)
+    except (TypeError, ValueError, KeyError) as err:
+        raise SegdeployError(path, f"the recorded dataset is not a DatasetSpec: {err}") from err
+
+
+def resolve_dataset(
+    model_dir: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    reduce_labels: bool | None = None,
+    ignore_index: int | None = None,
+    id2label_file: str | None = None,
+):
+    """The data to validate on: the options given, else what train recorded, else None.
+
+    `split` is the split to validate on as a whole (e.g. "val", "validation[:50]").
+    `dataset` without `split` validates on the held-out part that `segdeploy train`
+    would evaluate on with the same dataset. The label options override the
+    recorded ones.
+    """
+    from segdeploy.data import DatasetSpec
+
+    recorded = recorded_dataset(model_dir)
+    if dataset is None and recorded is None:
+        if split is not None or reduce_labels is not None or ignore_index is not None:
+            raise SegdeployError(
+                "--split", f"no dataset recorded in {model_dir}/train_args.json: pass --dataset too"
+            )
+        return None
+    if dataset is not None and (recorded is None or recorded.name != dataset):
+        spec = DatasetSpec(dataset)
+    else:
+        spec = recorded
+    changes: dict[str, Any] = {}
+    if split is not None:
+        changes.update(split=split, eval_split=split)
+    if reduce_labels is not None:
+        changes["reduce_labels"] = reduce_labels
+    if ignore_index is not None:
+        changes["ignore_index"] = ignore_index
+    if id2label_file is not None:
+        changes["id2label_file"] = id2label_file
+    return replace(spec, **changes) if changes else spec
+
+
+def load_validation_data(spec, *, num_labels: int):
+    """Load the evaluation split of `spec`; SegdeployError if its classes do not fit the model."""
+    from segdeploy.data import load_splits
+
+    data = load_splits(spec, need_train=False)
+    if len(data.id2label) != num_labels:
+        raise SegdeployError(
+            "--dataset",
+            f"{spec.name} has {len(data.id2label)} classes but the model has {num_labels}",
+        )
+    if len(data.eval) == 0:
+        raise SegdeployError("--split", f"the evaluation split of {spec.name} is empty")
+    return data
+
+
+# ---------------------------------------------------------------- graphs
+
+
+def validation_path(onnx_path: str | os.PathLike) -> Path:
+    """validation.json for model.onnx, validation_<variant>.json for model_<variant>.onnx."""
+    onnx_path = Path(onnx_path)
+    stem = onnx_path.stem
+    if stem == "model":
+        return onnx_path.with_name("validation.json")
+    return onnx_path.with_name(f"validation_{stem.removeprefix('model_')}.json")
+
+
+def load_graph(onnx_path: str | os.PathLike):
+    """The ONNX model, checked; SegdeployError when missing or corrupt."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise SegdeployError(onnx_path, "no such ONNX graph (run `segdeploy export` first)")
+    try:
+        model = onnx.load(onnx_path)
+        onnx.checker.check_model(model)
+    except Exception as err:  # onnx raises DecodeError, ValidationError, OSError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SegdeployError(onnx_path, f"not a valid ONNX graph: {first}") from err
+    return model
+
+
+def graph_precision(model) -> str:
+    """'int8' when quantised, 'fp16' when it holds float16 weights, else 'fp32'."""
+    from onnx import TensorProto
+
+    if any(node.op_type in _INT8_OPS for node in model.graph.node):
+        return "int8"
+    if any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def graph_opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def upsample_argmax(logits, size: tuple[int, int]) -> np.ndarray:
+    """Class map at `size` from logits [C, h, w]: bilinear (align_corners=False), then argmax.
+
+    The one function both models' logits go through, so that any difference in the
+    predictions comes from the models, not from post-processing.
+    """
+    import torch
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    up = torch.nn.functional.interpolate(
+        logits[None], size=tuple(size), mode="bilinear", align_corners=False
+    )
+    return up[0].argmax(0).numpy()
+
+
+class _GraphStats:
+    """Running comparison of one ONNX graph with PyTorch."""
+
+    def __init__(self, metric, session, provider: str):
+        self.metric = metric
+        self.session = session
+        self.provider = provider
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.n_logits = 0
+        self.agree = 0
+        self.pixels = 0
+        self.seconds = 0.0
+
+    def run(self, pixel_values: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values})
+        self.seconds += time.perf_counter() - start
+        return np.asarray(logits, dtype=np.float32)
+
+    def add_logits(self, ref: np.ndarray, got: np.ndarray) -> None:
+        diff = np.abs(ref - got)
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sum_abs += float(diff.sum(dtype=np.float64))
+        self.n_logits += diff.size
+
+    def add_prediction(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.agree += int((ref == got).sum())
+        self.pixels += ref.size
+
+
+def _make_metric(data, num_labels: int):
+    if data is None:  # random inputs: nothing to score against
+        return None
+    from segdeploy.metrics import MeanIoU
+
+    return MeanIoU(num_labels, ignore_index=data.spec.ignore_index)
+
+
+def _batches(rows, batch_size: int) -> Iterable[dict[str, list]]:
+    for start in range(0, len(rows), batch_size):
+        yield rows[start : start + batch_size]
+
+
+def _random_images(n: int, size: tuple[int, int], seed: int = 0) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8), mode="RGB")
+        for _ in range(n)
+    ]
+
+
+def _processor_size(processor) -> tuple[int, int]:
+    size = getattr(processor, "size", None) or {}
+    return int(size.get("height", 64)), int(size.get("width", 64))
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def validate_graphs(
+    onnx_paths: Sequence[str | os.PathLike],
+    model_dir: str | os.PathLike,
+    *,
+    data=None,
+    max_images: int | None = None,
+    tolerance: float | None = None,
+    logit_tolerance: float | None = None,
+    provider: str = "cpu",
+    batch_size: int = 4,
+    random_inputs: int = 4,
+    onnx_dir_name: str | os.PathLike | None = None,
+    skip_unrunnable: Sequence[str] = (),
+    write: bool = True,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Validate several graphs of one folder against the PyTorch model in one pass.
+
+    PyTorch runs once per batch; every graph runs on the same `pixel_values`.
+    `data` is a SegmentationData (see `load_validation_data`) or None for the
+    random-input check on `random_inputs` images. `tolerance`/`logit_tolerance`
+    None -> the default of each graph's precision. A graph whose precision is in
+    `skip_unrunnable` and that the provider cannot load gets a "skipped" report
+    instead of an error. Each report is written (atomically) to
+    `validation_path(graph)` unless `write` is False; `onnx_dir_name` is the folder
+    name recorded in the reports (the export validates inside a temporary folder).
+    Returns {graph file name: report}.
+    """
+    import torch
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from segdeploy.runtime.providers import active_provider, create_session
+
+    if batch_size < 1:
+        raise SegdeployError("--batch-size", "must be at least 1")
+    model_dir = Path(model_dir)
+    config = read_segformer_config(model_dir, need_weights=True)
+    num_labels = num_labels_of(config)
+    id2label = {int(k): v for k, v in config.get("id2label", {}).items()} or {
+        i: str(i) for i in range(num_labels)
+    }
+
+    graphs = []  # (path, onnx model facts)
+    for p in onnx_paths:
+        p = Path(p)
+        model = load_graph(p)
+        graphs.append((p, graph_precision(model), graph_opset(model)))
+        del model
+
+    reports: dict[str, dict[str, Any]] = {}
+    stats: dict[str, _GraphStats] = {}
+    for path, precision, opset in graphs:
+        try:
+            session = create_session(path, provider)
+        except SegdeployError as err:
+            if precision not in skip_unrunnable:
+                raise
+            reports[path.name] = _skipped_report(path, precision, opset, provider, str(err))
+            log.warning("not validating %s: %s", path.name, err)
+            continue
+        stats[path.name] = _GraphStats(
+            _make_metric(data, num_labels), session, active_provider(session)
+        )
+
+    start_all = time.perf_counter()
+    torch_model = SegformerForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = SegformerImageProcessor.from_pretrained(model_dir)
+    torch_metric = _make_metric(data, num_labels)
+    timings = {"preprocess_s": 0.0, "torch_s": 0.0, "postprocess_s": 0.0}
+    logit_scale = 0.0
+
+    if data is not None:
+        rows = data.eval
+        if max_images is not None:
+            rows = rows.select(range(min(max_images, len(rows))))
+        n_images = len(rows)
+        batches = _batches(rows, batch_size)
+    else:
+        n_images = random_inputs
+        images = _random_images(random_inputs, _processor_size(processor))
+        batches = (
+            {"image": images[i : i + batch_size], "annotation": None}
+            for i in range(0, random_inputs, batch_size)
+        )
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=math.ceil(n_images / batch_size), unit="batch", leave=False)
+
+    for batch in batches:
+        t = time.perf_counter()
+        images = [im.convert("RGB") for im in batch["image"]]
+        pixel_values = processor(images=images, return_tensors="np")["pixel_values"]
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        labels = None
+        if data is not None:
+            from segdeploy.data import label_array
+
+            labels = [
+                label_array(
+                    ann,
+                    reduce_labels=data.spec.reduce_labels,
+                    ignore_index=data.spec.ignore_index,
+                    num_labels=num_labels,
+                    where=name,
+                )
+                for ann, name in zip(batch["annotation"], batch["name"], strict=True)
+            ]
+        timings["preprocess_s"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        with torch.inference_mode():
+            ref = torch_model(pixel_values=torch.from_numpy(pixel_values)).logits.numpy()
+        timings["torch_s"] += time.perf_counter() - t
+        logit_scale = max(logit_scale, float(np.abs(ref).max()))
+
+        outputs = {}
+        for name, st in stats.items():
+            got = st.run(pixel_values)
+            if got.shape != ref.shape:
+                raise SegdeployError(
+                    name,
+                    f"outputs logits of shape {list(got.shape)} where the PyTorch model in "
+                    f"{model_dir} gives {list(ref.shape)}: not an export of this model",
+                )
+            st.add_logits(ref, got)
+            outputs[name] = got
+
+        t = time.perf_counter()
+        for i, image in enumerate(images):
+            size = labels[i].shape if labels is not None else (image.height, image.width)
+            ref_pred = upsample_argmax(ref[i], size)
+            if labels is not None:
+                torch_metric.update(ref_pred, labels[i])
+            for name, st in stats.items():
+                pred = upsample_argmax(outputs[name][i], size)
+                st.add_prediction(ref_pred, pred)
+                if labels is not None:
+                    st.metric.update(pred, labels[i])
+        timings["postprocess_s"] += time.perf_counter() - t
+
+    total_s = time.perf_counter() - start_all
+    torch_result = torch_metric.compute() if data is not None else None
+    for path, precision, opset in graphs:
+        if path.name not in stats:
+            continue
+        st = stats[path.name]
+        report = {
+            "graph": path.name,
+            "onnx_dir": os.fspath(onnx_dir_name if onnx_dir_name is not None else path.parent),
+            "torch_model": os.fspath(model_dir),
+            "precision": precision,
+            "opset": opset,
+            "provider": st.provider,
+            "mode": "dataset" if data is not None else "random_inputs",
+            "dataset": data.spec.to_dict() if data is not None else None,
+            "images": n_images,
+            "image_size": list(_processor_size(processor)),
+            "pixel_agreement": st.agree / st.pixels if st.pixels else None,
+            "max_abs_logit_diff": st.max_abs,
+            "mean_abs_logit_diff": st.sum_abs / st.n_logits if st.n_logits else None,
+        }
+        if data is not None:
+            _judge_miou(report, torch_result, st.metric.compute(), id2label, tolerance)
+        else:
+            _judge_logits(report, logit_scale, logit_tolerance)
+        report["timings"] = {
+            "total_s": round(total_s, 3),
+            "preprocess_s": round(timings["preprocess_s"], 3),
+            "torch_s": round(timings["torch_s"], 3),
+            "onnx_s": round(st.seconds, 3),
+            "onnx_ms_per_image": round(1000 * st.seconds / max(n_images, 1), 2),
+            "postprocess_s": round(timings["postprocess_s"], 3),
+        }
+        reports[path.name] = report
+    if write:
+        for path, _, _ in graphs:
+            write_json(validation_path(path), reports[path.name])
+    return {path.name: reports[path.name] for path, _, _ in graphs}
+
+
+def _judge_miou(report, torch_result, onnx_result, id2label, tolerance) -> None:
+    tol = DEFAULT_TOLERANCE[report["precision"]] if tolerance is None else float(tolerance)
+    t_miou, o_miou = _finite(torch_result["mean_iou"]), _finite(onnx_result["mean_iou"])
+    drop = None if t_miou is None or o_miou is None else t_miou - o_miou
+    report.update(
+        mean_iou_torch=t_miou,
+        mean_iou_onnx=o_miou,
+        mean_iou_drop=drop,
+        tolerance=tol,
+        per_class_iou=[
+            {"id": i, "class": id2label.get(i, str(i)), "torch": _finite(t), "onnx": _finite(o)}
+            for i, (t, o) in enumerate(
+                zip(torch_result["per_category_iou"], onnx_result["per_category_iou"], strict=True)
+            )
+        ],
+    )
+    if drop is None:
+        report.update(passed=False, reason="no labelled pixels: mean IoU is undefined")
+    else:
+        # A small epsilon: a drop equal to the tolerance must not fail on float rounding.
+        report["passed"] = abs(drop) <= tol + 1e-12
+        report["reason"] = (
+            f"mean IoU {'dropped' if drop >= 0 else 'rose'} by {abs(drop):.5f}, "
+            f"{'within' if report['passed'] else 'beyond'} the tolerance {tol}"
+        )
+
+
+def _judge_logits(report, logit_scale, logit_tolerance) -> None:
+    tol = (
+        DEFAULT_LOGIT_TOLERANCE[report["precision"]]
+        if logit_tolerance is None
+        else float(logit_tolerance)
+    )
+    allowed = tol * max(1.0, logit_scale)
+    report.update(
+        mean_iou_torch=None,
+        mean_iou_onnx=None,
+        mean_iou_drop=None,
+        tolerance=None,
+        logit_tolerance=tol,
+        max_abs_logit_allowed=allowed,
+        passed=report["max_abs_logit_diff"] <= allowed,
+        note=RANDOM_INPUT_NOTE,
+    )
+    report["reason"] = (
+        f"max |logit difference| {report['max_abs_logit_diff']:.3g} "
+        f"{'within' if report['passed'] else 'beyond'} {allowed:.3g}"
+    )
+
+
+def _skipped_report(path: Path, precision: str, opset: int, provider: str, why: str) -> dict:
+    variant = next((v for v, f in VARIANTS.items() if f == path.name), None)
+    hint = f"--variant {variant}" if variant else f"--graph {path.name}"
+    return {
+        "graph": path.name,
+        "precision": precision,
+        "opset": opset,
+        "provider": provider,
+        "passed": None,
+        "skipped": True,
+        "reason": (
+            f"onnxruntime cannot run this graph on {provider} ({why}); validate it where it "
+            f"runs, e.g. `segdeploy validate ONNX_DIR {hint} --provider cuda`"
+        ),
+    }
+
+
+def validate_onnx(
+    onnx_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    data=None,
+    max_images: int | None = None,
+    tolerance: float | None = None,
+    logit_tolerance: float | None = None,
+    provider: str = "cpu",
+    batch_size: int = 4,
+    random_inputs: int = 4,
+    write: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Validate one ONNX graph against the PyTorch model in `model_dir`; returns the report.
+
+    The report is also written to `validation_path(onnx_path)` unless `write` is False.
+    """
+    reports = validate_graphs(
+        [onnx_path],
+        model_dir,
+        data=data,
+        max_images=max_images,
+        tolerance=tolerance,
+        logit_tolerance=logit_tolerance,
+        provider=provider,
+        batch_size=batch_size,
+        random_inputs=random_inputs,
+        write=write,
+        progress=progress,
+    )
+    return reports[Path(onnx_path).name]
+
+
+# ---------------------------------------------------------------- display
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.3f}%"
+
+
+def _sci(x) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def summary_table(reports: Sequence[dict[str, Any]]):
+    """One column per graph (PyTorch first): the figures that decide, and the verdict."""
+    from rich.table import Table
+
+    table = Table(title="ONNX export vs PyTorch", title_justify="left")
+    table.add_column("")
+    table.add_column("torch", justify="right")
+    for r in reports:
+        table.add_column(r["graph"], justify="right")
+    ran = [r for r in reports if not r.get("skipped")]
+    first = ran[0] if ran else {}
+
+    def row(label: str, torch_cell: str, cell) -> None:
+        table.add_row(label, torch_cell, *["-" if r.get("skipped") else cell(r) for r in reports])
+
+    row("mean IoU", _fmt(first.get("mean_iou_torch")), lambda r: _fmt(r.get("mean_iou_onnx")))
+    row("mIoU drop", "", lambda r: _fmt(r.get("mean_iou_drop"), 5))
+    row(
+        "tolerance",
+        "",
+        lambda r: (
+            _fmt(r["tolerance"])
+            if r.get("tolerance") is not None
+            else f"logits {r['logit_tolerance']:g}"
+        ),
+    )
+    row("pixel agreement", "", lambda r: _pct(r.get("pixel_agreement")))
+    row("max |Δ logit|", "", lambda r: _sci(r.get("max_abs_logit_diff")))
+    row("mean |Δ logit|", "", lambda r: _sci(r.get("mean_abs_logit_diff")))
+    row("images", str(first.get("images", "-")), lambda r: str(r["images"]))
+    row("precision, opset", "fp32", lambda r: f"{r['precision']}, {r['opset']}")
+    row("provider", "cpu", lambda r: r["provider"])
+    row(
+        "run time",
+        f"{first['timings']['torch_s']:.1f}s" if first else "-",
+        lambda r: f"{r['timings']['onnx_s']:.1f}s",
+    )
+    table.add_row(
+        "result",
+        "",
+        *[
+            "[yellow]SKIPPED"
+            if r.get("skipped")
+            else ("[green]PASS" if r["passed"] else "[bold red]FAIL")
+            for r in reports
+        ],
+    )
+    return table
+
+
+def class_table(reports: Sequence[dict[str, Any]]):
+    """Per-class IoU of PyTorch and of each graph (dataset mode only); None otherwise."""
+    from rich.table import Table
+
+    with_classes = [r for r in reports if r.get("per_class_iou")]
+    if not with_classes:
+        return None
+    table = Table(title="IoU per class", title_justify="left")
+    table.add_column("class")
+    table.add_column("torch", justify="right")
+    for r in with_classes:
+        table.add_column(r["graph"], justify="right")
+    for i, row in enumerate(with_classes[0]["per_class_iou"]):
+        table.add_row(
+            row["class"],
+            _fmt(row["torch"]),
+            *[_fmt(r["per_class_iou"][i]["onnx"]) for r in with_classes],
+        )
+    return table
+
+
+def print_reports(reports: Sequence[dict[str, Any]], console=None) -> None:
+    """The tables and, for each graph, the reason of its verdict."""
+    from rich.console import Console
+
+    console = console or Console()
+    classes = class_table(reports)
+    if classes is not None:
+        console.print(classes)
+    console.print(summary_table(reports))
+    notes = {r["note"] for r in reports if r.get("note")}
+    for note in sorted(notes):
+        console.print(f"[yellow]note[/]: {note}")
+    for r in reports:
+        console.print(f"{r['graph']}: {r['reason']}", highlight=False)
