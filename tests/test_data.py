@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segdeploy.data import DatasetSpec, check_dataset, label_array, load_splits, read_id2label
+from segdeploy.data import (
+    DatasetSpec,
+    check_dataset,
+    iter_examples,
+    label_array,
+    load_splits,
+    read_id2label,
+)
 from segdeploy.data.synthetic import ID2LABEL, write_synthetic_folder
 from segdeploy.errors import SegdeployError
 
@@ -428,3 +435,19 @@ def test_camvid_train_val(camvid):
             assert labels.shape == row["image"].size[::-1]
             seen |= set(np.unique(labels).tolist())
     assert seen <= set(range(12)) and len(seen) >= 10
+
+
+def test_iter_examples_gives_checked_labels_for_held_out_rows(ade_dir):
+    data = load_splits(DatasetSpec(str(ade_dir), split="train", test_size=0.5))
+    rows = list(iter_examples(data, "eval"))
+    assert [name for _, _, name in rows] == list(data.eval["name"])
+    for image, labels, name in rows:
+        raw = np.asarray(Image.open(name))
+        assert image.mode == "RGB" and labels.dtype == np.int64
+        # reduce_labels (the folder default): 0 -> 255, v -> v - 1
+        np.testing.assert_array_equal(labels, np.where(raw == 0, 255, raw.astype(np.int64) - 1))
+    synthetic = load_splits(
+        DatasetSpec("synthetic:16", split="train[:2]", eval_split="validation[:2]")
+    )
+    names = [name for *_, name in iter_examples(synthetic, "train")]
+    assert names == list(synthetic.train["name"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from segdeploy.data.check import check_dataset
+from segdeploy.data.check import check_dataset, iter_examples
 from segdeploy.data.labels import label_array, read_id2label
 from segdeploy.data.spec import DatasetSpec, SegmentationData
 from segdeploy.errors import SegdeployError
@@ -32,6 +32,7 @@ __all__ = [
     "DatasetSpec",
     "SegmentationData",
     "check_dataset",
+    "iter_examples",
     "label_array",
     "load_splits",
     "read_id2label",
