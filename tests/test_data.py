@@ -451,3 +451,20 @@ def test_iter_examples_gives_checked_labels_for_held_out_rows(ade_dir):
     )
     names = [name for *_, name in iter_examples(synthetic, "train")]
     assert names == list(synthetic.train["name"])
+
+
+def test_need_train_false_reads_only_the_eval_split(ade_dir):
+    spec = DatasetSpec(str(ade_dir), split="no_such_split", eval_split="validation")
+    data = load_splits(spec, need_train=False)
+    assert data.train is None and len(data.eval) == 3
+    with pytest.raises(SegdeployError, match="no_such_split"):
+        load_splits(spec)
+
+
+def test_relative_folder_is_recorded_absolute(ade_dir, monkeypatch, tmp_path):
+    monkeypatch.chdir(ade_dir.parent)
+    data = load_splits(DatasetSpec("./ade", split="train[:2]", eval_split="validation[:1]"))
+    assert data.spec.name == str(ade_dir.resolve())
+    monkeypatch.chdir(tmp_path.parent)  # rows still decode from anywhere
+    assert data.train[1]["image"].size == (32, 32)
+    assert load_splits(DatasetSpec.from_dict(data.spec.to_dict())).spec == data.spec
