@@ -38,12 +38,17 @@ def source_index(
     """(i0, i1, w0, w1) for each output position, as torch computes them (align_corners=False).
 
     Half-pixel centres, source index clamped at 0 and the far neighbour clamped
-    to the last row/column, all in float32 like torch's CPU kernel.
+    to the last row/column, in float32 like torch's CPU kernel; the test suite
+    checks the weights against torch's bit for bit.
     """
     f32 = np.float32
     scale = f32(in_size) / f32(out_size)
-    dst = np.arange(out_size, dtype=f32)
-    src = np.maximum(scale * (dst + f32(0.5)) - f32(0.5), f32(0))
+    dst = np.arange(out_size, dtype=f32) + f32(0.5)
+    # torch's kernel is compiled with fused multiply-add: scale * dst - 0.5 is rounded
+    # once. The product of two float32 is exact in float64 and so is the subtraction
+    # for every non-negative result, so float64 then one rounding to float32 is the FMA.
+    src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(f32)
+    src = np.maximum(src, f32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     w1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
     i1 = i0 + (i0 < in_size - 1)
