@@ -362,16 +362,19 @@ def active_provider(session) -> str:
     return SHORT_NAME.get(active, active)
 
 
-def run_io_binding(session, pixels, *, device_type: str = "cuda", device_id: int = 0):
+def run_io_binding(
+    session, feeds: dict[str, Any], *, device_type: str = "cuda", device_id: int = 0
+):
     """Run with IO binding; return the output OrtValues, still on `device_type`.
 
-    The input is copied to the device once; the outputs stay there until the
-    caller asks for them (`.numpy()`), so a pipeline can hand them to the
+    Each input is copied to the device once; the outputs stay there until the
+    caller asks for them (`.numpy()`), so a pipeline can hand them to a
     postprocessing thread without a synchronous copy in the model thread.
     Works with device_type="cpu" as well, which is how it is tested without a GPU.
     """
     binding = session.io_binding()
-    binding.bind_cpu_input(session.get_inputs()[0].name, pixels)
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
     for out in session.get_outputs():
         binding.bind_output(out.name, device_type, device_id)
     session.run_with_iobinding(binding)

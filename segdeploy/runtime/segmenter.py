@@ -167,6 +167,8 @@ class Segmenter:
         )
         self.provider = prov.active_provider(self.session)
         self.device_id = device_id
+        #: Where IO binding keeps outputs; None runs plainly (on CPU binding buys nothing).
+        self.io_device: str | None = "cuda" if self.provider in ("cuda", "tensorrt") else None
         inputs = [i.name for i in self.session.get_inputs()]
         self.input_name = inputs[0]
         self.fused = OUTPUT_SIZE_INPUT in inputs
@@ -229,13 +231,11 @@ class Segmenter:
         feeds = {self.input_name: pixels}
         if self.fused:
             feeds[OUTPUT_SIZE_INPUT] = np.asarray(size, dtype=np.int64)
-        if self.provider in ("cuda", "tensorrt"):
-            binding = self.session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, value)  # one host->device copy
-            binding.bind_output(self.session.get_outputs()[0].name, "cuda", self.device_id)
-            self.session.run_with_iobinding(binding)
-            return binding.get_outputs()[0]  # stays on the GPU until PendingMask asks
+        if self.io_device is not None:
+            # On the GPU the output stays in device memory until PendingMask copies it.
+            return prov.run_io_binding(
+                self.session, feeds, device_type=self.io_device, device_id=self.device_id
+            )[0]
         return self.session.run([self.session.get_outputs()[0].name], feeds)[0]
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
