@@ -444,15 +444,15 @@ def run_infer(
         interrupted = True
         log.warning("interrupted: finishing the images being written, then stopping")
     finally:
-        # cancel_futures: queued work is dropped; running work finishes, and its
-        # files are written atomically, so no partial output is ever left.
+        # Queued decodes are dropped; masks the model has already computed are still
+        # written (cheap, and saves the model time on resume). Every file is written
+        # atomically, so whatever the moment of the interruption, no partial file stays.
         decoders.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True)
         if interrupted:
             for fut in writing:
-                if fut.done() and not fut.cancelled():
-                    with contextlib.suppress(Exception):
-                        records.add(fut.result())
+                with contextlib.suppress(BaseException):
+                    record(fut.result())
         bar.close()
         wall = time.perf_counter() - start
         header = {
