@@ -162,6 +162,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         dataloader_num_workers=config.workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=_cpu_distributed(),
+        ddp_find_unused_parameters=False,  # every SegFormer parameter is used; skip the graph walk
         save_safetensors=True,
     )
     transformers.set_seed(config.seed)  # the scratch weights are drawn before the Trainer seeds
@@ -215,7 +216,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         eval_dataset=eval_ds,
         compute_metrics=metric,
         preprocess_logits_for_metrics=upsample_argmax,
-        callbacks=[_EvaluateAtEnd(), *callbacks],
+        callbacks=[_EvaluateAtEnd(), _SyncBuffers(), *callbacks],
     )
     start = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -392,6 +393,28 @@ class _EvaluateAtEnd(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_evaluate = True
             control.should_log = True
+        return control
+
+
+class _SyncBuffers(TrainerCallback):
+    """Under DDP, give every rank rank 0's BatchNorm statistics before it evaluates or saves.
+
+    DDP averages gradients, but each rank updates BatchNorm running statistics
+    (SegFormer's decode head) from its own batch, so after a step the ranks'
+    models differ slightly. Evaluation is sharded across ranks and checkpoints
+    come from rank 0: without this, the reported mean IoU would mix several
+    models and not be the saved model's. (SyncBatchNorm would avoid the drift,
+    but torch only supports it on GPUs.)
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch.distributed as dist
+
+        if model is None or not (dist.is_available() and dist.is_initialized()):
+            return control
+        if dist.get_world_size() > 1 and (control.should_evaluate or control.should_save):
+            for buffer in model.buffers():
+                dist.broadcast(buffer.data, src=0)
         return control
 
 

@@ -392,3 +392,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path):
     assert "Traceback" not in result.output
     assert not is_finished_model(out) and not (out / "config.json").exists()
     assert time.monotonic() - start < 30  # offline Hub ids fail at once, not after retries
+
+
+# --- real data ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_camvid_scratch_tiny_20_steps_on_cpu(camvid, tmp_path):
+    out = tmp_path / "camvid"
+    args = ["train", "--dataset", str(camvid), "--no-reduce-labels", "--ignore-index", "11"]
+    args += ["--model", "scratch:tiny", "--max-steps", "20", "--eval-split", "val"]
+    args += ["--image-size", "128", "-o", str(out)]
+    start = time.monotonic()
+    result = CliRunner().invoke(main, args)
+    print(f"\nCamVid scratch:tiny 20 steps at 128 px: {time.monotonic() - start:.1f} s")
+    assert result.exit_code == 0, result.output
+    for name in FINAL_FILES:
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["id2label"]) == 11 and config["id2label"]["0"] == "sky"
+    assert config["semantic_loss_ignore_index"] == 11
+    spec = DatasetSpec.from_dict(json.loads((out / "train_args.json").read_text())["dataset"])
+    assert (spec.eval_split, spec.reduce_labels, spec.ignore_index) == ("val", False, 11)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_samples"] == 101 and len(metrics["per_category_iou"]) == 11
+    assert 0.0 < metrics["mean_iou"] < 1.0
+    assert newest_checkpoint(out / "checkpoints").name == "checkpoint-20"
