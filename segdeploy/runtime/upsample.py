@@ -2,17 +2,18 @@
 
 Equal to `torch.nn.functional.interpolate(logits, size, mode="bilinear",
 align_corners=False).argmax(1)`, which is how SegFormer's masks are made, but
-several times faster. Hand-written because neither numpy, Pillow nor
-onnxruntime offers it: Pillow resizes one 8-bit or float channel at a time with
-its own (antialiased) filter, and the full upsampling costs C x H x W work.
+several times faster. Hand-written because no torch-free library offers it:
+Pillow and onnxruntime would resize every class channel (C x H x W work, the
+cost this module avoids) and Pillow's filters handle the image edges their own way.
 
 Why it is exact: an output pixel's value for class c is a convex blend
 (weights >= 0, summing to 1) of c's logits at the four corners of its 2x2
 source cell. If one class k is the argmax at all four corners, then for every
 class c, blend_k - blend_c = sum_i w_i (L[k, i] - L[c, i]) >= 0, so k is the
 argmax of the blend too. Only pixels whose source cell mixes classes (near
-class borders) need the full per-class blend, done here in the same float32
-order as torch's kernel.
+class borders) need the full per-class blend, done here block by block (the
+output pixels of one source cell share its four corner vectors) with the same
+float32 weights and the same order of operations as torch's kernel.
 
 Ties: argmax returns the first maximal class in numpy and in torch alike. At a
 single-class cell, the blend can only tie k with an earlier class c if c
