@@ -228,9 +228,12 @@ def test_io_binding_path_equals_plain_run(tiny_onnx_dir):
 
     session = prov.create_session(tiny_onnx_dir / "model.onnx", "cpu", threads=1)
     x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
-    (value,) = prov.run_io_binding(session, {"pixel_values": x}, device_type="cpu")
-    assert not isinstance(value, np.ndarray)  # an OrtValue, copied only on request
-    assert np.array_equal(value.numpy(), session.run(None, {"pixel_values": x})[0])
+    binding = prov.run_io_binding(session, {"pixel_values": x}, device_type="cpu")
+    (value,) = binding.get_outputs()
+    assert value.device_name() == "cpu" and value.shape() == [2, 5, 16, 16]  # bound, not copied
+    assert np.array_equal(
+        binding.copy_outputs_to_cpu()[0], session.run(None, {"pixel_values": x})[0]
+    )
 
     seg = Segmenter(tiny_onnx_dir, provider="cpu", threads=1)
     images = [

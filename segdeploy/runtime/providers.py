@@ -365,12 +365,13 @@ def active_provider(session) -> str:
 def run_io_binding(
     session, feeds: dict[str, Any], *, device_type: str = "cuda", device_id: int = 0
 ):
-    """Run with IO binding; return the output OrtValues, still on `device_type`.
+    """Run with IO binding; return the IOBinding, its outputs still on `device_type`.
 
     Each input is copied to the device once; the outputs stay there until the
-    caller asks for them (`.numpy()`), so a pipeline can hand them to a
-    postprocessing thread without a synchronous copy in the model thread.
-    Works with device_type="cpu" as well, which is how it is tested without a GPU.
+    caller asks for them with `binding.copy_outputs_to_cpu()`, so a pipeline can
+    hand them to a postprocessing thread without a synchronous copy in the model
+    thread. Works with device_type="cpu" as well, which is how it is tested
+    without a GPU.
     """
     binding = session.io_binding()
     for name, value in feeds.items():
@@ -378,4 +379,4 @@ def run_io_binding(
     for out in session.get_outputs():
         binding.bind_output(out.name, device_type, device_id)
     session.run_with_iobinding(binding)
-    return binding.get_outputs()
+    return binding

@@ -78,8 +78,9 @@ def read_id2label(folder: Path) -> dict[int, str] | None:
 class _BatchOutput:
     """One batch's model output, copied to the host at most once, when first needed.
 
-    On CUDA it is an OrtValue in device memory: the model thread hands it on
-    without waiting for the copy, which happens on whichever thread asks first.
+    On CUDA it is an IOBinding whose output is in device memory: the model
+    thread hands it on without waiting for the copy, which happens on whichever
+    thread asks first.
     """
 
     def __init__(self, value: Any):
@@ -91,7 +92,8 @@ class _BatchOutput:
         with self._lock:
             if self._host is None:
                 v = self._value
-                self._host = v if isinstance(v, np.ndarray) else v.numpy()
+                # An IOBinding: its one output is copied off the device here, once.
+                self._host = v if isinstance(v, np.ndarray) else v.copy_outputs_to_cpu()[0]
                 self._value = None
             return self._host
 
@@ -235,7 +237,7 @@ class Segmenter:
             # On the GPU the output stays in device memory until PendingMask copies it.
             return prov.run_io_binding(
                 self.session, feeds, device_type=self.io_device, device_id=self.device_id
-            )[0]
+            )
         return self.session.run([self.session.get_outputs()[0].name], feeds)[0]
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
@@ -245,7 +247,7 @@ class Segmenter:
                 self.onnx_path, "this graph has argmax fused in; it returns labels, not logits"
             )
         out = self._run(np.ascontiguousarray(pixels, dtype=np.float32), (0, 0))
-        return out if isinstance(out, np.ndarray) else out.numpy()
+        return _BatchOutput(out).host()
 
     # -- convenience -----------------------------------------------------------
     def predict(self, image: ImageLike) -> np.ndarray:
