@@ -117,6 +117,15 @@ def check_opset(opset: int) -> None:
         )
 
 
+def check_provider(provider: str, fallback: bool = False) -> None:
+    """SegdeployError now if onnxruntime here lacks `provider`, rather than after the export."""
+    import onnxruntime as ort
+
+    from segdeploy.runtime.providers import choose_provider
+
+    choose_provider(provider, ort.get_available_providers(), fallback=fallback)
+
+
 def check_output(model_dir: Path, output: Path) -> None:
     # atomic_dir replaces `output` as a whole: it must never be the model folder or hold it.
     model_dir, output = model_dir.resolve(), output.resolve()
@@ -233,6 +242,7 @@ def export_onnx(
     tolerance: float | None = None,
     logit_tolerance: float | None = None,
     provider: str = "cpu",
+    fallback: bool = False,
     batch_size: int = 4,
     random_inputs: int = 4,
     progress: bool = False,
@@ -249,6 +259,8 @@ def export_onnx(
     read_segformer_config(model_dir, need_weights=True)
     check_opset(opset)
     check_output(model_dir, output)
+    if validate:
+        check_provider(provider, fallback)
 
     graphs: dict[str, Path] = {}
     result = ExportResult(output=output, graphs=graphs, opset=opset, export_seconds=0.0)
@@ -278,6 +290,7 @@ def export_onnx(
                 tolerance=tolerance,
                 logit_tolerance=logit_tolerance,
                 provider=provider,
+                fallback=fallback,
                 batch_size=batch_size,
                 random_inputs=random_inputs,
                 onnx_dir_name=output,

@@ -197,3 +197,18 @@ def test_dataset_whose_classes_do_not_fit(tiny_model_dir, tmp_path):
     )  # fmt: skip
     _one_line_error(result, "3 classes", "the model has 5")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_missing_provider_fails_before_exporting(tiny_model_dir, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    out = tmp_path / "onnx"
+    _one_line_error(_invoke(tiny_model_dir, "--output", out, "--provider", "cuda"), "--provider")
+    assert not out.exists()
+    # --no-validate runs no session, so the provider does not matter.
+    assert (
+        _invoke(tiny_model_dir, "--output", out, "--no-validate", "--provider", "cuda").exit_code
+        == 0
+    )
+    assert (out / "model.onnx").is_file() and not (out / "validation.json").exists()

@@ -193,3 +193,44 @@ def test_validation_streams_and_times(trained_dir):
     assert report["images"] == 6  # two batches, the last one short
     assert report["timings"]["total_s"] <= time.perf_counter() - start
     assert report["timings"]["onnx_s"] > 0 and report["timings"]["torch_s"] > 0
+
+
+@pytest.mark.slow
+def test_camvid_fp32_export_matches_pytorch(camvid, tmp_path):
+    """A model trained by `train` on CamVid, exported at opset 17 and validated on 100 val
+    images on the CPU: mean IoU within 0.001 of PyTorch's, pixel agreement >= 99.9%, and
+    the validation of 100 images under 2 minutes."""
+    from segdeploy.train import TrainConfig, train
+
+    spec = DatasetSpec(str(camvid), eval_split="val", reduce_labels=False, ignore_index=11)
+    model_dir = tmp_path / "model"
+    # A handful of steps: the test is about the export, not about a good model.
+    train(
+        TrainConfig(
+            model="scratch:tiny",
+            dataset=spec,
+            output_dir=str(model_dir),
+            max_steps=8,
+            eval_steps=8,
+            batch_size=4,
+            image_size=256,
+            augment=False,
+        )
+    )
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["export", str(model_dir), "--max-images", "100"])
+    wall = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    report = json.loads((model_dir / "onnx" / "validation.json").read_text())
+    print(
+        f"\nCamVid val, 100 images: {json.dumps(report['timings'])}; export+validate {wall:.1f} s"
+    )
+    print(result.output)
+    assert report["mode"] == "dataset" and report["images"] == 100
+    assert report["dataset"]["eval_split"] == "val" and report["dataset"]["ignore_index"] == 11
+    assert abs(report["mean_iou_onnx"] - report["mean_iou_torch"]) <= 0.001
+    assert report["pixel_agreement"] >= 0.999
+    assert report["passed"] is True
+    assert len(report["per_class_iou"]) == 11
+    assert report["timings"]["total_s"] < 120
+    assert "mean IoU" in result.output and "pixel agreement" in result.output

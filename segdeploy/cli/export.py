@@ -68,11 +68,13 @@ def export(
       segdeploy export models/segformer --opset 18 --fp16 --optimize --max-images 100
       segdeploy export models/segformer --dataset ../data/camvid --split val
     """
-    from segdeploy.export import check_opset, export_onnx, read_segformer_config
+    from segdeploy.export import check_opset, check_provider, export_onnx, read_segformer_config
 
     # All bad input is reported before the (possibly long) export starts.
     read_segformer_config(model_dir, need_weights=True)
     check_opset(opset)
+    if validate:
+        check_provider(opts["provider"], opts["fallback"])
     data = load_data_for(model_dir, opts) if validate else None
     result = export_onnx(
         model_dir,

@@ -74,6 +74,12 @@ def validation_options(func):
             help="ONNX Runtime provider for the ONNX side (PyTorch runs on the CPU).",
         ),
         click.option(
+            "--fallback",
+            is_flag=True,
+            help="If --provider is missing or fails to start, use the next one "
+            "(tensorrt -> cuda -> cpu) with a warning, instead of stopping.",
+        ),
+        click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=4,
@@ -123,6 +129,7 @@ def validation_kwargs(opts: dict) -> dict:
         "tolerance": opts["tolerance"],
         "logit_tolerance": opts["logit_tolerance"],
         "provider": opts["provider"],
+        "fallback": opts["fallback"],
         "batch_size": opts["batch_size"],
         "random_inputs": opts["random_inputs"],
     }
@@ -182,7 +189,7 @@ def validate(
       segdeploy validate out/onnx --model models/segformer --dataset ../data/camvid --split val
     """
     from segdeploy.errors import SegdeployError
-    from segdeploy.export import WEIGHT_FILES, graph_path, read_segformer_config
+    from segdeploy.export import WEIGHT_FILES, check_provider, graph_path, read_segformer_config
     from segdeploy.validation import load_graph, validate_onnx
 
     if graph and variant:
@@ -198,6 +205,7 @@ def validate(
             )
         model_dir = parent
     read_segformer_config(model_dir, need_weights=True)
+    check_provider(opts["provider"], opts["fallback"])
     data = load_data_for(model_dir, opts)
     report = validate_onnx(
         onnx_path, model_dir, data=data, progress=True, **validation_kwargs(opts)
