@@ -212,3 +212,38 @@ def test_missing_provider_fails_before_exporting(tiny_model_dir, tmp_path, monke
         == 0
     )
     assert (out / "model.onnx").is_file() and not (out / "validation.json").exists()
+
+
+def test_segdeploy_runtime_loads_the_folder(cli_export, tiny_model_dir):
+    from PIL import Image
+
+    from segdeploy import Segmenter
+
+    out, _ = cli_export
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 80, 3), np.uint8))
+    for variant in ("fp32", "fp16", "optimized"):
+        mask = Segmenter(out, provider="cpu", variant=variant).predict(image)
+        assert mask.shape == (48, 80) and mask.max() < 5
+
+
+def test_fp16_graph_the_provider_cannot_run_is_reported_skipped(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import segdeploy.runtime.providers as providers
+    from segdeploy.errors import SegdeployError
+
+    real = providers.create_session
+
+    def no_fp16(path, *args, **kwargs):
+        if path.name == "model_fp16.onnx":
+            raise SegdeployError(path, "NOT_IMPLEMENTED: Could not find an implementation")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(providers, "create_session", no_fp16)
+    result = _invoke(tiny_model_dir, "--output", tmp_path / "onnx", "--fp16")
+    assert result.exit_code == 0, result.output
+    assert "model_fp16.onnx not validated" in result.output and "SKIPPED" in result.output
+    report = json.loads((tmp_path / "onnx" / "validation_fp16.json").read_text())
+    assert report["skipped"] is True and report["passed"] is None
+    assert "--variant fp16 --provider cuda" in report["reason"]
+    assert json.loads((tmp_path / "onnx" / "validation.json").read_text())["passed"] is True
