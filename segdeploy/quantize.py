@@ -1,0 +1,465 @@
+"""Static int8 quantization of an exported SegFormer graph, calibrated on real images.
+
+Everything numerical is onnxruntime's own tooling: `quant_pre_process` (symbolic
+shape inference and graph clean-up, which the quantizer needs to see every
+tensor's type and shape), then `quantize_static` in QDQ format: activations
+uint8 with per-tensor scales from calibration, weights int8 symmetric with one
+scale per output channel. At session creation ORT fuses each
+DequantizeLinear -> op -> QuantizeLinear group into an integer kernel
+(QLinearConv, QLinearMatMul, ...). Dynamic quantization is not offered: on
+this model it runs ConvInteger kernels that are slower than float.
+
+What stays in floating point (DEFAULT_FLOAT_OP_TYPES, and REASONS for why) was
+chosen by measuring speed and mean IoU on CamVid; see the README's int8 section.
+
+    from segdeploy.quantize import quantize_int8, training_calibration_batches
+    report = quantize_int8("m/onnx/model.onnx", "m/onnx/model_int8.onnx",
+                           training_calibration_batches("m", 64))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segdeploy.atomic import atomic_path
+from segdeploy.errors import SegdeployError
+
+log = logging.getLogger(__name__)
+
+# Op types kept in float by default, with the reason (shown in the report).
+# Speeds are kernel times for one 512x512 image on scratch:b0, one CPU thread.
+REASONS: dict[str, str] = {
+    "Softmax": (
+        "QLinearSoftmax is far slower than float Softmax on ORT's CPU kernels "
+        "(72 ms vs 6 ms per 512x512 image on b0), and uint8 attention weights lose precision"
+    ),
+    "LayerNormalization": (
+        "ORT has no int8 LayerNorm kernel: quantizing it only adds Q/DQ nodes "
+        "and rounds its scale and bias to 8 bits"
+    ),
+}
+DEFAULT_FLOAT_OP_TYPES: tuple[str, ...] = ("Softmax", "LayerNormalization")
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_METHOD = "minmax"
+DEFAULT_CALIBRATION_IMAGES = 64
+
+
+def quantize_int8(
+    onnx_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    calibration_batches: Iterable[np.ndarray],
+    *,
+    per_channel: bool = True,
+    exclude_op_types: Sequence[str] = DEFAULT_FLOAT_OP_TYPES,
+    nodes_to_exclude: Sequence[str] | None = None,
+    float_attention: bool = False,
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD,
+) -> dict[str, Any]:
+    """Write a static int8 (QDQ) version of the fp32 graph `onnx_path` to `output_path`.
+
+    calibration_batches: float32 arrays [N, 3, h, w], preprocessed exactly as at
+        inference (see `calibration_batches`); activation ranges come from them.
+    per_channel: one weight scale per output channel (else one per tensor).
+    exclude_op_types: op types left in float (default DEFAULT_FLOAT_OP_TYPES).
+    nodes_to_exclude: node names left in float, in addition.
+    float_attention: keep the two activation-by-activation MatMuls of each
+        attention layer (Q.K^T and weights.V) in float.
+    calibration_method: "minmax", "entropy" or "percentile" (ORT's calibrators).
+
+    Returns a JSON-safe report: settings, what stayed in float and why, node
+    counts, calibration images, timings and file sizes. The output is written
+    atomically and passes onnx.checker; its inputs and outputs are the
+    fp32 graph's (same names, float32).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    t_start = time.perf_counter()
+    onnx_path, output_path = Path(onnx_path), Path(output_path)
+    method = _calibration_method(calibration_method)
+    source = _load_graph(onnx_path)
+    if output_path.resolve() == onnx_path.resolve():
+        raise SegdeployError(output_path, "the int8 graph must not overwrite the fp32 graph")
+    input_name = _single_input(source, onnx_path)
+    batches = _collect_batches(calibration_batches, input_name)
+    n_images = sum(int(b.shape[0]) for b in batches)
+
+    exclude_op_types = tuple(dict.fromkeys(exclude_op_types))
+    op_types = [t for t in _quantizable_op_types() if t not in exclude_op_types]
+    explicit = list(nodes_to_exclude or [])
+    known = {n.name for n in source.graph.node}
+    missing = [n for n in explicit if n not in known]
+    if missing:
+        raise SegdeployError(
+            "nodes_to_exclude", f"no such node in {onnx_path.name}: {', '.join(missing[:5])}"
+        )
+
+    with tempfile.TemporaryDirectory(prefix="segdeploy-int8-") as tmp:
+        pre = Path(tmp) / "preprocessed.onnx"
+        t0 = time.perf_counter()
+        quant_pre_process(str(onnx_path), str(pre))
+        t_pre = time.perf_counter() - t0
+        pre_model = onnx.load(str(pre))
+        if _unshare_float_initializers(pre_model):
+            onnx.save(pre_model, str(pre))
+        attention = _attention_matmuls(pre_model) if float_attention else []
+        # quant_pre_process may fuse nodes away; an exclusion that no longer names a
+        # node would silently do nothing, so say so.
+        present = {n.name for n in pre_model.graph.node}
+        gone = [n for n in explicit if n not in present]
+        if gone:
+            log.warning("pre-processing fused away nodes to exclude: %s", ", ".join(gone))
+        excluded_nodes = list(dict.fromkeys([n for n in explicit if n in present] + attention))
+
+        t0 = time.perf_counter()
+        with atomic_path(output_path) as out:
+            quantize_static(
+                str(pre),
+                str(out),
+                _Reader(input_name, batches),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types,
+                per_channel=per_channel,
+                # uint8 activations x int8 weights: the pairing ORT's x86 int8 kernels
+                # are built for. reduce_range (7-bit weights) is left off: it only helps
+                # CPUs without VNNI, where u8 x s8 pair sums can saturate, and costs accuracy.
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded_nodes,
+                calibrate_method=method,
+                extra_options={
+                    # One calibration batch at a time: ranges (or histograms) are merged
+                    # batch by batch, so memory does not grow with the number of images.
+                    "CalibStridedMinMax": 1,
+                },
+            )
+            t_quant = time.perf_counter() - t0
+            quantized = onnx.load(str(out))
+            if _restore_io(source, quantized):
+                onnx.save(quantized, str(out))
+            try:
+                onnx.checker.check_model(quantized)
+            except onnx.checker.ValidationError as err:  # an ORT bug, not bad input
+                raise RuntimeError(f"quantized graph fails onnx.checker: {err}") from err
+            _check_same_io(source, quantized, output_path)
+
+    counts = Counter(n.op_type for n in quantized.graph.node)
+    float_nodes = _float_nodes(pre_model, exclude_op_types, excluded_nodes)
+    return {
+        "source": str(onnx_path),
+        "output": str(output_path),
+        "format": "QDQ",
+        "activations": "uint8, per tensor, asymmetric",
+        "weights": f"int8, {'per channel' if per_channel else 'per tensor'}, symmetric",
+        "calibration_method": calibration_method.lower(),
+        "calibration_images": n_images,
+        "calibration_batches": len(batches),
+        "calibration_shapes": sorted({str(list(b.shape[1:])) for b in batches}),
+        "float_op_types": {t: REASONS.get(t, "excluded by the caller") for t in exclude_op_types},
+        "float_attention": float_attention,
+        "float_nodes": float_nodes,
+        "quantize_linear": counts.get("QuantizeLinear", 0),
+        "dequantize_linear": counts.get("DequantizeLinear", 0),
+        "cpu_kernels": _cpu_kernels(output_path),
+        "size_bytes": {"fp32": onnx_path.stat().st_size, "int8": output_path.stat().st_size},
+        "seconds": {
+            "pre_process": round(t_pre, 2),
+            "calibrate_and_quantize": round(t_quant, 2),
+            "total": round(time.perf_counter() - t_start, 2),
+        },
+    }
+
+
+# --- calibration data --------------------------------------------------------------------------
+
+
+def calibration_batches(
+    images: Iterable[Any],
+    preprocess: Callable[[list], np.ndarray],
+    *,
+    batch_size: int = 1,
+) -> Iterator[np.ndarray]:
+    """Preprocessed float32 batches [N, 3, h, w] from PIL images, `batch_size` at a time.
+
+    `preprocess` is the deployment preprocessor (segdeploy.runtime.preprocess.
+    Preprocessor.from_dir(model_dir)), so calibration sees exactly the tensors
+    that inference will.
+    """
+    if batch_size < 1:
+        raise SegdeployError("batch_size", f"must be >= 1, got {batch_size}")
+    chunk: list = []
+    for image in images:
+        chunk.append(image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image)
+        if len(chunk) == batch_size:
+            yield np.asarray(preprocess(chunk), dtype=np.float32)
+            chunk = []
+    if chunk:
+        yield np.asarray(preprocess(chunk), dtype=np.float32)
+
+
+def training_images(model_dir: str | os.PathLike, n: int, *, seed: int = 0) -> list:
+    """`n` images drawn (seeded, without replacement) from the training split recorded in
+    `model_dir/train_args.json` by `segdeploy train`.
+
+    Calibrating on training images keeps the evaluation split unseen, so the int8
+    graph's validation stays honest.
+    """
+    import json
+
+    from segdeploy.data import DatasetSpec, load_splits
+
+    if n < 1:
+        raise SegdeployError("--calibration-images", f"must be >= 1, got {n}")
+    args_path = Path(model_dir) / "train_args.json"
+    try:
+        recorded = json.loads(args_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SegdeployError(
+            args_path,
+            "missing: int8 calibration needs the training data that `segdeploy train` "
+            "records there",
+        ) from None
+    except (OSError, ValueError) as err:
+        raise SegdeployError(args_path, f"unreadable: {err}") from None
+    if not isinstance(recorded, dict) or "dataset" not in recorded:
+        raise SegdeployError(args_path, "records no 'dataset' to calibrate on")
+    data = load_splits(DatasetSpec.from_dict(recorded["dataset"]), need_train=True)
+    if data.train is None or len(data.train) == 0:
+        raise SegdeployError(args_path, "the recorded dataset has no training images")
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(len(data.train), size=min(n, len(data.train)), replace=False))
+    rows = data.train.select([int(i) for i in picks])
+    return [row["image"].convert("RGB") for row in rows]
+
+
+def training_calibration_batches(
+    model_dir: str | os.PathLike, n: int = DEFAULT_CALIBRATION_IMAGES, *, seed: int = 0
+) -> Iterator[np.ndarray]:
+    """`n` training images of `model_dir`, preprocessed by its deployment preprocessor."""
+    from segdeploy.runtime.preprocess import Preprocessor
+
+    preprocess = Preprocessor.from_dir(model_dir)
+    return calibration_batches(training_images(model_dir, n, seed=seed), preprocess)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+class _Reader:
+    """ORT CalibrationDataReader over materialised batches, with the range protocol that
+    ORT's strided calibration (CalibStridedMinMax) uses to collect one slice at a time."""
+
+    def __init__(self, input_name: str, batches: list[np.ndarray]):
+        self.input_name, self.batches = input_name, batches
+        self.set_range(0, len(batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self.batches[start_index:end_index])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def _calibration_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    key = str(name).lower()
+    if key not in methods:
+        raise SegdeployError(
+            "--calibration-method", f"unknown {name!r}; choose one of {', '.join(methods)}"
+        )
+    return methods[key]
+
+
+def _load_graph(path: Path):
+    import onnx
+
+    if not path.is_file():
+        raise SegdeployError(path, "missing: no ONNX graph to quantize (run `segdeploy export`)")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises its own DecodeError family
+        raise SegdeployError(path, f"not a readable ONNX graph: {err}") from None
+
+
+def _single_input(model, path: Path) -> str:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise SegdeployError(path, f"expected one image input, the graph has {inputs}")
+    return inputs[0]
+
+
+def _collect_batches(batches: Iterable[np.ndarray], input_name: str) -> list[np.ndarray]:
+    out = []
+    for i, batch in enumerate(batches):
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or batch.shape[0] < 1 or batch.shape[1] != 3:
+            raise SegdeployError(
+                "calibration data",
+                f"batch {i} has shape {batch.shape}; expected [N, 3, height, width]",
+            )
+        if not np.issubdtype(batch.dtype, np.floating):
+            raise SegdeployError(
+                "calibration data",
+                f"batch {i} is {batch.dtype}; expected preprocessed float32 pixels",
+            )
+        if not np.isfinite(batch).all():
+            raise SegdeployError("calibration data", f"batch {i} contains NaN or infinity")
+        out.append(np.ascontiguousarray(batch, dtype=np.float32))
+    if not out:
+        raise SegdeployError(
+            "calibration data", f"no calibration images for input {input_name!r}: need at least 1"
+        )
+    return out
+
+
+def _quantizable_op_types() -> list[str]:
+    # Exactly what quantize_static quantizes when given no op types.
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+
+
+def _unshare_float_initializers(model) -> int:
+    """Give every node its own float initializers; returns how many copies were made.
+
+    The exporter merges identical initializers, so tensors that happen to be
+    equal (all the zero biases and unit LayerNorm scales of an untrained model)
+    are shared between unrelated nodes. The quantizer decides per tensor: a
+    shared Conv bias quantized as an Add's uint8 activation keeps that Conv out
+    of QLinearConv, and a LayerNorm kept in float would read a DequantizeLinear
+    of a bias meant for someone else. Private copies keep each node's choice
+    its own; a trained model rarely shares anything, so this costs nothing there.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    floats = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    uses = Counter(i for n in model.graph.node for i in n.input if i in floats)
+    seen: Counter = Counter()
+    copies = 0
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if uses.get(name, 0) < 2:
+                continue
+            seen[name] += 1
+            if seen[name] == 1:  # the first consumer keeps the original
+                continue
+            copy = numpy_helper.from_array(
+                numpy_helper.to_array(floats[name]), f"{name}/{node.name}/{k}"
+            )
+            model.graph.initializer.append(copy)
+            node.input[k] = copy.name
+            copies += 1
+    return copies
+
+
+def _attention_matmuls(model) -> list[str]:
+    """MatMuls whose two inputs are both activations: the attention products."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and not any(i in consts for i in n.input)
+    ]
+
+
+def _float_nodes(model, exclude_op_types: Sequence[str], excluded: Sequence[str]) -> dict:
+    """Quantizable nodes left in float, by op type, with node names for explicit exclusions."""
+    quantizable = set(_quantizable_op_types())
+    by_type = Counter(
+        n.op_type
+        for n in model.graph.node
+        if n.op_type in exclude_op_types and n.op_type in quantizable
+    )
+    by_name = [n for n in excluded]
+    return {"by_op_type": dict(sorted(by_type.items())), "by_name": by_name}
+
+
+def _cpu_kernels(path: Path) -> dict[str, int]:
+    """Compute kernels ORT's CPU provider actually runs for the graph, by op type.
+
+    The QDQ graph only marks what may run in int8; which DequantizeLinear ->
+    op -> QuantizeLinear groups ORT fuses into integer kernels is decided at
+    session creation, so the report reads the session's optimised graph.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="segdeploy-int8-") as tmp:
+        options = ort.SessionOptions()
+        # EXTENDED runs the QDQ fusions; ALL would add machine-specific layouts.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.intra_op_num_threads = 1
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    counts = Counter(n.op_type for n in optimized.graph.node)
+    return {
+        op: counts[op] for op in sorted(counts) if op in _COMPUTE_OPS or op.startswith("QLinear")
+    }
+
+
+# Ops worth reporting in cpu_kernels: the integer kernels and the float ops that cost time.
+_COMPUTE_OPS = {
+    "Conv", "MatMul", "FusedMatMul", "Gemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "Softmax", "LayerNormalization", "SkipLayerNormalization", "Resize", "Add", "Mul", "Div",
+    "Gelu", "Erf", "QuantizeLinear", "DequantizeLinear", "Transpose", "Concat",
+}  # fmt: skip
+
+
+def _restore_io(source, quantized) -> bool:
+    """Put back the fp32 graph's input and output declarations; True if any changed.
+
+    Symbolic shape inference (part of quant_pre_process) renames output dims, e.g.
+    "height" becomes "floor(height/4 - 1/4) + 1" and "num_labels" a number; the
+    int8 graph should declare exactly what the fp32 graph does.
+    """
+    changed = False
+    for src_list, dst_list in (
+        (source.graph.input, quantized.graph.input),
+        (source.graph.output, quantized.graph.output),
+    ):
+        declared = {v.name: v for v in src_list}
+        for v in dst_list:
+            if v.name in declared and v != declared[v.name]:
+                v.CopyFrom(declared[v.name])
+                changed = True
+    return changed
+
+
+def _check_same_io(source, quantized, where: Path) -> None:
+    def io(model):
+        inits = {i.name for i in model.graph.initializer}
+        return (
+            [
+                (i.name, i.type.tensor_type.elem_type)
+                for i in model.graph.input
+                if i.name not in inits
+            ],
+            [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output],
+        )
+
+    if io(source) != io(quantized):
+        raise RuntimeError(f"{where}: quantization changed the graph's inputs or outputs")

@@ -1,0 +1,251 @@
+"""Static int8 quantization: graph structure, fidelity to fp32, exclusions, calibration data, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from segdeploy.data.synthetic import synthetic_samples
+from segdeploy.errors import SegdeployError
+from segdeploy.quantize import (
+    DEFAULT_FLOAT_OP_TYPES,
+    calibration_batches,
+    quantize_int8,
+    training_images,
+)
+from segdeploy.runtime.preprocess import Preprocessor
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    return [Image.fromarray(im) for im, _ in synthetic_samples(n, seed=seed, size=64)]
+
+
+def _batches(onnx_dir, n: int = 8, seed: int = 0):
+    return calibration_batches(_images(n, seed), Preprocessor.from_dir(onnx_dir), batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_onnx_dir, tmp_path_factory):
+    """The tiny fp32 graph quantized with the default settings, and its report."""
+    out = tmp_path_factory.mktemp("int8") / "model_int8.onnx"
+    report = quantize_int8(tiny_onnx_dir / "model.onnx", out, _batches(tiny_onnx_dir))
+    return out, report
+
+
+def _graph_index(model):
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return inits, producer
+
+
+def _weight_dq(node, index, inits, producer):
+    """The DequantizeLinear feeding input `index` of `node` from an int8 initializer, else None."""
+    dq = producer.get(node.input[index])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        return None
+    return dq
+
+
+def test_graph_is_valid_qdq_with_per_channel_weights(int8, tiny_onnx_dir):
+    path, report = int8
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert report["quantize_linear"] == ops.count("QuantizeLinear")
+
+    inits, producer = _graph_index(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:
+        dq = _weight_dq(conv, 1, inits, producer)
+        assert dq is not None, f"{conv.name}: weight not quantized"
+        weight = numpy_helper.to_array(inits[dq.input[0]])
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        assert weight.dtype == np.int8
+        # One scale per output channel, along axis 0 (ONNX's Conv weight layout).
+        assert scale.shape == (weight.shape[0],), conv.name
+        axis = {a.name: a.i for a in dq.attribute}.get("axis", 1)
+        assert axis == 0
+        assert len(np.unique(scale)) > 1  # genuinely per channel, not one value repeated
+    # The graph is a quarter of the fp32 size or so: weights are stored as int8.
+    assert report["size_bytes"]["int8"] < 0.5 * report["size_bytes"]["fp32"]
+
+
+def test_inputs_and_outputs_unchanged(int8, tiny_onnx_dir):
+    path, _ = int8
+
+    def io(model):
+        def desc(v):
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            return v.name, t.elem_type, dims
+
+        return [desc(i) for i in model.graph.input], [desc(o) for o in model.graph.output]
+
+    fp32 = onnx.load(str(tiny_onnx_dir / "model.onnx"), load_external_data=False)
+    q = onnx.load(str(path), load_external_data=False)
+    assert io(q) == io(fp32)
+    ((name, elem, _),) = io(q)[0]
+    assert name == "pixel_values" and elem == onnx.TensorProto.FLOAT
+
+
+def test_runs_and_agrees_with_fp32(int8, tiny_onnx_dir):
+    path, _ = int8
+    # Held-out synthetic images: a different seed from the calibration ones.
+    x = np.concatenate(
+        list(
+            calibration_batches(
+                _images(16, seed=1), Preprocessor.from_dir(tiny_onnx_dir), batch_size=16
+            )
+        )
+    )
+    ref = ort.InferenceSession(
+        str(tiny_onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, {"pixel_values": x})[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x}
+    )[0]
+    assert got.shape == ref.shape and got.dtype == np.float32
+
+    # The tiny model has random weights, so many pixels have nearly tied classes and
+    # any rounding flips them (measured: ~98% agreement overall). Where the fp32 model
+    # is decided (top-2 margin above the median), int8 must pick the same class.
+    same = got.argmax(1) == ref.argmax(1)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    decided = margin > np.median(margin)
+    assert same.mean() >= 0.95
+    assert same[decided].mean() >= 0.995
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_default_float_op_types_stay_float(int8, tiny_onnx_dir):
+    path, report = int8
+    assert set(DEFAULT_FLOAT_OP_TYPES) <= set(report["float_op_types"])
+    assert all(report["float_op_types"][t] for t in DEFAULT_FLOAT_OP_TYPES)  # a reason each
+    model = onnx.load(str(path))
+    inits, producer = _graph_index(model)
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            # Computed in float from float scores (its output may still be quantized
+            # for the next MatMul, which is an integer kernel).
+            assert producer[node.input[0]].op_type != "DequantizeLinear"
+        if node.op_type == "LayerNormalization":
+            for param in node.input[1:]:  # scale and bias keep their float values
+                assert param in inits and inits[param].data_type == onnx.TensorProto.FLOAT
+    kernels = report["cpu_kernels"]
+    assert "QLinearSoftmax" not in kernels
+    n_conv = sum(
+        n.op_type == "Conv" for n in onnx.load(str(tiny_onnx_dir / "model.onnx")).graph.node
+    )
+    # Every Conv runs as an integer kernel, including those whose zero bias the exporter
+    # shared with another tensor (quantize.py gives each Conv its own bias for that).
+    assert kernels.get("QLinearConv") == n_conv and "Conv" not in kernels
+    assert kernels.get("QLinearMatMul", 0) > 0
+
+
+def test_exclusions_by_type_and_name(tiny_onnx_dir, tmp_path):
+    fp32 = onnx.load(str(tiny_onnx_dir / "model.onnx"))
+    inits = {i.name for i in fp32.graph.initializer}
+    linear = [n.name for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    keep = linear[0]
+    out = tmp_path / "int8.onnx"
+    report = quantize_int8(
+        tiny_onnx_dir / "model.onnx",
+        out,
+        _batches(tiny_onnx_dir, n=4),
+        exclude_op_types=("Conv",),  # Softmax not excluded this time
+        nodes_to_exclude=[keep],
+        calibration_method="MinMax",
+    )
+    model = onnx.load(str(out))
+    q_inits, producer = _graph_index(model)
+    by_name = {n.name: n for n in model.graph.node}
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            assert _weight_dq(n, 1, q_inits, producer) is None
+            assert q_inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert q_inits[by_name[keep].input[1]].data_type == onnx.TensorProto.FLOAT
+    assert _weight_dq(by_name[linear[1]], 1, q_inits, producer) is not None
+    kernels = report["cpu_kernels"]
+    # ORT may still run an excluded Conv between quantized neighbours as QLinearConv (it
+    # quantizes float weights itself then), but those with float neighbours stay float.
+    assert kernels.get("Conv", 0) > 0
+    assert "QLinearSoftmax" in kernels  # what the default exclusion prevents
+    assert report["float_op_types"] == {"Conv": "excluded by the caller"}
+    assert report["float_nodes"]["by_name"] == [keep]
+    assert report["calibration_images"] == 4 and report["calibration_batches"] == 2
+    json.dumps(report)  # JSON-safe
+
+
+def test_calibration_batches_groups_and_preprocesses(tiny_onnx_dir):
+    pre = Preprocessor.from_dir(tiny_onnx_dir)
+    images = _images(5, seed=3)
+    images[0] = images[0].convert("L")  # a grey image is calibrated as RGB, not rejected
+    batches = list(calibration_batches(images, pre, batch_size=2))
+    assert [b.shape for b in batches] == [(2, 3, 64, 64), (2, 3, 64, 64), (1, 3, 64, 64)]
+    assert all(b.dtype == np.float32 for b in batches)
+    np.testing.assert_array_equal(batches[2][0], pre([images[4]])[0])
+    with pytest.raises(SegdeployError):
+        next(calibration_batches(images, pre, batch_size=0))
+
+
+def test_training_images_come_from_recorded_train_split(synthetic_dir, tmp_path):
+    from segdeploy.data import DatasetSpec
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    spec = DatasetSpec(str(synthetic_dir), eval_split="validation", reduce_labels=False)
+    (model_dir / "train_args.json").write_text(json.dumps({"dataset": spec.to_dict()}))
+    first = training_images(model_dir, 5, seed=0)
+    again = training_images(model_dir, 5, seed=0)
+    assert len(first) == 5 and all(im.mode == "RGB" and im.size == (64, 64) for im in first)
+    assert [np.asarray(a).tobytes() for a in first] == [np.asarray(b).tobytes() for b in again]
+    # Only training images: none of them is one of the validation split's.
+    val = {
+        np.asarray(Image.open(p).convert("RGB")).tobytes()
+        for p in (synthetic_dir / "images" / "validation").iterdir()
+    }
+    assert not val & {np.asarray(im).tobytes() for im in first}
+    assert len(training_images(model_dir, 1000)) == 24  # capped at the split's size
+
+    with pytest.raises(SegdeployError, match="train_args.json"):
+        training_images(tmp_path, 5)
+    with pytest.raises(SegdeployError, match="calibration-images"):
+        training_images(model_dir, 0)
+
+
+def test_bad_input_is_a_segdeploy_error(tiny_onnx_dir, tmp_path):
+    src = tiny_onnx_dir / "model.onnx"
+    out = tmp_path / "int8.onnx"
+    out.write_bytes(b"earlier output")
+    good = lambda: _batches(tiny_onnx_dir, n=2)  # noqa: E731
+
+    with pytest.raises(SegdeployError, match="missing"):
+        quantize_int8(tmp_path / "absent.onnx", out, good())
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a protobuf at all")
+    with pytest.raises(SegdeployError, match="not a readable ONNX graph"):
+        quantize_int8(broken, out, good())
+    with pytest.raises(SegdeployError, match="no calibration images"):
+        quantize_int8(src, out, iter([]))
+    with pytest.raises(SegdeployError, match="expected \\[N, 3, height, width\\]"):
+        quantize_int8(src, out, [np.zeros((3, 64, 64), np.float32)])
+    with pytest.raises(SegdeployError, match="float32"):
+        quantize_int8(src, out, [np.zeros((1, 3, 64, 64), np.uint8)])
+    with pytest.raises(SegdeployError, match="NaN"):
+        quantize_int8(src, out, [np.full((1, 3, 64, 64), np.nan, np.float32)])
+    with pytest.raises(SegdeployError, match="calibration-method"):
+        quantize_int8(src, out, good(), calibration_method="kl")
+    with pytest.raises(SegdeployError, match="no such node"):
+        quantize_int8(src, out, good(), nodes_to_exclude=["/not/a/node"])
+    with pytest.raises(SegdeployError, match="overwrite"):
+        quantize_int8(src, src, good())
+    assert out.read_bytes() == b"earlier output"  # nothing half-written over it
