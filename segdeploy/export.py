@@ -102,13 +102,24 @@ def num_labels_of(config: dict[str, Any]) -> int:
 
 
 def check_opset(opset: int) -> None:
+    """SegdeployError unless both onnx and torch's exporter can write `opset`."""
     import onnx
+    import torch
+    from torch.onnx import _constants
 
-    highest = onnx.defs.onnx_opset_version()
-    if opset > highest:
+    if opset > onnx.defs.onnx_opset_version():
         raise SegdeployError(
             "--opset",
-            f"{opset} is newer than the installed onnx {onnx.__version__} writes (<= {highest})",
+            f"{opset} is newer than the installed onnx {onnx.__version__} writes "
+            f"(<= {onnx.defs.onnx_opset_version()})",
+        )
+    # onnx may know opsets that torch's exporter cannot write yet (torch 2.13: <= 23);
+    # found out after the export started, it would fail with a page-long IR dump.
+    torch_max = getattr(_constants, "ONNX_MAX_OPSET", None)
+    if torch_max is not None and opset > torch_max:
+        raise SegdeployError(
+            "--opset",
+            f"{opset} is newer than torch {torch.__version__}'s ONNX exporter writes (<= {torch_max})",
         )
     if opset < MIN_OPSET:
         raise SegdeployError(
