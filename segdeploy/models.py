@@ -164,6 +164,14 @@ def _source(model: str, kind: str) -> str:
 
 
 def _load_config(model: str, kind: str):
+    if kind == "hub" and not hub_reachable() and not _in_hub_cache(model):
+        # Decided with huggingface_hub alone: importing transformers (and torch)
+        # would take longer than the answer.
+        raise SegdeployError(
+            model,
+            "is not a local folder nor in the Hugging Face cache, and the Hub "
+            f"cannot be reached (offline); {_ALTERNATIVES}",
+        )
     from transformers import AutoConfig
 
     if kind == "local":
@@ -197,6 +205,15 @@ def _load_config(model: str, kind: str):
             model, f"is a {config.model_type!r} model; segdeploy trains SegFormer models only"
         )
     return config
+
+
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers import TrainerCallback
 
 from segdeploy import __version__
 from segdeploy.atomic import TMP_MARKER, write_json
@@ -129,16 +128,20 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     interrupt a run). Raises SegdeployError for bad input, before training
     starts wherever it can be known then.
     """
-    import torch
-    import transformers
-    from transformers import Trainer, TrainingArguments
-
+    # Everything that can be checked without torch is checked before importing it
+    # (seconds on a busy machine), so that bad options fail at once.
     _check_numbers(config)
     out = Path(config.output_dir or default_output_dir(config.model, config.dataset.name))
     check_model_source(config.model)  # a Hub id offline fails here, before any data is read
     if config.push_to_hub:
         hub_repo = _check_can_push(config.hub_model_id or out.name)
     resume_from = _check_output_dir(out, config)
+
+    import torch
+    import transformers
+    from transformers import Trainer, TrainerState, TrainingArguments
+
+    from segdeploy.callbacks import EvaluateAtEnd, SyncBuffers
 
     lr = resolve_lr(config)
     args = TrainingArguments(
@@ -182,7 +185,12 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     ignore_index = data.spec.ignore_index
     processor = load_processor(config.model, config.image_size)
     image_size = processor_image_size(processor)
-    model = load_model(config.model, data.id2label, ignore_index=ignore_index)
+    # A checkpoint at or past --max-steps means training had finished (the run
+    # died writing the folder): the Trainer would still run one more step.
+    done = resume_from is not None and config.max_steps is not None
+    done = done and _checkpoint_step(resume_from) >= config.max_steps
+    source = str(resume_from) if done else config.model
+    model = load_model(source, data.id2label, ignore_index=ignore_index)
 
     label_args = {
         "reduce_labels": bool(data.spec.reduce_labels),
@@ -216,13 +224,15 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         eval_dataset=eval_ds,
         compute_metrics=metric,
         preprocess_logits_for_metrics=upsample_argmax,
-        callbacks=[_EvaluateAtEnd(), _SyncBuffers(), *callbacks],
+        callbacks=[EvaluateAtEnd(), SyncBuffers(), *callbacks],
     )
     start = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if done:
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if metric.last_result is None:
-        # Resumed from a checkpoint of the last step: nothing was trained, evaluate it now.
-        trainer.evaluate()
+        trainer.evaluate()  # nothing was trained in this run: evaluate the checkpoint
     seconds = time.monotonic() - start
 
     history = list(trainer.state.log_history)
@@ -386,38 +396,6 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-class _EvaluateAtEnd(TrainerCallback):
-    """Evaluate (and log) at the last step too, not only every eval_steps."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_evaluate = True
-            control.should_log = True
-        return control
-
-
-class _SyncBuffers(TrainerCallback):
-    """Under DDP, give every rank rank 0's BatchNorm statistics before it evaluates or saves.
-
-    DDP averages gradients, but each rank updates BatchNorm running statistics
-    (SegFormer's decode head) from its own batch, so after a step the ranks'
-    models differ slightly. Evaluation is sharded across ranks and checkpoints
-    come from rank 0: without this, the reported mean IoU would mix several
-    models and not be the saved model's. (SyncBatchNorm would avoid the drift,
-    but torch only supports it on GPUs.)
-    """
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        import torch.distributed as dist
-
-        if model is None or not (dist.is_available() and dist.is_initialized()):
-            return control
-        if dist.get_world_size() > 1 and (control.should_evaluate or control.should_save):
-            for buffer in model.buffers():
-                dist.broadcast(buffer.data, src=0)
-        return control
-
-
 # ---------------------------------------------------------------------------
 # Output folder
 # ---------------------------------------------------------------------------
@@ -506,6 +484,10 @@ def _best(history) -> tuple[float | None, int | None]:
         return None, None
     best = max(evals, key=lambda e: (e[0], -e[1]))
     return float(best[0]), int(best[1])
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def _check_numbers(c: TrainConfig) -> None:

@@ -267,6 +267,13 @@ def test_failed_final_write_keeps_the_previous_model(tmp_path, monkeypatch):
         train(small_config(out, max_steps=4, overwrite=True))
     assert {name: (out / name).read_bytes() for name in FINAL_FILES} == before
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    # Training itself had finished: --resume only evaluates and writes the folder.
+    monkeypatch.undo()
+    recorder = _RecordSteps()
+    result = train(small_config(out, max_steps=4, resume=True), callbacks=[recorder])
+    assert recorder.steps == [] and result.steps == 4
+    assert json.loads((out / "train_args.json").read_text())["steps"] == 4
+    assert json.loads((out / "metrics.json").read_text())["step"] == 4
 
 
 def test_write_model_folder_moves_config_and_metrics_last(tmp_path, monkeypatch):
