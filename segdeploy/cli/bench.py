@@ -1,12 +1,219 @@
-"""`segdeploy bench` (not implemented yet)."""
+"""`segdeploy bench`: thin Click layer over segdeploy.bench.run_bench."""
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
+from segdeploy.errors import SegdeployError
 
-@click.command()
-def bench() -> None:
-    """Not implemented yet."""
-    click.echo("segdeploy bench: not implemented yet", err=True)
-    raise SystemExit(2)
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SegdeployError(
+            option, f"expected integers separated by commas, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise SegdeployError(option, f"expected positive integers, got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as the user gave it (options that were not left at their default)."""
+    from click.core import ParameterSource
+
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Option) and param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts or param.opts)[0]
+            words.append(flag)
+        else:
+            words += [max(param.opts, key=len), str(value)]
+    return shlex.join(words)
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.option(
+    "--model",
+    default="models/segformer",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Trained model folder (PyTorch weights, its export in onnx/), or an ONNX folder alone "
+    "(then torch and hf-pipeline are skipped).",
+)
+@click.option(
+    "--onnx",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="ONNX folder to benchmark  [default: MODEL/onnx].",
+)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Benchmark on this folder of images (searched recursively, as `segdeploy infer` does).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --images: label PNGs with the same relative names, for mean IoU.",
+)
+@click.option(
+    "--dataset",
+    default=None,
+    help="Benchmark on the evaluation split of this dataset (synthetic[:SIZE], a local folder, "
+    "a save_to_disk folder or a Hub id)  [default: the one recorded in MODEL/train_args.json].",
+)
+@click.option(
+    "--split", default=None, help="The split to use as a whole, e.g. val or validation[:50]."
+)
+@click.option(
+    "--reduce-labels/--no-reduce-labels",
+    default=None,
+    help="Label 0 means 'other' (ignored) and v is class v-1  [default: as recorded].",
+)
+@click.option(
+    "--ignore-index",
+    type=click.IntRange(0, 255),
+    default=None,
+    help="Label value left out of the mean IoU  [default: as recorded, else 255].",
+)
+@click.option(
+    "--max-images", type=click.IntRange(min=1), default=None, help="Use only the first N images."
+)
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated: torch, hf-pipeline, optimum, onnx-cpu, onnx-cuda, onnx-tensorrt, "
+    "onnx-<provider>-<variant> (e.g. onnx-cpu-int8)  [default: all of them, with every "
+    "variant in the ONNX folder].",
+)
+@click.option(
+    "--batch-sizes",
+    default="1,8",
+    show_default=True,
+    help="Comma-separated batch sizes; every backend runs at each.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Timed end-to-end passes over all images (after one warm-up pass); the median counts.",
+)
+@click.option(
+    "--model-runs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Timed forward calls for the model-only latency (after 2 warm-up calls).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for torch and onnxruntime  [default: each library's own, all cores].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Give up on a backend after this many seconds (it is then listed as failed).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Report file (JSON); the Markdown table and PNG chart go beside it with .md and .png  "
+    "[default: MODEL/bench.json].",
+)
+@click.option("--keep-work", is_flag=True, help="Keep the work folder (label maps, worker logs).")
+def bench(
+    model: str,
+    onnx: str | None,
+    images: str | None,
+    labels: str | None,
+    dataset: str | None,
+    split: str | None,
+    reduce_labels: bool | None,
+    ignore_index: int | None,
+    max_images: int | None,
+    backends: str | None,
+    batch_sizes: str,
+    runs: int,
+    model_runs: int,
+    threads: int | None,
+    timeout: float | None,
+    output: str | None,
+    keep_work: bool,
+) -> None:
+    """Compare segdeploy's ONNX Runtime inference with the pipelines users would pick instead.
+
+    For each backend and batch size, in a fresh process: end-to-end images/s
+    (image files to label maps; for onnx-* that is `segdeploy infer` on the
+    folder, writing its outputs), model-only latency p50/p95 (the forward pass on
+    preprocessed batches), peak memory, and with labels the mean IoU and the
+    share of pixels whose label equals the `torch` backend's. Backends that
+    cannot run here are listed as skipped, with the reason.
+
+    \b
+    Examples:
+      segdeploy bench --model models/segformer              # on the recorded eval split
+      segdeploy bench --model models/segformer --images photos/ --backends torch,onnx-cpu
+      segdeploy bench --model models/camvid --dataset ../data/camvid --split val --batch-sizes 1
+
+    Prints a table and writes JSON (with machine, versions, date and command),
+    Markdown and a PNG bar chart. Exits with status 1 when a backend failed.
+    """
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from segdeploy.bench.inputs import inputs_factory
+    from segdeploy.bench.run import BenchSettings, resolve_dirs, run_bench
+
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
+        console = Console(width=130)
+    settings = BenchSettings(
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        runs=runs,
+        model_runs=model_runs,
+        threads=threads,
+        timeout_s=timeout,
+    )
+    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    if backends is not None and not names:
+        raise SegdeployError("--backends", "name at least one backend")
+    model_dir, _ = resolve_dirs(model, onnx)
+    factory = inputs_factory(
+        Path(model_dir),
+        images=images,
+        labels=labels,
+        dataset=dataset,
+        split=split,
+        reduce_labels=reduce_labels,
+        ignore_index=ignore_index,
+        max_images=max_images,
+    )
+    report = run_bench(
+        model,
+        factory,
+        onnx=onnx,
+        backends=names,
+        settings=settings,
+        output=output,
+        command=command_line(click.get_current_context()),
+        console=console,
+        keep_work=keep_work,
+    )
+    if any(r["status"] == "failed" for r in report["results"]):
+        raise SystemExit(1)

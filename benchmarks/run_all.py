@@ -1,0 +1,149 @@
+"""Regenerate benchmarks/results/camvid_cpu.{json,md,png}: `make bench`.
+
+CamVid val (101 images, 480x360) with a CamVid-trained SegFormer, on this
+machine's CPU. Every step is the project's own command, run as a user would:
+
+1. `segdeploy train` scratch:b0 on CamVid train, unless MODEL already holds a
+   finished model (then it is reused: training takes the longest);
+2. `segdeploy export` at opset 17, validated on CamVid val, unless MODEL/onnx
+   is newer than the weights; int8 too (`--quantize int8` where export has it,
+   else segdeploy.quantize's library function, then `segdeploy validate`);
+3. `segdeploy bench` on CamVid val, every backend, batch sizes 1 and 4.
+
+Why 512x512 (SegFormer's and the guide's input size), though a smaller size
+trains several times faster: at 512 the model is most of the end-to-end time,
+as on a real deployment, so the comparison measures the inference paths, not
+JPEG decoding. CamVid's 480x360 frames are upsampled a little to get there.
+
+    .venv/bin/python benchmarks/run_all.py [--model models/camvid-b0-512] [--retrain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+_SCRIPT = Path(sys.executable).with_name("segdeploy")  # the venv's console script
+SEGDEPLOY = (
+    [str(_SCRIPT)]
+    if _SCRIPT.is_file()
+    else [sys.executable, "-c", "import sys; from segdeploy.cli import main; sys.exit(main())"]
+)
+
+#: The training recipe: scratch:b0 (no pretrained weights offline), lr 1e-3 (scratch
+#: needs far more than the guide's 6e-5 for a pretrained encoder), 160 steps of 2
+#: images at 512 px (~5 s of CPU per step, so ~15 minutes on two idle cores).
+TRAIN_ARGS = [
+    "--model", "scratch:b0",
+    "--no-reduce-labels", "--ignore-index", "11",  # CamVid: classes 0..10, 11 = void
+    "--eval-split", "val",
+    "--image-size", "512",
+    "--batch-size", "2",
+    "--max-steps", "160",
+    "--eval-steps", "160",
+    "--lr", "1e-3",
+]  # fmt: skip
+
+
+def rel(path: Path) -> str:
+    """Paths as seen from the repository root, so the recorded commands read the same anywhere."""
+    return os.path.relpath(path.resolve(), ROOT)
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + shlex.join(["segdeploy", *cmd[len(SEGDEPLOY) :]]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def finished(model: Path) -> bool:
+    return (model / "metrics.json").is_file() and (model / "config.json").is_file()
+
+
+def up_to_date(model: Path, graph: Path) -> bool:
+    weights = model / "model.safetensors"
+    return graph.is_file() and graph.stat().st_mtime >= weights.stat().st_mtime
+
+
+def export_has_quantize() -> bool:
+    out = subprocess.run(
+        [*SEGDEPLOY, "export", "--help"], capture_output=True, text=True, check=True
+    )
+    return "--quantize" in out.stdout
+
+
+def quantize_with_library(model: Path) -> None:
+    """Fallback while `segdeploy export --quantize` is not there: the same library function."""
+    from segdeploy.quantize import quantize_int8, training_calibration_batches
+
+    onnx_dir = model / "onnx"
+    print(f"segdeploy.quantize.quantize_int8({onnx_dir / 'model.onnx'}) ...", flush=True)
+    quantize_int8(
+        onnx_dir / "model.onnx", onnx_dir / "model_int8.onnx", training_calibration_batches(model)
+    )
+    run([*SEGDEPLOY, "validate", rel(onnx_dir), "--variant", "int8"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "camvid-b0-512")
+    # (paths are given to the commands relative to the repository root, where they run)
+    parser.add_argument("--data", type=Path, default=CAMVID)
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "benchmarks" / "results" / "camvid_cpu.json"
+    )
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--model-runs", type=int, default=10)
+    parser.add_argument("--no-int8", action="store_true", help="benchmark the fp32 graph only")
+    parser.add_argument("--retrain", action="store_true", help="train again even if MODEL is there")
+    args = parser.parse_args(argv)
+
+    if not (args.data / "images" / "val").is_dir():
+        print(f"error: CamVid not found at {args.data} (give --data)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = args.model
+    if args.retrain or not finished(model):
+        run([*SEGDEPLOY, "train", "--dataset", rel(args.data), *TRAIN_ARGS, "-o", rel(model),
+             *(["--overwrite"] if model.exists() else [])])  # fmt: skip
+    else:
+        print(f"reusing the trained model in {model} (--retrain to train again)")
+
+    onnx_dir = model / "onnx"
+    want_int8 = not args.no_int8
+    quantize_flag = want_int8 and export_has_quantize()
+    fp32_ok = up_to_date(model, onnx_dir / "model.onnx")
+    int8_ok = not want_int8 or up_to_date(model, onnx_dir / "model_int8.onnx")
+    if not (fp32_ok and int8_ok):
+        if quantize_flag or not fp32_ok:
+            run([*SEGDEPLOY, "export", rel(model), "--opset", "17",
+                 *(["--quantize", "int8"] if quantize_flag else [])])  # fmt: skip
+        if want_int8 and not quantize_flag:
+            quantize_with_library(model)
+    else:
+        print(f"reusing the export in {onnx_dir}")
+
+    run(
+        [
+            *SEGDEPLOY, "bench",
+            "--model", rel(model),
+            "--batch-sizes", args.batch_sizes,
+            "--runs", str(args.runs),
+            "--model-runs", str(args.model_runs),
+            "--output", rel(args.output),
+        ]
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The images (and reference labels) a benchmark runs on, as a folder of files.
+
+Every backend is measured from files to label maps, so a dataset split is first
+laid out as a folder: rows that come from files are linked (never copied),
+rows that live only in memory (the synthetic set, Hub datasets) are written as
+PNG. Reference labels go to a parallel folder as label PNGs, already reduced
+and checked by `segdeploy.data.label_array`, with the dataset's ignore index.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segdeploy.errors import SegdeployError
+
+
+@dataclass
+class BenchInputs:
+    images: Path  # the folder every backend segments
+    labels: Path | None  # label PNGs mirroring `images`, or None (no accuracy figures)
+    ignore_index: int = 255
+    source: dict[str, Any] = field(default_factory=dict)  # what they are, for the report
+
+
+def reference_label_path(labels: Path, item_out: PurePath) -> Path:
+    """Label file of an image, from its `segdeploy infer` output name (top folder dropped)."""
+    return labels.joinpath(*item_out.parts[1:]).with_suffix(".png")
+
+
+def read_reference(path: Path, *, num_labels: int, ignore_index: int) -> np.ndarray:
+    from segdeploy.data import label_array
+
+    if not path.is_file():
+        raise SegdeployError(path, "no reference label for this image (--labels)")
+    try:
+        with Image.open(path) as im:
+            annotation = im.copy()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise SegdeployError(path, f"unreadable label image: {err}") from None
+    return label_array(
+        annotation,
+        reduce_labels=False,
+        ignore_index=ignore_index,
+        num_labels=num_labels,
+        where=str(path),
+    )
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:  # no symlinks here (some Windows setups): copy instead
+        shutil.copy2(src, dst)
+
+
+def from_folders(
+    images: str | os.PathLike,
+    labels: str | os.PathLike | None,
+    work: Path,
+    *,
+    ignore_index: int = 255,
+    max_images: int | None = None,
+) -> BenchInputs:
+    """A folder of images (and optionally of label PNGs with the same relative names)."""
+    from segdeploy.bench.worker import list_items
+
+    images = Path(images)
+    if not images.is_dir():
+        raise SegdeployError(images, "--images must be a folder of images")
+    if labels is not None and not Path(labels).is_dir():
+        raise SegdeployError(labels, "--labels must be a folder of label PNGs")
+    items = list_items(images)
+    if not items:
+        raise SegdeployError(images, "no images in this folder")
+    if labels is not None:
+        # Found now, not after every backend has run: each image needs its reference.
+        for item in items[:max_images]:
+            ref = reference_label_path(Path(labels), item.out)
+            if not ref.is_file():
+                raise SegdeployError(ref, f"no reference label for {item.path} (--labels)")
+    source = {"kind": "folder", "folder": str(images), "labels_folder": labels and str(labels)}
+    if max_images is not None and max_images < len(items):
+        # A subset must still be one folder, as the user would pass it to `segdeploy infer`.
+        subset = work / "images"
+        for item in items[:max_images]:
+            dst = subset.joinpath(*item.out.parts[1:]).with_suffix(item.path.suffix)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link(item.path, dst)
+        source["subset"] = max_images
+        images = subset
+    return BenchInputs(images, Path(labels) if labels else None, ignore_index, source)
+
+
+def from_dataset(spec, work: Path, *, num_labels: int, max_images: int | None = None):
+    """The evaluation split of a DatasetSpec as images/ and labels/ folders under `work`."""
+    from segdeploy.infer import save_labels
+    from segdeploy.runtime.upsample import label_dtype
+    from segdeploy.validation import load_validation_data
+
+    data = load_validation_data(spec, num_labels=num_labels)
+    rows = data.eval
+    if max_images is not None:
+        rows = rows.select(range(min(max_images, len(rows))))
+    images, labels = work / "images", work / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    dtype = label_dtype(max(num_labels, data.spec.ignore_index + 1))
+    used: set[str] = set()
+    for i, row in enumerate(rows):
+        name = row["name"]
+        path = Path(name)
+        from_file = path.is_file()
+        stem = path.stem if from_file else f"{i:05d}"
+        if stem in used:
+            stem = f"{i:05d}_{stem}"
+        used.add(stem)
+        if from_file:
+            _link(path, images / f"{stem}{path.suffix}")
+        else:
+            row["image"].convert("RGB").save(images / f"{stem}.png")
+        ref = _reference(row["annotation"], data.spec, num_labels, name)
+        save_labels(labels / f"{stem}.png", ref.astype(dtype))
+    source = {
+        "kind": "dataset",
+        "dataset": data.spec.to_dict(),
+        "split": data.spec.eval_split,
+        "rows": len(rows),
+    }
+    return BenchInputs(images, labels, data.spec.ignore_index, source)
+
+
+def _reference(annotation, spec, num_labels: int, where: str) -> np.ndarray:
+    from segdeploy.data import label_array
+
+    return label_array(
+        annotation,
+        reduce_labels=bool(spec.reduce_labels),
+        ignore_index=spec.ignore_index,
+        num_labels=num_labels,
+        where=where,
+    )
+
+
+def inputs_factory(
+    model_dir: Path,
+    *,
+    images: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    split: str | None = None,
+    reduce_labels: bool | None = None,
+    ignore_index: int | None = None,
+    max_images: int | None = None,
+):
+    """Check the input options now; return `factory(work, num_labels) -> BenchInputs` for later.
+
+    --images (with optional --labels) names a folder; otherwise the evaluation split
+    of --dataset, or of the dataset `segdeploy train` recorded in the model folder.
+    """
+    if max_images is not None and max_images < 1:
+        raise SegdeployError("--max-images", f"must be at least 1, got {max_images}")
+    if images is not None:
+        if dataset is not None or split is not None or reduce_labels is not None:
+            raise SegdeployError(
+                "--images", "give either --images (a folder) or --dataset/--split, not both"
+            )
+        if not Path(images).is_dir():
+            raise SegdeployError(images, "--images must be a folder of images")
+        if labels is not None and not Path(labels).is_dir():
+            raise SegdeployError(labels, "--labels must be a folder of label PNGs")
+        ignore = 255 if ignore_index is None else ignore_index
+
+        def from_images(work: Path, num_labels: int) -> BenchInputs:
+            return from_folders(images, labels, work, ignore_index=ignore, max_images=max_images)
+
+        return from_images
+    if labels is not None:
+        raise SegdeployError("--labels", "goes with --images (a dataset brings its own labels)")
+    from segdeploy.validation import resolve_dataset
+
+    spec = resolve_dataset(
+        model_dir,
+        dataset=dataset,
+        split=split,
+        reduce_labels=reduce_labels,
+        ignore_index=ignore_index,
+    )
+    if spec is None:
+        raise SegdeployError(
+            "--images",
+            f"nothing to benchmark on: give --images DIR or --dataset NAME ({model_dir} records "
+            "no training dataset in train_args.json)",
+        )
+
+    def from_spec(work: Path, num_labels: int) -> BenchInputs:
+        return from_dataset(spec, work, num_labels=num_labels, max_images=max_images)
+
+    return from_spec

@@ -1,0 +1,276 @@
+"""The benchmark report: machine facts, then the same figures as JSON, Markdown, a PNG chart and a table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from segdeploy.atomic import atomic_path, write_json, write_text
+
+PACKAGES = (
+    "segdeploy",
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "numpy",
+    "pillow",
+)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    try:
+        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):
+        memory_gb = None
+    return {
+        "hostname": platform.node(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gb": memory_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.3f}%"
+
+
+COLUMNS = (
+    ("backend", lambda r: r["backend"]),
+    ("batch", lambda r: str(r["batch_size"])),
+    ("e2e img/s", lambda r: _num(r.get("end_to_end_images_per_s"), ".2f")),
+    ("model p50 ms", lambda r: _num(r.get("model_p50_ms"), ".1f")),
+    ("p95 ms", lambda r: _num(r.get("model_p95_ms"), ".1f")),
+    ("model img/s", lambda r: _num(r.get("model_images_per_s"), ".2f")),
+    ("e2e/model", lambda r: _num(r.get("end_to_end_vs_model"), ".2f")),
+    ("peak MiB", lambda r: _num(r.get("peak_rss_mb"), ".0f")),
+    ("mIoU", lambda r: _num(r.get("mean_iou"), ".4f")),
+    ("= torch", lambda r: _pct(r.get("pixel_agreement_with_torch"))),
+)
+
+
+def _ok(report) -> list[dict[str, Any]]:
+    return [r for r in report["results"] if r["status"] == "ok"]
+
+
+def _not_ok(report) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for r in report["results"]:  # one line per backend, not per batch size
+        if r["status"] != "ok" and (r["backend"], r["reason"]) not in seen:
+            seen.add((r["backend"], r["reason"]))
+            out.append(r)
+    return out
+
+
+def _describe_inputs(report) -> str:
+    inputs = report["inputs"]
+    if inputs.get("kind") == "dataset":
+        where = f"{inputs['dataset']['name']} split {inputs.get('split')}"
+    else:
+        where = inputs.get("folder", "?")
+    labels = "with labels" if inputs.get("labels") else "no labels"
+    return f"{inputs['images']} images of {where} ({labels})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, model = report["machine"], report["model"]
+    size = model.get("image_size")
+    lines = [
+        "# segdeploy bench",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['cpu_count']}, "
+        f"{m['memory_gb']} GB, {m['os']}; load average before/after: "
+        f"{report['load_average']['before']} / {report['load_average']['after']}",
+        f"- model: {model['model_dir']} (ONNX: {model['onnx_dir']}), {model['num_labels']} classes, "
+        f"input {f'{size[0]}x{size[1]}' if size else 'at each image size'}",
+        f"- data: {_describe_inputs(report)}",
+        f"- settings: {report['settings']['runs']} end-to-end runs (median) after a warm-up pass; "
+        f"{report['settings']['model_runs']} timed forward calls per batch size",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
+        "|" + "|".join("---" if i < 1 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    for r in _ok(report):
+        lines.append("| " + " | ".join(f(r) for _, f in COLUMNS) + " |")
+    lines += [
+        "",
+        "End to end = image files to label maps, images/s from the median run. For `onnx-*` it is "
+        "`segdeploy infer` on the folder (decoding, preprocessing, model, upsampling and writing "
+        "the label PNGs and summary.json); the other backends stop at label maps in memory. "
+        "Model = the forward pass alone on preprocessed batches. Peak RSS = the high-water mark "
+        "of a fresh process per row. `= torch` = pixels whose label equals the `torch` backend's.",
+    ]
+    if report["targets"]:
+        lines += [
+            "",
+            "## Targets",
+            "",
+            "| target | batch | value | needs | met |",
+            "|---|---:|---:|---:|:---:|",
+        ]
+        for t in report["targets"]:
+            lines.append(
+                f"| {t['target']} | {t['batch_size']} | {_target_value(t)} | "
+                f"{_target_threshold(t)} | {'yes' if t['met'] else '**no**'} |"
+            )
+    not_ok = _not_ok(report)
+    if not_ok:
+        lines += ["", "## Not run here", ""]
+        lines += [f"- `{r['backend']}` ({r['status']}): {r['reason']}" for r in not_ok]
+    return "\n".join(lines) + "\n"
+
+
+def _target_value(t) -> str:
+    if t["kind"] == "agreement":
+        return _pct(t["value"])
+    if t["kind"] == "miou_drop":
+        return f"{t['value']:+.4f}"
+    return f"{t['value']:.2f}x"
+
+
+def _target_threshold(t) -> str:
+    if t["kind"] == "agreement":
+        return f">= {100 * t['threshold']:.1f}%"
+    if t["kind"] == "miou_drop":
+        return f"<= {t['threshold']}"
+    return f">= {t['threshold']}x"
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Horizontal bars: end-to-end and model-only images/s per backend, one colour per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = _ok(report)
+    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    batches = sorted({r["batch_size"] for r in ok})
+    found = {(r["backend"], r["batch_size"]): r for r in ok}
+    height = max(2.5, 0.45 * len(backends) * max(1, len(batches)) + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(12, height), sharey=True)
+    y = np.arange(len(backends))
+    bar = 0.8 / max(1, len(batches))
+    for ax, key, title in (
+        (axes[0], "end_to_end_images_per_s", "end to end (files to label maps), images/s"),
+        (axes[1], "model_images_per_s", "model only (forward pass), images/s"),
+    ):
+        for j, b in enumerate(batches):
+            values = [found.get((name, b), {}).get(key) or 0.0 for name in backends]
+            pos = y + (j - (len(batches) - 1) / 2) * bar
+            bars = ax.barh(pos, values, height=bar, label=f"batch {b}")
+            ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    axes[0].set_yticks(y, backends)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right", fontsize=8)
+    m = report["machine"]
+    fig.suptitle(
+        f"segdeploy bench: {_describe_inputs(report)}\n{m['cpu']}, {m['usable_cores']} cores, "
+        f"{report['date'][:10]}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(report: dict[str, Any], output: str | os.PathLike) -> dict[str, Path]:
+    """JSON at `output`, Markdown and PNG beside it; each written atomically."""
+    output = Path(output)
+    paths = {
+        "json": output,
+        "markdown": output.with_suffix(".md"),
+        "chart": output.with_suffix(".png"),
+    }
+    write_json(paths["json"], report)
+    write_text(paths["markdown"], markdown(report))
+    if _ok(report):
+        plot(report, paths["chart"])
+    return paths
+
+
+def rich_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"segdeploy bench: {_describe_inputs(report)}", title_justify="left")
+    for i, (name, _) in enumerate(COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in _ok(report):
+        table.add_row(*[f(r) for _, f in COLUMNS])
+    for r in _not_ok(report):
+        colour = "yellow" if r["status"] == "skipped" else "red"
+        table.add_row(r["backend"], "", f"[{colour}]{r['status']}[/]", *[""] * (len(COLUMNS) - 3))
+    return table
+
+
+def print_report(report: dict[str, Any], console, output: str | os.PathLike) -> None:
+    from rich.markup import escape
+
+    console.print(rich_table(report))
+    for r in _not_ok(report):
+        console.print(f"  [dim]{r['backend']}: {escape(r['reason'])}[/]")
+    for t in report["targets"]:
+        mark = "[green]met[/]" if t["met"] else "[red]not met[/]"
+        console.print(
+            f"  target {t['target']} (batch {t['batch_size']}): {_target_value(t)}, "
+            f"needs {_target_threshold(t)}: {mark}"
+        )
+    output = Path(output)
+    console.print(
+        f"written: {output}, {output.with_suffix('.md')}"
+        + (f", {output.with_suffix('.png')}" if _ok(report) else "")
+    )

@@ -1,0 +1,458 @@
+"""Run the benchmark: one worker process per backend and batch size, then score and report.
+
+The parent process never loads a model. It lays out the inputs, starts
+`python -m segdeploy.bench.worker` for each row (see worker.py for why a
+process each), reads back raw timings and the label maps each worker left, and
+computes the figures: end-to-end images/s from the median of the repeated
+runs, model-only latency p50/p95, peak memory, mean IoU against the reference
+labels and pixel agreement with the `torch` backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segdeploy.bench.backends import (
+    REFERENCE,
+    Backend,
+    check_backend,
+    default_backends,
+    parse_backend,
+)
+from segdeploy.bench.inputs import BenchInputs, read_reference, reference_label_path
+from segdeploy.errors import SegdeployError
+
+log = logging.getLogger(__name__)
+
+#: (name, backend, compared with, what, target): the issue's targets, judged per batch size.
+#: "ratio" divides end-to-end images/s; "vs_model" divides a row's end-to-end
+#: rate by its own model-only rate; "agreement" is pixel agreement with torch;
+#: "miou_drop" is the mean IoU of `compared with` minus the backend's.
+TARGETS = (
+    ("infer fp32 end to end vs hf-pipeline", "onnx-cpu", "hf-pipeline", "ratio", 2.0),
+    ("infer fp32 end to end vs optimum", "onnx-cpu", "optimum", "ratio", 1.0),
+    ("infer fp32 end to end vs its model-only rate", "onnx-cpu", None, "vs_model", 0.9),
+    ("infer fp32 masks equal to torch", "onnx-cpu", REFERENCE, "agreement", 0.999),
+    ("int8 end to end vs fp32", "onnx-cpu-int8", "onnx-cpu", "ratio", 1.6),
+    ("int8 mean IoU drop vs torch", "onnx-cpu-int8", REFERENCE, "miou_drop", 0.01),
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    runs: int = 3  # end-to-end passes over all images, after one warm-up pass
+    model_runs: int = 20  # timed forward calls, after MODEL_WARMUP_CALLS
+    threads: int | None = None  # None: each library's default (all cores)
+    timeout_s: float | None = None  # per worker
+
+    def check(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise SegdeployError("--batch-sizes", "give positive integers, e.g. 1,8")
+        if self.runs < 1:
+            raise SegdeployError("--runs", f"must be at least 1, got {self.runs}")
+        if self.model_runs < 1:
+            raise SegdeployError("--model-runs", f"must be at least 1, got {self.model_runs}")
+        if self.threads is not None and self.threads < 1:
+            raise SegdeployError("--threads", f"must be at least 1, got {self.threads}")
+
+
+def resolve_dirs(
+    model: str | os.PathLike, onnx: str | os.PathLike | None
+) -> tuple[Path | None, Path | None]:
+    """(PyTorch model folder or None, ONNX folder or None) from --model and --onnx.
+
+    --model may be a trained model folder (its export in onnx/) or an ONNX folder
+    itself; then only the ONNX backends can run.
+    """
+    model = Path(model)
+    if not model.is_dir():
+        raise SegdeployError(model, "model folder not found (give --model a trained model folder)")
+    if onnx is not None:
+        onnx_dir = Path(onnx)
+        if not onnx_dir.is_dir():
+            raise SegdeployError(onnx_dir, "--onnx folder not found")
+    elif (model / "onnx" / "model.onnx").is_file():
+        onnx_dir = model / "onnx"
+    elif (model / "model.onnx").is_file():
+        onnx_dir = model
+    else:
+        onnx_dir = None
+    if not (model / "config.json").is_file() and onnx_dir is None:
+        raise SegdeployError(model, "neither a model folder (config.json) nor an ONNX export")
+    return model, onnx_dir
+
+
+def model_facts(model_dir: Path | None, onnx_dir: Path | None) -> dict[str, Any]:
+    """Classes and input size, from whichever folder has them."""
+    from segdeploy.runtime.providers import read_image_size
+
+    for folder in (onnx_dir, model_dir):
+        if folder is None or not (folder / "config.json").is_file():
+            continue
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+        size = read_image_size(folder)
+        return {
+            "num_labels": len(id2label) or int(cfg.get("num_labels", 2)),
+            "id2label": {str(k): v for k, v in id2label.items()},
+            "image_size": list(size) if size else None,
+            "hidden_sizes": cfg.get("hidden_sizes"),
+        }
+    raise SegdeployError(model_dir or onnx_dir, "no config.json: cannot tell the classes")
+
+
+# ------------------------------------------------------------------ workers
+
+
+def run_worker(job: dict[str, Any], work: Path, timeout_s: float | None) -> dict[str, Any]:
+    """Run one row in a fresh process; a failure of any kind comes back as a reason."""
+    tag = f"{job['backend']}-b{job['batch_size']}"
+    job_path, log_path = work / "jobs" / f"{tag}.json", work / "logs" / f"{tag}.log"
+    job = {**job, "result": str(work / "jobs" / f"{tag}.result.json")}
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    cmd = [sys.executable, "-m", "segdeploy.bench.worker", str(job_path)]
+    try:
+        with log_path.open("w", encoding="utf-8") as log_file:
+            proc = subprocess.run(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s, check=False
+            )
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"timed out after {timeout_s:g} s"}
+    result_path = Path(job["result"])
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    lines = [
+        ln
+        for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if ln.strip()
+    ]
+    last = lines[-1].strip() if lines else "no output"
+    return {"status": "failed", "reason": f"worker exited with status {proc.returncode}: {last}"}
+
+
+def summarize(raw: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """Medians and percentiles from a worker's raw timings."""
+    e2e = np.asarray(raw["end_to_end_s"], dtype=np.float64)
+    lat = np.asarray(raw["model_latency_s"], dtype=np.float64) * 1000
+    e2e_rate = raw["images"] / float(np.median(e2e))
+    p50 = float(np.percentile(lat, 50))
+    model_rate = batch_size / (p50 / 1000)
+    return {
+        "end_to_end_images_per_s": e2e_rate,
+        "end_to_end_s_median": float(np.median(e2e)),
+        "end_to_end_s": [round(float(x), 4) for x in e2e],
+        "model_p50_ms": p50,
+        "model_p95_ms": float(np.percentile(lat, 95)),
+        "model_ms_per_image": p50 / batch_size,
+        "model_images_per_s": model_rate,
+        "end_to_end_vs_model": e2e_rate / model_rate,
+        "model_latency_ms": [round(float(x), 3) for x in lat],
+    }
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labels: int) -> None:
+    """Add mean IoU (when labels exist) and pixel agreement with torch to the ok rows, in place.
+
+    Streams image by image: each reference and torch mask is read once for all rows.
+    """
+    from PIL import Image
+
+    from segdeploy.infer import label_path
+    from segdeploy.metrics import MeanIoU
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return
+    torch_out = {r["batch_size"]: Path(r["_out"]) for r in ok if r["backend"] == REFERENCE}
+
+    def reference_for(batch_size: int) -> Path | None:
+        return torch_out.get(batch_size) or next(iter(torch_out.values()), None)
+
+    metrics = {id(r): MeanIoU(num_labels, inputs.ignore_index) for r in ok} if inputs.labels else {}
+    agree = {id(r): 0 for r in ok}
+    pixels = 0
+
+    def read(path: Path) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im)
+
+    for item in items:
+        ref = None
+        if inputs.labels is not None:
+            ref = read_reference(
+                reference_label_path(inputs.labels, item.out),
+                num_labels=num_labels,
+                ignore_index=inputs.ignore_index,
+            )
+        torch_masks: dict[Path, np.ndarray] = {}
+        for r in ok:
+            pred = read(label_path(Path(r["_out"]), item))
+            if ref is not None:
+                if pred.shape != ref.shape:
+                    raise SegdeployError(
+                        item.path,
+                        f"{r['backend']} gave a {pred.shape} mask for a {ref.shape} reference",
+                    )
+                metrics[id(r)].update(pred, ref)
+            tpath = reference_for(r["batch_size"])
+            if tpath is not None:
+                if tpath not in torch_masks:
+                    torch_masks[tpath] = read(label_path(tpath, item))
+                agree[id(r)] += int((pred == torch_masks[tpath]).sum())
+        pixels += int(np.prod(pred.shape))
+
+    for r in ok:
+        if metrics:
+            result = metrics[id(r)].compute()
+            r["mean_iou"] = _finite(result["mean_iou"])
+            r["per_category_iou"] = [_finite(v) for v in result["per_category_iou"]]
+        r["pixel_agreement_with_torch"] = agree[id(r)] / pixels if torch_out and pixels else None
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, for every batch size where the rows they need ran."""
+    found = {(r["backend"], r["batch_size"]): r for r in rows if r["status"] == "ok"}
+    out = []
+    for batch_size in sorted({r["batch_size"] for r in rows}):
+        for name, backend, other, what, target in TARGETS:
+            row = found.get((backend, batch_size))
+            base = found.get((other, batch_size)) if other else row
+            if row is None or base is None:
+                continue
+            if what == "ratio":
+                value = row["end_to_end_images_per_s"] / base["end_to_end_images_per_s"]
+                met = value >= target
+            elif what == "vs_model":
+                value = row["end_to_end_vs_model"]
+                met = value >= target
+            elif what == "agreement":
+                value = row.get("pixel_agreement_with_torch")
+                met = value is not None and value >= target
+            else:  # miou_drop
+                if row.get("mean_iou") is None or base.get("mean_iou") is None:
+                    continue
+                value = base["mean_iou"] - row["mean_iou"]
+                met = value <= target
+            if value is None:
+                continue
+            out.append(
+                {
+                    "target": name,
+                    "batch_size": batch_size,
+                    "backend": backend,
+                    "compared_with": other,
+                    "kind": what,
+                    "value": value,
+                    "threshold": target,
+                    "met": bool(met),
+                }
+            )
+    return out
+
+
+# ------------------------------------------------------------------ the whole run
+
+
+def run_bench(
+    model: str | os.PathLike,
+    inputs_factory: Callable[[Path, int], BenchInputs],
+    *,
+    onnx: str | os.PathLike | None = None,
+    backends: Sequence[str] | None = None,
+    settings: BenchSettings = BenchSettings(),
+    output: str | os.PathLike | None = None,
+    command: str | None = None,
+    console=None,
+    keep_work: bool = False,
+) -> dict[str, Any]:
+    """Benchmark the backends on the images `inputs_factory(work_dir, num_labels)` lays out.
+
+    Writes the report as JSON to `output` (default MODEL/bench.json) with a
+    Markdown table and a PNG chart beside it (same name, .md and .png), prints
+    the table to `console` (a rich Console, or None for silence) and returns the
+    report. Backends that cannot run here are rows with status "skipped" and a
+    reason; backends that fail while running are "failed" with the reason.
+    """
+    import onnxruntime as ort
+
+    from segdeploy.bench import report as rep
+    from segdeploy.bench.worker import list_items
+
+    settings.check()
+    model_dir, onnx_dir = resolve_dirs(model, onnx)
+    facts = model_facts(model_dir, onnx_dir)
+    names = list(backends) if backends else default_backends(onnx_dir)
+    parsed = list(dict.fromkeys(parse_backend(n) for n in names))  # unique, in order
+    # torch first: its masks are what every other row is compared with.
+    parsed.sort(key=lambda b: b.name != REFERENCE)
+    output = Path(output) if output is not None else Path(model) / "bench.json"
+    if output.exists() and output.is_dir():
+        raise SegdeployError(output, "--output is a folder; give a file name such as bench.json")
+    available = ort.get_available_providers()
+    skip = {b: check_backend(b, model_dir, onnx_dir, available) for b in parsed}
+
+    work = Path(tempfile.mkdtemp(prefix="segdeploy-bench-"))
+    load_before = _loadavg()
+    started = time.time()
+    try:
+        inputs = inputs_factory(work, facts["num_labels"])
+        items = list_items(inputs.images)
+        rows = []
+        for batch_size in settings.batch_sizes:
+            for backend in parsed:
+                rows.append(
+                    _run_row(
+                        backend,
+                        batch_size,
+                        skip[backend],
+                        model_dir,
+                        onnx_dir,
+                        inputs,
+                        settings,
+                        work,
+                        console,
+                    )
+                )
+        if console is not None:
+            console.print("scoring the label maps ...")
+        score(rows, items, inputs, facts["num_labels"])
+        report = {
+            "schema": 1,
+            "date": rep.utc_now(),
+            "command": command or " ".join(sys.argv),
+            "duration_s": round(time.time() - started, 1),
+            "machine": rep.machine_info(),
+            "load_average": {"before": load_before, "after": _loadavg()},
+            "versions": rep.package_versions(),
+            "onnxruntime_providers": available,
+            "environment": {
+                k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+            },
+            "model": {
+                "model_dir": str(model_dir) if model_dir else None,
+                "onnx_dir": str(onnx_dir) if onnx_dir else None,
+                **facts,
+            },
+            "inputs": {
+                **inputs.source,
+                "images": len(items),
+                "labels": inputs.labels is not None,
+                "ignore_index": inputs.ignore_index,
+            },
+            "settings": {
+                "batch_sizes": list(settings.batch_sizes),
+                "runs": settings.runs,
+                "model_runs": settings.model_runs,
+                "threads": settings.threads,
+                "warmup": "one end-to-end pass over min(images, 2 x batch) images; "
+                "2 forward calls before the timed model-only calls",
+            },
+            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+            "targets": judge_targets(rows),
+        }
+        rep.write_reports(report, output)
+    finally:
+        if keep_work:
+            log.warning("benchmark work folder kept: %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if console is not None:
+        rep.print_report(report, console, output)
+    return report
+
+
+def _run_row(
+    backend: Backend,
+    batch_size: int,
+    skip_reason: str | None,
+    model_dir: Path | None,
+    onnx_dir: Path | None,
+    inputs: BenchInputs,
+    settings: BenchSettings,
+    work: Path,
+    console,
+) -> dict[str, Any]:
+    from rich.markup import escape
+
+    row: dict[str, Any] = {
+        "backend": backend.name,
+        "batch_size": batch_size,
+        "description": backend.description,
+        "end_to_end_includes": backend.end_to_end_includes,
+    }
+    if skip_reason is not None:
+        if console is not None:
+            console.print(f"[yellow]skipped[/] {backend.name}: {escape(skip_reason)}")
+        return {**row, "status": "skipped", "reason": skip_reason}
+    out = work / "out" / f"{backend.name}-b{batch_size}"
+    job = {
+        "backend": backend.name,
+        "batch_size": batch_size,
+        "model_dir": str(model_dir) if model_dir else None,
+        "onnx_dir": str(onnx_dir) if onnx_dir else None,
+        "images": str(inputs.images),
+        "out": str(out),
+        "runs": settings.runs,
+        "model_runs": settings.model_runs,
+        "threads": settings.threads,
+    }
+    if console is not None:
+        with console.status(f"{backend.name}, batch {batch_size} ..."):
+            raw = run_worker(job, work, settings.timeout_s)
+    else:
+        raw = run_worker(job, work, settings.timeout_s)
+    if raw.get("status") != "ok":
+        if console is not None:
+            console.print(
+                f"[red]failed[/] {backend.name} batch {batch_size}: {escape(str(raw.get('reason')))}"
+            )
+        return {**row, "status": "failed", "reason": raw.get("reason", "unknown")}
+    row.update(
+        status="ok",
+        provider=raw.get("provider"),
+        threads=raw.get("threads"),
+        images=raw["images"],
+        setup_s=round(raw["setup_s"], 3),
+        peak_rss_mb=raw.get("peak_rss_mb"),
+        torch_imported=raw.get("torch_imported"),
+        **summarize(raw, batch_size),
+        _out=str(out),
+    )
+    if console is not None:
+        console.print(
+            f"[green]done[/] {backend.name}, batch {batch_size}: "
+            f"{row['end_to_end_images_per_s']:.2f} img/s end to end, "
+            f"model p50 {row['model_p50_ms']:.1f} ms"
+        )
+    return row
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

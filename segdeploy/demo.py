@@ -1,0 +1,279 @@
+"""`segdeploy demo`: the whole path, offline, on the built-in synthetic data, in a few minutes.
+
+train scratch:tiny until it has clearly learned -> export to ONNX (opset 17) and
+validate against PyTorch -> lay the validation images out as files -> `segdeploy
+infer` with overlays -> a short `segdeploy bench`. Every step is the library
+function the CLI command calls, so the demo shows exactly what the commands do.
+
+Everything goes under one output folder (default models/demo), which the demo
+owns: a rerun replaces its contents.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from segdeploy.errors import SegdeployError
+
+DEFAULT_OUTPUT = "models/demo"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """How much the demo does. The defaults learn the synthetic data (mean IoU > 0.5)
+    in about a minute of training on two CPU cores; `DemoSettings.quick()` is a smoke
+    run that finishes in seconds and does not wait for the model to learn.
+    """
+
+    image_size: int = 64  # synthetic images and model input, pixels (square)
+    train_images: int = 200
+    val_images: int = 40
+    steps: int = 200  # first training round
+    batch_size: int = 8
+    eval_steps: int = 50
+    #: Keep training (resuming, `steps` more each round) until the validation mean
+    #: IoU exceeds this; None: take the first round as it is.
+    min_mean_iou: float | None = 0.5
+    max_steps: int = 600  # give up (and say so) beyond this
+    bench_backends: tuple[str, ...] | None = None  # None: every backend, skipped ones listed
+    bench_batch_sizes: tuple[int, ...] = (1, 8)
+    bench_runs: int = 2
+    bench_model_runs: int = 10
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """Seconds, not minutes: tiny images, a few steps, two backends and one that is skipped."""
+        return cls(
+            image_size=32,
+            train_images=16,
+            val_images=4,
+            steps=4,
+            batch_size=4,
+            eval_steps=4,
+            min_mean_iou=None,
+            bench_backends=("torch", "onnx-cpu", "onnx-cuda"),
+            bench_batch_sizes=(2,),
+            bench_runs=1,
+            bench_model_runs=2,
+        )
+
+
+@dataclass
+class DemoResult:
+    output_dir: Path
+    mean_iou: float | None
+    learned: bool | None  # None when no target was set
+    steps: int
+    validation: dict[str, Any]
+    infer: dict[str, Any]
+    bench: dict[str, Any]
+    paths: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_demo(
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    console=None,
+) -> DemoResult:
+    """Train, export, validate, infer and bench under `output_dir`; return what was made.
+
+    `console` (a rich Console) gets a line per step and the bench table; None is silent.
+    """
+    from segdeploy.bench import BenchSettings, from_dataset, from_folders, run_bench
+    from segdeploy.data import DatasetSpec
+    from segdeploy.export import export_onnx
+    from segdeploy.infer import run_infer
+    from segdeploy.train import TrainConfig, train
+    from segdeploy.validation import load_validation_data
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise SegdeployError(out, "--output-dir exists and is not a folder")
+    say = console.print if console is not None else (lambda *a, **k: None)
+    seconds: dict[str, float] = {}
+    paths: dict[str, Path] = {}
+    model_dir = out / "model"
+    spec = DatasetSpec(
+        f"synthetic:{settings.image_size}",
+        split=f"train[:{settings.train_images}]",
+        eval_split=f"validation[:{settings.val_images}]",
+    )
+
+    # 1. Train until learned: each further round resumes from the last checkpoint.
+    say(f"[bold]1/5 train[/] scratch:tiny on {spec.name} ({settings.train_images} images) ...")
+    t = time.perf_counter()
+    steps = settings.steps
+    config = TrainConfig(
+        model="scratch:tiny",
+        dataset=spec,
+        output_dir=str(model_dir),
+        max_steps=steps,
+        eval_steps=settings.eval_steps,
+        batch_size=settings.batch_size,
+        image_size=settings.image_size,
+        overwrite=True,  # the demo owns its folder: a rerun starts afresh
+    )
+    result = train(config)
+    mean_iou = result.metrics.get("mean_iou")
+    while (
+        settings.min_mean_iou is not None
+        and (mean_iou is None or mean_iou <= settings.min_mean_iou)
+        and steps < settings.max_steps
+    ):
+        steps = min(steps + settings.steps, settings.max_steps)
+        say(
+            f"  mean IoU {mean_iou:.3f} is not above {settings.min_mean_iou}: training to step {steps}"
+        )
+        result = train(replace(config, max_steps=steps, overwrite=False, resume=True))
+        mean_iou = result.metrics.get("mean_iou")
+    learned = (
+        None
+        if settings.min_mean_iou is None
+        else bool(mean_iou is not None and mean_iou > settings.min_mean_iou)
+    )
+    seconds["train"] = time.perf_counter() - t
+    paths["model"] = model_dir
+    paths["training curves"] = model_dir / "training_curves.png"
+    say(f"  {result.steps} steps, validation mean IoU {mean_iou:.3f} ({seconds['train']:.0f} s)")
+
+    # 2. Export at opset 17 and validate against PyTorch on the same validation split.
+    say("[bold]2/5 export[/] to ONNX (opset 17) and validate against PyTorch ...")
+    t = time.perf_counter()
+    data = load_validation_data(spec, num_labels=len(result.metrics["id2label"]))
+    exported = export_onnx(model_dir, opset=17, data=data)
+    onnx_dir = exported.output
+    validation = exported.reports["fp32"]
+    seconds["export"] = time.perf_counter() - t
+    paths["onnx graph"] = exported.graphs["fp32"]
+    paths["validation"] = onnx_dir / "validation.json"
+    say(
+        f"  mean IoU torch {validation['mean_iou_torch']:.4f}, onnx {validation['mean_iou_onnx']:.4f}: "
+        f"{'passed' if validation['passed'] else 'FAILED'} ({seconds['export']:.0f} s)"
+    )
+
+    # 3. The validation images as files, the way a user's photos arrive.
+    say("[bold]3/5 images[/]: writing the validation split as PNG files ...")
+    data_dir = out / "data"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    inputs = from_dataset(spec, data_dir, num_labels=len(result.metrics["id2label"]))
+    paths["images"], paths["labels"] = inputs.images, inputs.labels
+
+    # 4. segdeploy infer with overlays.
+    say("[bold]4/5 infer[/] with overlays ...")
+    t = time.perf_counter()
+    infer_dir = out / "infer"
+    shutil.rmtree(infer_dir, ignore_errors=True)
+    inferred = run_infer([inputs.images], onnx_dir, infer_dir, overlay=True, progress=False)
+    seconds["infer"] = time.perf_counter() - t
+    paths["label maps and overlays"] = infer_dir / inputs.images.name
+    paths["infer summary"] = Path(inferred["summary"])
+    totals = inferred["totals"]
+    say(
+        f"  {totals['images']} images, {totals['images_per_s']} images/s, {totals['failed']} failed"
+    )
+
+    # 5. A short benchmark against the pipelines users would otherwise use.
+    say("[bold]5/5 bench[/] ...")
+    t = time.perf_counter()
+    bench_json = out / "bench" / "bench.json"
+    report = run_bench(
+        model_dir,
+        lambda work, n: from_folders(inputs.images, inputs.labels, work),
+        onnx=onnx_dir,
+        backends=settings.bench_backends,
+        settings=BenchSettings(
+            batch_sizes=settings.bench_batch_sizes,
+            runs=settings.bench_runs,
+            model_runs=settings.bench_model_runs,
+        ),
+        output=bench_json,
+        command=f"segdeploy demo (bench of {model_dir})",
+        console=console,
+    )
+    seconds["bench"] = time.perf_counter() - t
+    paths["bench table"] = bench_json.with_suffix(".md")
+    paths["bench report"] = bench_json
+    paths["bench chart"] = bench_json.with_suffix(".png")
+    return DemoResult(
+        output_dir=out,
+        mean_iou=mean_iou,
+        learned=learned,
+        steps=result.steps,
+        validation=validation,
+        infer=inferred,
+        bench=report,
+        paths=paths,
+        seconds=seconds,
+    )
+
+
+def summary_table(result: DemoResult, settings: DemoSettings):
+    """What the demo did and where each output is."""
+    from rich.table import Table
+
+    v, inf = result.validation, result.infer["totals"]
+    target = (
+        ""
+        if settings.min_mean_iou is None
+        else f" ({'above' if result.learned else '[red]not above[/]'} {settings.min_mean_iou})"
+    )
+    ok = [r for r in result.bench["results"] if r["status"] == "ok"]
+    fastest = max(ok, key=lambda r: r["end_to_end_images_per_s"], default=None)
+    rows = [
+        (
+            "train",
+            f"scratch:tiny, {result.steps} steps, validation mean IoU {result.mean_iou:.3f}{target}",
+            result.paths["model"],
+        ),
+        ("", "training curves", result.paths["training curves"]),
+        ("export", "ONNX, opset 17 (Optimum)", result.paths["onnx graph"]),
+        (
+            "validate",
+            f"mean IoU torch {v['mean_iou_torch']:.4f} vs onnx {v['mean_iou_onnx']:.4f}, "
+            f"pixels equal {100 * v['pixel_agreement']:.3f}%: "
+            + ("[green]passed[/]" if v["passed"] else "[red]failed[/]"),
+            result.paths["validation"],
+        ),
+        ("images", "validation images as PNG files", result.paths["images"]),
+        ("", "their reference labels", result.paths["labels"]),
+        (
+            "infer",
+            f"{inf['images']} images at {inf['images_per_s']} images/s, with overlays",
+            result.paths["label maps and overlays"],
+        ),
+        ("", "per-image summary", result.paths["infer summary"]),
+        (
+            "bench",
+            f"{len(ok)} rows measured"
+            + (
+                f"; fastest end to end: {fastest['backend']} "
+                f"{fastest['end_to_end_images_per_s']:.1f} images/s"
+                if fastest
+                else ""
+            ),
+            result.paths["bench table"],
+        ),
+        ("", "JSON report", result.paths["bench report"]),
+        ("", "bar chart", result.paths["bench chart"]),
+    ]
+    out = result.output_dir
+    table = Table(
+        title=f"segdeploy demo: done in {sum(result.seconds.values()):.0f} s; outputs under {out}/",
+        title_justify="left",
+    )
+    table.add_column("step")
+    table.add_column("what")
+    table.add_column("where", no_wrap=True)  # paths stay whole, to be copied
+    for step, what, where in rows:
+        where = Path(where)
+        table.add_row(
+            step, what, str(where.relative_to(out) if where.is_relative_to(out) else where)
+        )
+    return table

@@ -1,0 +1,254 @@
+"""`segdeploy bench`: rows per backend in fresh processes, reports, skipped and failed backends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from segdeploy.bench import (
+    check_backend,
+    default_backends,
+    judge_targets,
+    parse_backend,
+)
+from segdeploy.cli import main
+from segdeploy.data.synthetic import write_synthetic_folder
+from segdeploy.errors import SegdeployError
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """4 labelled synthetic images at 48 px: the model (64 px input) resizes them."""
+    root = write_synthetic_folder(
+        tmp_path_factory.mktemp("bench_data"), n_train=0, n_val=4, seed=3, size=48
+    )
+    return root / "images" / "validation", root / "annotations" / "validation"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_model_dir, tiny_onnx_dir, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_out") / "report.json"
+    args = [
+        "bench",
+        "--model", str(tiny_model_dir),
+        "--onnx", str(tiny_onnx_dir),
+        "--images", str(images[0]),
+        "--labels", str(images[1]),
+        "--backends", "torch,onnx-cpu,onnx-cuda",
+        "--batch-sizes", "2",
+        "--runs", "2",
+        "--model-runs", "3",
+        "--output", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    return out, result
+
+
+def _rows(report):
+    return {r["backend"]: r for r in report["results"]}
+
+
+def test_bench_writes_json_markdown_and_chart(cli_run):
+    out, result = cli_run
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu"] and report["machine"]["cpu_count"] >= 1
+    assert {"torch", "onnxruntime", "transformers"} <= set(report["versions"])
+    assert report["date"][:2] == "20" and "--backends torch,onnx-cpu,onnx-cuda" in report["command"]
+    assert len(report["load_average"]["before"]) == 3
+    assert report["inputs"]["images"] == 4 and report["inputs"]["labels"] is True
+    assert report["settings"]["batch_sizes"] == [2] and report["settings"]["runs"] == 2
+
+    md = out.with_suffix(".md").read_text()
+    assert "| backend | batch | e2e img/s |" in md and "| onnx-cpu | 2 |" in md
+    with Image.open(out.with_suffix(".png")) as chart:
+        assert chart.format == "PNG" and chart.width > 500
+    assert "onnx-cpu" in result.output and "written:" in result.output
+
+
+def test_each_row_is_measured_in_its_own_process(cli_run):
+    report = json.loads(cli_run[0].read_text())
+    rows = _rows(report)
+    for name in ("torch", "onnx-cpu"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["images"] == 4 and row["batch_size"] == 2
+        assert len(row["end_to_end_s"]) == 2 and len(row["model_latency_ms"]) == 3
+        assert row["end_to_end_images_per_s"] == pytest.approx(
+            4 / np.median(row["end_to_end_s"]), rel=1e-3
+        )
+        assert 0 < row["model_p50_ms"] <= row["model_p95_ms"]
+        assert row["model_images_per_s"] == pytest.approx(2000 / row["model_p50_ms"])
+    # segdeploy's path never loads torch, and its peak memory is its own, not torch's.
+    assert rows["onnx-cpu"]["torch_imported"] is False and rows["torch"]["torch_imported"] is True
+    assert 0 < rows["onnx-cpu"]["peak_rss_mb"] < rows["torch"]["peak_rss_mb"]
+
+
+def test_unavailable_backend_is_listed_as_skipped_with_the_reason(cli_run):
+    out, result = cli_run
+    row = _rows(json.loads(out.read_text()))["onnx-cuda"]
+    if HAS_CUDA:
+        assert row["status"] == "ok"
+    else:
+        assert row["status"] == "skipped"
+        assert "CUDAExecutionProvider" in row["reason"] and "onnxruntime-gpu" in row["reason"]
+        assert "onnx-cuda" in out.with_suffix(".md").read_text().split("## Not run here")[1]
+        assert "skipped" in result.output
+
+
+def test_accuracy_figures_match_an_independent_evaluation(cli_run, tiny_model_dir, images):
+    """mean IoU of the torch row equals the guide's own computation on the same files."""
+    import torch
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from segdeploy.metrics import MeanIoU
+
+    rows = _rows(json.loads(cli_run[0].read_text()))
+    model = SegformerForSemanticSegmentation.from_pretrained(tiny_model_dir).eval()
+    processor = SegformerImageProcessor.from_pretrained(tiny_model_dir)
+    metric = MeanIoU(5)
+    for path in sorted(images[0].iterdir()):
+        image = Image.open(path).convert("RGB")
+        with torch.inference_mode():
+            logits = model(**processor(images=image, return_tensors="pt")).logits
+        pred = torch.nn.functional.interpolate(
+            logits, size=image.size[::-1], mode="bilinear", align_corners=False
+        ).argmax(1)[0]
+        metric.update(pred.numpy(), np.asarray(Image.open(images[1] / path.name)))
+    assert rows["torch"]["mean_iou"] == pytest.approx(metric.compute()["mean_iou"], abs=1e-9)
+    assert rows["torch"]["pixel_agreement_with_torch"] == 1.0
+    assert rows["onnx-cpu"]["pixel_agreement_with_torch"] >= 0.99
+    assert rows["onnx-cpu"]["mean_iou"] == pytest.approx(rows["torch"]["mean_iou"], abs=0.02)
+    assert len(rows["onnx-cpu"]["per_category_iou"]) == 5
+
+
+def test_dataset_input_without_torch_backend(tiny_model_dir, tiny_onnx_dir, tmp_path):
+    """--dataset lays the split out as files; with no torch row there is no agreement figure."""
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(tiny_model_dir), "--onnx", str(tiny_onnx_dir),
+            "--dataset", "synthetic:40", "--split", "validation[:3]", "--backends", "onnx-cpu",
+            "--batch-sizes", "1", "--runs", "1", "--model-runs", "2", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["inputs"]["kind"] == "dataset" and report["inputs"]["images"] == 3
+    (row,) = report["results"]
+    assert row["status"] == "ok" and 0 <= row["mean_iou"] <= 1
+    assert row["pixel_agreement_with_torch"] is None
+    assert not [t for t in report["targets"] if t["kind"] == "agreement"]
+
+
+def test_a_backend_that_fails_is_reported_and_the_exit_status_is_1(
+    tiny_model_dir, tiny_onnx_dir, images, tmp_path
+):
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx_dir, onnx_dir)
+    (onnx_dir / "model_broken.onnx").write_bytes(b"not a graph")
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(tiny_model_dir), "--onnx", str(onnx_dir),
+            "--images", str(images[0]), "--backends", "onnx-cpu-broken",
+            "--batch-sizes", "1", "--runs", "1", "--model-runs", "1", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["status"] == "failed" and "model_broken.onnx" in row["reason"]
+
+
+@pytest.mark.parametrize(
+    "extra, where",
+    [
+        (["--images", "{images}", "--backends", "tensorflow"], "--backends"),
+        (["--images", "{images}", "--batch-sizes", "0"], "--batch-sizes"),
+        (["--images", "{images}", "--batch-sizes", "1,x"], "--batch-sizes"),
+        (["--labels", "{labels}"], "--labels"),
+        (["--images", "{images}", "--labels", "{images}/missing"], "missing"),
+        (["--images", "{images}", "--labels", "{empty}"], "no reference label"),
+        (["--images", "{images}", "--dataset", "synthetic"], "--images"),
+    ],
+)
+def test_bad_options_exit_2_before_any_work(tiny_model_dir, images, tmp_path, extra, where):
+    extra = [e.format(images=images[0], labels=images[1], empty=tmp_path) for e in extra]
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(tiny_model_dir), "--backends", "onnx-cpu", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 2, result.output
+    assert where in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_nothing_to_benchmark_on_names_the_options(tiny_onnx_dir):
+    # An ONNX folder records no training dataset: the user must say what to run on.
+    result = CliRunner().invoke(main, ["bench", "--model", str(tiny_onnx_dir)])
+    assert result.exit_code == 2 and "--images" in result.output and "--dataset" in result.output
+
+
+def test_default_backends_follow_the_variants_in_the_onnx_folder(tmp_path):
+    for name in ("model.onnx", "model_int8.onnx", "model_fp16.onnx"):
+        (tmp_path / name).write_bytes(b"")
+    names = default_backends(tmp_path)
+    assert names[:4] == ["torch", "hf-pipeline", "optimum", "onnx-cpu"]
+    assert {"onnx-cpu-int8", "onnx-cpu-fp16", "onnx-cuda-int8", "onnx-tensorrt-fp16"} <= set(names)
+    assert "onnx-tensorrt-int8" not in names  # TensorRT takes its precision from a build flag
+    assert default_backends(None) == [
+        "torch", "hf-pipeline", "optimum", "onnx-cpu", "onnx-cuda", "onnx-tensorrt",
+    ]  # fmt: skip
+
+
+def test_parse_and_check_backends(tiny_onnx_dir, tmp_path):
+    assert parse_backend("ONNX-CPU-int8").variant == "int8"
+    assert parse_backend("onnx-tensorrt").provider == "tensorrt"
+    with pytest.raises(SegdeployError, match="unknown backend"):
+        parse_backend("onnx-tpu")
+    cpu_only = ["CPUExecutionProvider"]
+    assert check_backend(parse_backend("onnx-cpu"), None, tiny_onnx_dir, cpu_only) is None
+    assert "no model_int8.onnx" in check_backend(
+        parse_backend("onnx-cpu-int8"), None, tiny_onnx_dir, cpu_only
+    )
+    assert "TensorrtExecutionProvider" in check_backend(
+        parse_backend("onnx-tensorrt"), None, tiny_onnx_dir, cpu_only
+    )
+    assert "no PyTorch weights" in check_backend(parse_backend("torch"), tmp_path, None, cpu_only)
+    assert "no ONNX export" in check_backend(parse_backend("optimum"), None, tmp_path, cpu_only)
+
+
+def test_targets_are_judged_from_one_run():
+    def row(backend, e2e, model=None, agree=None, miou=None):
+        return {
+            "backend": backend, "batch_size": 4, "status": "ok",
+            "end_to_end_images_per_s": e2e, "model_images_per_s": model or e2e,
+            "end_to_end_vs_model": e2e / (model or e2e),
+            "pixel_agreement_with_torch": agree, "mean_iou": miou,
+        }  # fmt: skip
+
+    rows = [
+        row("torch", 1.0, agree=1.0, miou=0.40),
+        row("hf-pipeline", 2.0),
+        row("optimum", 4.5),
+        row("onnx-cpu", 5.0, model=5.4, agree=0.9995, miou=0.40),
+        row("onnx-cpu-int8", 7.0, agree=0.98, miou=0.385),
+        {"backend": "onnx-cuda", "batch_size": 4, "status": "skipped", "reason": "no GPU"},
+    ]
+    got = {t["target"]: t for t in judge_targets(rows)}
+    assert got["infer fp32 end to end vs hf-pipeline"]["value"] == pytest.approx(2.5)
+    assert got["infer fp32 end to end vs hf-pipeline"]["met"] is True
+    assert got["infer fp32 end to end vs optimum"]["value"] == pytest.approx(5 / 4.5)
+    assert got["infer fp32 end to end vs its model-only rate"]["value"] == pytest.approx(5 / 5.4)
+    assert got["infer fp32 end to end vs its model-only rate"]["met"] is True
+    assert got["infer fp32 masks equal to torch"]["met"] is True
+    assert got["int8 end to end vs fp32"]["value"] == pytest.approx(1.4)
+    assert got["int8 end to end vs fp32"]["met"] is False
+    assert got["int8 mean IoU drop vs torch"]["value"] == pytest.approx(0.015)
+    assert got["int8 mean IoU drop vs torch"]["met"] is False
+    # A target whose rows did not run is not judged at all, rather than judged failed.
+    assert judge_targets([r for r in rows if r["backend"] != "hf-pipeline"]) and not any(
+        t["compared_with"] == "hf-pipeline"
+        for t in judge_targets([r for r in rows if r["backend"] != "hf-pipeline"])
+    )
