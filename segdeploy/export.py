@@ -256,6 +256,7 @@ def export_onnx(
     fallback: bool = False,
     batch_size: int = 4,
     random_inputs: int = 4,
+    threads: int | None = None,
     progress: bool = False,
 ) -> ExportResult:
     """Export `model_dir` to `output` (default `model_dir/onnx`) and validate every graph made.
@@ -304,6 +305,7 @@ def export_onnx(
                 fallback=fallback,
                 batch_size=batch_size,
                 random_inputs=random_inputs,
+                threads=threads,
                 onnx_dir_name=output,
                 skip_unrunnable=("fp16",),
                 progress=progress,

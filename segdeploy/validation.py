@@ -15,6 +15,7 @@ instead, which proves less: it is said so in the report.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -280,6 +281,7 @@ def validate_graphs(
     fallback: bool = False,
     batch_size: int = 4,
     random_inputs: int = 4,
+    threads: int | None = None,
     onnx_dir_name: str | os.PathLike | None = None,
     skip_unrunnable: Sequence[str] = (),
     write: bool = True,
@@ -295,21 +297,27 @@ def validate_graphs(
     instead of an error. Each report is written (atomically) to
     `validation_path(graph)` unless `write` is False; `onnx_dir_name` is the folder
     name recorded in the reports (the export validates inside a temporary folder).
-    Returns {graph file name: report}.
+    `threads` sets both PyTorch's and onnxruntime's intra-op threads (None: their
+    defaults). Returns {graph file name: report}.
     """
     if batch_size < 1:
         raise SegdeployError("--batch-size", "must be at least 1")
+    if threads is not None and threads < 1:
+        raise SegdeployError("--threads", "must be at least 1")
     model_dir = Path(model_dir)
     config = read_segformer_config(model_dir, need_weights=True)
     num_labels = num_labels_of(config)
     id2label = {int(k): v for k, v in config.get("id2label", {}).items()}
     graphs = [_inspect(p) for p in onnx_paths]  # every graph checked before any runs
-    stats, reports = _open_sessions(graphs, provider, fallback, data, num_labels, skip_unrunnable)
+    stats, reports = _open_sessions(
+        graphs, provider, fallback, threads, data, num_labels, skip_unrunnable
+    )
     if data is not None and max_images is not None and max_images < len(data.eval):
         data = replace(data, eval=data.eval.select(range(max_images)))
 
     start = time.perf_counter()
-    run = _compare(model_dir, stats, data, num_labels, batch_size, random_inputs, progress)
+    with _torch_threads(threads):
+        run = _compare(model_dir, stats, data, num_labels, batch_size, random_inputs, progress)
     run["total_s"] = time.perf_counter() - start
 
     for path, precision, opset in graphs:
@@ -335,7 +343,24 @@ def _inspect(path: str | os.PathLike) -> tuple[Path, str, int]:
     return Path(path), graph_precision(model), graph_opset(model)
 
 
-def _open_sessions(graphs, provider, fallback, data, num_labels, skip_unrunnable):
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    # On a busy machine, OpenMP threads that wait on each other can make PyTorch
+    # several times slower than one thread; `threads` lets the user choose.
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _open_sessions(graphs, provider, fallback, threads, data, num_labels, skip_unrunnable):
     """A running comparison per graph, and "skipped" reports for those that cannot run."""
     from segdeploy.runtime.providers import active_provider, create_session
 
@@ -343,7 +368,7 @@ def _open_sessions(graphs, provider, fallback, data, num_labels, skip_unrunnable
     skipped: dict[str, dict[str, Any]] = {}
     for path, precision, opset in graphs:
         try:
-            session = create_session(path, provider, fallback=fallback)
+            session = create_session(path, provider, fallback=fallback, threads=threads)
         except SegdeployError as err:
             if precision not in skip_unrunnable:
                 raise
@@ -361,8 +386,10 @@ def _compare(model_dir, stats, data, num_labels, batch_size, random_inputs, prog
     from tqdm import tqdm
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
+    t = time.perf_counter()
     torch_model = SegformerForSemanticSegmentation.from_pretrained(model_dir).eval()
     processor = SegformerImageProcessor.from_pretrained(model_dir)
+    load_s = time.perf_counter() - t
     image_size = _processor_size(processor)
     torch_metric = _make_metric(data, num_labels)
     if data is not None:
@@ -372,6 +399,7 @@ def _compare(model_dir, stats, data, num_labels, batch_size, random_inputs, prog
         n_images = random_inputs
         batches = _random_batches(random_inputs, batch_size, image_size)
     run = {"images": n_images, "image_size": list(image_size), "logit_scale": 0.0}
+    run.update(load_s=load_s, torch_threads=torch.get_num_threads())
     run.update(preprocess_s=0.0, torch_s=0.0, postprocess_s=0.0)
 
     # A context, so that an error mid-way clears the bar before the message is printed.
@@ -444,11 +472,13 @@ def _report(path: Path, precision: str, opset: int, st: _GraphStats, run: dict, 
 def _timings(run: dict, st: _GraphStats) -> dict[str, float]:
     return {
         "total_s": round(run["total_s"], 3),
+        "load_s": round(run["load_s"], 3),
         "preprocess_s": round(run["preprocess_s"], 3),
         "torch_s": round(run["torch_s"], 3),
         "onnx_s": round(st.seconds, 3),
         "onnx_ms_per_image": round(1000 * st.seconds / max(run["images"], 1), 2),
         "postprocess_s": round(run["postprocess_s"], 3),
+        "torch_threads": run["torch_threads"],
     }
 
 
@@ -531,6 +561,7 @@ def validate_onnx(
     fallback: bool = False,
     batch_size: int = 4,
     random_inputs: int = 4,
+    threads: int | None = None,
     write: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -549,6 +580,7 @@ def validate_onnx(
         fallback=fallback,
         batch_size=batch_size,
         random_inputs=random_inputs,
+        threads=threads,
         write=write,
         progress=progress,
     )

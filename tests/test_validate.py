@@ -185,14 +185,20 @@ def test_upsample_argmax_is_bilinear_then_argmax():
 
 
 def test_validation_streams_and_times(trained_dir):
+    import torch
+
     data = load_validation_data(RECORDED, num_labels=5)
+    threads_before = torch.get_num_threads()
     start = time.perf_counter()
     report = validate_onnx(
-        trained_dir / "onnx" / "model.onnx", trained_dir, data=data, batch_size=4, write=False
-    )
-    assert report["images"] == 6  # two batches, the last one short
-    assert report["timings"]["total_s"] <= time.perf_counter() - start
-    assert report["timings"]["onnx_s"] > 0 and report["timings"]["torch_s"] > 0
+        trained_dir / "onnx" / "model.onnx", trained_dir, data=data, batch_size=4, threads=1,
+        write=False,
+    )  # fmt: skip
+    assert report["images"] == 6 and report["passed"] is True  # two batches, the last short
+    timings = report["timings"]
+    assert timings["total_s"] <= time.perf_counter() - start
+    assert timings["onnx_s"] > 0 and timings["torch_s"] > 0 and timings["load_s"] > 0
+    assert timings["torch_threads"] == 1 and torch.get_num_threads() == threads_before
 
 
 @pytest.mark.slow
