@@ -22,7 +22,8 @@ from segdeploy.export import DEFAULT_OPSET
     type=int,
     default=DEFAULT_OPSET,
     show_default=True,
-    help="ONNX opset to export with (11 up to what the installed onnx writes; 18 works too).",
+    help="ONNX opset to write: 11 up to what both the installed onnx and torch's exporter "
+    "write (23 with torch 2.13).",
 )
 @click.option(
     "--fp16",

@@ -19,14 +19,17 @@ def validation_options(func):
         click.option(
             "--dataset",
             metavar="NAME",
-            help="Validate on this dataset ('synthetic', a local folder, a save_to_disk folder "
-            "or a Hub id). Default: the one recorded by `segdeploy train` in train_args.json.",
+            help="Validate on this dataset: a local folder (images/<split>/ + "
+            "annotations/<split>/), a datasets.save_to_disk folder, a Hub id, or synthetic[:SIZE]. "
+            "Without --split, its held-out part as `segdeploy train` carves it. Default: the "
+            "dataset recorded by train in MODEL_DIR/train_args.json.",
         ),
         click.option(
             "--split",
             metavar="SPLIT",
-            help="Validate on this whole split, e.g. 'val' or 'validation[:200]'. Default: the "
-            "evaluation split that train used.",
+            help="Validate on this whole split, e.g. 'val' or 'validation[:200]' (unlike "
+            "train's --split, which names the training rows). Default: the evaluation split "
+            "that train used.",
         ),
         click.option(
             "--reduce-labels/--no-reduce-labels",
