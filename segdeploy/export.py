@@ -39,6 +39,9 @@ VARIANTS = {
     "fp16": "model_fp16.onnx",
     "optimized": "model_optimized.onnx",
     "int8": "model_int8.onnx",
+    # Bilinear upsampling and argmax inside the graph (--fuse-argmax): outputs labels.
+    "fused": "model_fused.onnx",
+    "fp16_fused": "model_fp16_fused.onnx",
 }
 COPIED_FILES = ("config.json", "preprocessor_config.json")
 WEIGHT_FILES = (
@@ -247,6 +250,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     optimize: bool = False,
+    fuse_argmax: bool = False,
     validate: bool = True,
     data=None,
     max_images: int | None = None,
@@ -283,6 +287,13 @@ def export_onnx(
             built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANTS["fp16"])
         if optimize:
             built["optimized"] = optimize_graph(built["fp32"], tmp / VARIANTS["optimized"])
+        if fuse_argmax:
+            from segdeploy.fuse_argmax import fuse_argmax as fuse
+
+            num_labels = num_labels_of(read_segformer_config(model_dir, need_weights=False))
+            for variant in [v for v in ("fp32", "fp16") if v in built]:
+                fused = "fused" if variant == "fp32" else f"{variant}_fused"
+                built[fused] = fuse(built[variant], tmp / VARIANTS[fused], num_labels)
         result.export_seconds = time.perf_counter() - start
         log.info(
             "exported %s in %.1f s",

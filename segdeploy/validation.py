@@ -40,6 +40,10 @@ DEFAULT_TOLERANCE = {"fp32": 0.001, "fp16": 0.005, "int8": 0.01}
 #: Random-input mode: largest allowed max |logit difference|, relative to the
 #: largest |logit| of PyTorch (or 1, whichever is larger).
 DEFAULT_LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 1e-1}
+#: Graphs with argmax fused in (`export --fuse-argmax`) return labels, not logits;
+#: they are judged by agreement with PyTorch's label maps (issue 7: 99.9%).
+FUSED_MIN_AGREEMENT = 0.999
+FUSED_INPUT = "output_size"
 RANDOM_INPUT_NOTE = (
     "no labelled data: compared logits on random images only, which proves less than "
     "mean IoU on real images (pass --dataset to validate on data)"
@@ -203,6 +207,7 @@ class _GraphStats:
         self.metric = metric
         self.session = session
         self.provider = provider
+        self.fused = any(i.name == FUSED_INPUT for i in session.get_inputs())
         self.max_abs = 0.0
         self.sum_abs = 0.0
         self.n_logits = 0
@@ -215,6 +220,15 @@ class _GraphStats:
         (logits,) = self.session.run(["logits"], {"pixel_values": pixel_values})
         self.seconds += time.perf_counter() - start
         return np.asarray(logits, dtype=np.float32)
+
+    def run_labels(self, pixel_values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A fused graph's label map at `size` for one image ([1, 3, h, w] input)."""
+        start = time.perf_counter()
+        (labels,) = self.session.run(
+            None, {"pixel_values": pixel_values, FUSED_INPUT: np.asarray(size, dtype=np.int64)}
+        )
+        self.seconds += time.perf_counter() - start
+        return labels[0]
 
     def add_logits(self, ref: np.ndarray, got: np.ndarray) -> None:
         diff = np.abs(ref - got)
@@ -329,8 +343,10 @@ def validate_graphs(
                 _judge_miou(
                     report, run["torch_iou"], stats[path.name].metric.compute(), id2label, tolerance
                 )
-            else:
+            elif not stats[path.name].fused:
                 _judge_logits(report, run["logit_scale"], logit_tolerance)
+            if stats[path.name].fused:
+                _judge_fused(report, data)
             report["timings"] = _timings(run, stats[path.name])
             reports[path.name] = report
         if write:
@@ -424,6 +440,8 @@ def _compare(model_dir, stats, data, num_labels, batch_size, random_inputs, prog
 
             outputs = {}
             for name, st in stats.items():
+                if st.fused:  # runs per image below: its output size is the label size
+                    continue
                 got = st.run(pixel_values)
                 if got.shape != ref.shape:
                     raise SegdeployError(
@@ -441,7 +459,10 @@ def _compare(model_dir, stats, data, num_labels, batch_size, random_inputs, prog
                 if labels is not None:
                     torch_metric.update(ref_pred, labels[i])
                 for name, st in stats.items():
-                    pred = upsample_argmax(outputs[name][i], size)
+                    if st.fused:
+                        pred = st.run_labels(pixel_values[i : i + 1], tuple(size))
+                    else:
+                        pred = upsample_argmax(outputs[name][i], size)
                     st.add_prediction(ref_pred, pred)
                     if labels is not None:
                         st.metric.update(pred, labels[i])
@@ -464,8 +485,9 @@ def _report(path: Path, precision: str, opset: int, st: _GraphStats, run: dict, 
         "images": run["images"],
         "image_size": run["image_size"],
         "pixel_agreement": st.agree / st.pixels if st.pixels else None,
-        "max_abs_logit_diff": st.max_abs,
+        "max_abs_logit_diff": st.max_abs if st.n_logits else None,
         "mean_abs_logit_diff": st.sum_abs / st.n_logits if st.n_logits else None,
+        "fused_argmax": st.fused,
     }
 
 
@@ -530,6 +552,28 @@ def _judge_logits(report, logit_scale, logit_tolerance) -> None:
         f"max |logit difference| {report['max_abs_logit_diff']:.3g} "
         f"{'within' if report['passed'] else 'beyond'} {allowed:.3g}"
     )
+
+
+def _judge_fused(report, data) -> None:
+    """A fused graph has no logits to compare: its label maps must match PyTorch's."""
+    agreement = report["pixel_agreement"] or 0.0
+    ok = agreement >= FUSED_MIN_AGREEMENT
+    text = (
+        f"label maps agree with PyTorch on {100 * agreement:.3f}% of pixels, "
+        f"{'at least' if ok else 'below'} {100 * FUSED_MIN_AGREEMENT:.1f}%"
+    )
+    if data is None:
+        report.update(
+            mean_iou_torch=None,
+            mean_iou_onnx=None,
+            mean_iou_drop=None,
+            tolerance=None,
+            passed=ok,
+            reason=text,
+            note=RANDOM_INPUT_NOTE,
+        )
+    else:
+        report.update(passed=bool(report["passed"]) and ok, reason=f"{report['reason']}; {text}")
 
 
 def _skipped_report(path: Path, precision: str, opset: int, provider: str, why: str) -> dict:
