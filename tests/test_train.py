@@ -137,6 +137,7 @@ def test_output_folder_is_a_finished_model_folder(trained):
         assert (out / name).is_file(), name
     assert is_finished_model(out)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+    assert all((out / name).stat().st_mode & 0o044 == 0o044 for name in FINAL_FILES)  # shareable
 
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {
