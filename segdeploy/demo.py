@@ -11,9 +11,11 @@ owns: a rerun replaces its contents.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,20 @@ class DemoSettings:
     #: IoU exceeds this; None: take the first round as it is.
     min_mean_iou: float | None = 0.5
     max_steps: int = 600  # give up (and say so) beyond this
+    #: torch threads while training and validating. One, because scratch:tiny's
+    #: operations are too small to split: with two threads OpenMP's spin-waiting
+    #: cost 0.26 CPU s per step against 0.04 with one (measured on this 2-core
+    #: machine), and on a busy machine a waiting thread stalls every operation.
+    #: None keeps torch's default (all cores).
+    train_threads: int | None = 1
     bench_backends: tuple[str, ...] | None = None  # None: every backend, skipped ones listed
-    bench_batch_sizes: tuple[int, ...] = (1, 8)
+    bench_batch_sizes: tuple[int, ...] = (4,)
     bench_runs: int = 2
     bench_model_runs: int = 10
+    #: Threads for torch and onnxruntime in the bench, for the same reason as
+    #: train_threads (torch's rows were 100x slower with two threads on a busy
+    #: machine). None: each library's default.
+    bench_threads: int | None = 1
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -61,6 +73,22 @@ class DemoSettings:
             bench_runs=1,
             bench_model_runs=2,
         )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block, restored after."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -120,7 +148,8 @@ def run_demo(
         image_size=settings.image_size,
         overwrite=True,  # the demo owns its folder: a rerun starts afresh
     )
-    result = train(config)
+    with torch_threads(settings.train_threads):
+        result = train(config)
     mean_iou = result.metrics.get("mean_iou")
     while (
         settings.min_mean_iou is not None
@@ -131,7 +160,8 @@ def run_demo(
         say(
             f"  mean IoU {mean_iou:.3f} is not above {settings.min_mean_iou}: training to step {steps}"
         )
-        result = train(replace(config, max_steps=steps, overwrite=False, resume=True))
+        with torch_threads(settings.train_threads):
+            result = train(replace(config, max_steps=steps, overwrite=False, resume=True))
         mean_iou = result.metrics.get("mean_iou")
     learned = (
         None
@@ -147,7 +177,8 @@ def run_demo(
     say("[bold]2/5 export[/] to ONNX (opset 17) and validate against PyTorch ...")
     t = time.perf_counter()
     data = load_validation_data(spec, num_labels=len(result.metrics["id2label"]))
-    exported = export_onnx(model_dir, opset=17, data=data)
+    with torch_threads(settings.train_threads):
+        exported = export_onnx(model_dir, opset=17, data=data)
     onnx_dir = exported.output
     validation = exported.reports["fp32"]
     seconds["export"] = time.perf_counter() - t
@@ -192,6 +223,7 @@ def run_demo(
             batch_sizes=settings.bench_batch_sizes,
             runs=settings.bench_runs,
             model_runs=settings.bench_model_runs,
+            threads=settings.bench_threads,
         ),
         output=bench_json,
         command=f"segdeploy demo (bench of {model_dir})",
