@@ -18,6 +18,17 @@ from typing import Any
 TMP_MARKER = ".tmp-"
 
 
+def _default_mode(kind: str) -> int:
+    """The permissions open()/mkdir() would give under the current umask.
+
+    mkstemp/mkdtemp create private (0600/0700) entries; outputs are for sharing,
+    so they get the usual mode before they are moved into place.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if kind == "dir" else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` if the block succeeds.
@@ -32,6 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     )
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _default_mode("file"))
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -49,6 +61,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent))
+    os.chmod(tmp_path, _default_mode("dir"))
     try:
         yield tmp_path
         if path.exists():

@@ -446,8 +446,6 @@ def write_model_folder(
             (out / name).unlink(missing_ok=True)
         names = sorted(p.name for p in stage.iterdir() if p.name not in FINAL_LAST)
         for name in [*names, *FINAL_LAST]:
-            # Temporary files are created private (0600); a model folder is for sharing.
-            os.chmod(stage / name, 0o644)
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

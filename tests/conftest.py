@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# Two cores: keep each test process from oversubscribing them, and make sure no
+# One thread per test process: with OpenMP spin-waits, 2 threads on a busy 2-core
+# machine made training 10-25x slower than 1. And make sure no
 # test can wait on a network that is not there.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
