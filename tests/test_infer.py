@@ -450,3 +450,23 @@ def test_fused_argmax_graph_gives_the_same_masks(tiny_onnx_dir, tmp_path, photos
         assert a.shape == b.shape and (a == b).mean() >= 0.999
     with pytest.raises(SegdeployError, match="fused"):
         fused_seg.logits(np.zeros((1, 3, 64, 64), np.float32))
+
+
+def test_default_model_is_the_newest_export_under_models(tmp_path, tiny_onnx_dir, monkeypatch):
+    from segdeploy.runtime.segmenter import newest_export
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["infer", str(tmp_path)])
+    assert result.exit_code == 2 and "no exported model here" in result.output
+
+    for name, mtime in (("old", 1_000_000), ("new", 2_000_000)):
+        shutil.copytree(tiny_onnx_dir, tmp_path / "models" / name / "onnx")
+        os.utime(tmp_path / "models" / name / "onnx" / "model.onnx", (mtime, mtime))
+    assert newest_export() == Path("models") / "new"
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(images / "a.png")
+    result = CliRunner().invoke(main, ["infer", "images", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    assert "models/new" in result.output
+    assert (tmp_path / "out" / "images" / "a.png").is_file()

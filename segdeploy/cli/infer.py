@@ -12,11 +12,10 @@ from segdeploy.runtime.providers import PROVIDERS
 @click.option(
     "--model",
     "model_dir",
-    default="models/segformer",
-    show_default=True,
     type=click.Path(file_okay=False),
     help="Exported model: an ONNX folder (model.onnx, config.json, preprocessor_config.json) "
-    "or a trained model folder with its export in onnx/.",
+    "or a trained model folder with its export in onnx/. Default: the newest export under "
+    "models/.",
 )
 @click.option(
     "-o",
@@ -94,7 +93,7 @@ from segdeploy.runtime.providers import PROVIDERS
 )
 def infer(
     inputs: tuple[str, ...],
-    model_dir: str,
+    model_dir: str | None,
     output: str,
     provider: str,
     fallback: bool,
@@ -131,6 +130,11 @@ def infer(
 
     from segdeploy.infer import run_infer
     from segdeploy.runtime.image_io import MAX_PIXELS
+    from segdeploy.runtime.segmenter import newest_export
+
+    if model_dir is None:
+        model_dir = newest_export()
+        click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
 
     with logging_redirect_tqdm():
         result = run_infer(

@@ -64,6 +64,21 @@ def resolve_model_dir(model_dir: str | os.PathLike, variant: str = "fp32") -> tu
     raise SegdeployError(model_dir, f"no {name} here or in onnx/ for variant {variant!r}{hint}")
 
 
+def newest_export(root: str | os.PathLike = "models") -> Path:
+    """The model folder under `root` whose ONNX export (onnx/model.onnx) is the newest.
+
+    The default of `--model`: after `segdeploy train` and `segdeploy export`, the
+    model just made is used without naming it again.
+    """
+    root = Path(root)
+    graphs = [p for p in root.glob(f"*/onnx/{VARIANT_FILES['fp32']}") if p.is_file()]
+    if not graphs:
+        raise SegdeployError(
+            root, "no exported model here: pass --model DIR, or run `segdeploy export` first"
+        )
+    return max(graphs, key=lambda p: p.stat().st_mtime).parent.parent
+
+
 def read_id2label(folder: Path) -> dict[int, str] | None:
     path = folder / "config.json"
     if not path.is_file():
