@@ -19,6 +19,7 @@ chosen by measuring speed and mean IoU on CamVid; see the README's int8 section.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -62,7 +63,7 @@ def quantize_int8(
     per_channel: bool = True,
     exclude_op_types: Sequence[str] = DEFAULT_FLOAT_OP_TYPES,
     nodes_to_exclude: Sequence[str] | None = None,
-    float_attention: bool = False,
+    float_attention_scores: bool = True,
     calibration_method: str = DEFAULT_CALIBRATION_METHOD,
 ) -> dict[str, Any]:
     """Write a static int8 (QDQ) version of the fp32 graph `onnx_path` to `output_path`.
@@ -72,8 +73,11 @@ def quantize_int8(
     per_channel: one weight scale per output channel (else one per tensor).
     exclude_op_types: op types left in float (default DEFAULT_FLOAT_OP_TYPES).
     nodes_to_exclude: node names left in float, in addition.
-    float_attention: keep the two activation-by-activation MatMuls of each
-        attention layer (Q.K^T and weights.V) in float.
+    float_attention_scores: let each attention's Q.K^T MatMul write float scores.
+        It still multiplies in int8 (ORT runs it as MatMulIntegerToFloat), but the
+        scores, the largest activations of the model (tokens x reduced tokens per
+        head), skip a uint8 round trip and the DequantizeLinear that ORT would run
+        on one thread before the float scaling and Softmax.
     calibration_method: "minmax", "entropy" or "percentile" (ORT's calibrators).
 
     Returns a JSON-safe report: settings, what stayed in float and why, node
@@ -112,17 +116,19 @@ def quantize_int8(
         pre_model = onnx.load(str(pre))
         if _unshare_float_initializers(pre_model):
             onnx.save(pre_model, str(pre))
-        attention = _attention_matmuls(pre_model) if float_attention else []
+        attention = _attention_score_matmuls(pre_model) if float_attention_scores else []
         # quant_pre_process may fuse nodes away; an exclusion that no longer names a
         # node would silently do nothing, so say so.
         present = {n.name for n in pre_model.graph.node}
         gone = [n for n in explicit if n not in present]
         if gone:
             log.warning("pre-processing fused away nodes to exclude: %s", ", ".join(gone))
-        excluded_nodes = list(dict.fromkeys([n for n in explicit if n in present] + attention))
+        explicit = [n for n in explicit if n in present]
+        excluded_nodes = list(dict.fromkeys(explicit + attention))
 
         t0 = time.perf_counter()
-        with atomic_path(output_path) as out:
+        # ORT's histogram calibrators print a line per batch; keep stdout for our output.
+        with atomic_path(output_path) as out, contextlib.redirect_stdout(_LogWriter()):
             quantize_static(
                 str(pre),
                 str(out),
@@ -145,7 +151,8 @@ def quantize_int8(
             )
             t_quant = time.perf_counter() - t0
             quantized = onnx.load(str(out))
-            if _restore_io(source, quantized):
+            rewired = _shapes_from_quantized(quantized)
+            if _restore_io(source, quantized) or rewired:
                 onnx.save(quantized, str(out))
             try:
                 onnx.checker.check_model(quantized)
@@ -154,7 +161,9 @@ def quantize_int8(
             _check_same_io(source, quantized, output_path)
 
     counts = Counter(n.op_type for n in quantized.graph.node)
-    float_nodes = _float_nodes(pre_model, exclude_op_types, excluded_nodes)
+    float_nodes = _float_nodes(pre_model, exclude_op_types)
+    float_nodes["by_name"] = explicit
+    float_nodes["attention_scores"] = attention
     return {
         "source": str(onnx_path),
         "output": str(output_path),
@@ -166,7 +175,7 @@ def quantize_int8(
         "calibration_batches": len(batches),
         "calibration_shapes": sorted({str(list(b.shape[1:])) for b in batches}),
         "float_op_types": {t: REASONS.get(t, "excluded by the caller") for t in exclude_op_types},
-        "float_attention": float_attention,
+        "float_attention_scores": float_attention_scores,
         "float_nodes": float_nodes,
         "quantize_linear": counts.get("QuantizeLinear", 0),
         "dequantize_linear": counts.get("DequantizeLinear", 0),
@@ -207,19 +216,16 @@ def calibration_batches(
         yield np.asarray(preprocess(chunk), dtype=np.float32)
 
 
-def training_images(model_dir: str | os.PathLike, n: int, *, seed: int = 0) -> list:
-    """`n` images drawn (seeded, without replacement) from the training split recorded in
-    `model_dir/train_args.json` by `segdeploy train`.
+def recorded_training_data(model_dir: str | os.PathLike):
+    """The DatasetSpec that `segdeploy train` recorded in `model_dir/train_args.json`.
 
-    Calibrating on training images keeps the evaluation split unseen, so the int8
-    graph's validation stays honest.
+    Cheap (reads one JSON file): callers use it to reject a folder that cannot
+    be calibrated before starting a long export.
     """
     import json
 
-    from segdeploy.data import DatasetSpec, load_splits
+    from segdeploy.data import DatasetSpec
 
-    if n < 1:
-        raise SegdeployError("--calibration-images", f"must be >= 1, got {n}")
     args_path = Path(model_dir) / "train_args.json"
     try:
         recorded = json.loads(args_path.read_text(encoding="utf-8"))
@@ -231,11 +237,26 @@ def training_images(model_dir: str | os.PathLike, n: int, *, seed: int = 0) -> l
         ) from None
     except (OSError, ValueError) as err:
         raise SegdeployError(args_path, f"unreadable: {err}") from None
-    if not isinstance(recorded, dict) or "dataset" not in recorded:
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("dataset"), dict):
         raise SegdeployError(args_path, "records no 'dataset' to calibrate on")
-    data = load_splits(DatasetSpec.from_dict(recorded["dataset"]), need_train=True)
+    return DatasetSpec.from_dict(recorded["dataset"])
+
+
+def training_images(model_dir: str | os.PathLike, n: int, *, seed: int = 0) -> list:
+    """`n` images drawn (seeded, without replacement) from the training split recorded in
+    `model_dir/train_args.json` by `segdeploy train`.
+
+    Calibrating on training images keeps the evaluation split unseen, so the int8
+    graph's validation stays honest.
+    """
+    from segdeploy.data import load_splits
+
+    if n < 1:
+        raise SegdeployError("--calibration-images", f"must be >= 1, got {n}")
+    spec = recorded_training_data(model_dir)
+    data = load_splits(spec, need_train=True)
     if data.train is None or len(data.train) == 0:
-        raise SegdeployError(args_path, "the recorded dataset has no training images")
+        raise SegdeployError(spec.name, "the recorded dataset has no training images")
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(len(data.train), size=min(n, len(data.train)), replace=False))
     rows = data.train.select([int(i) for i in picks])
@@ -253,6 +274,18 @@ def training_calibration_batches(
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+class _LogWriter:
+    """A stdout stand-in that sends what ORT prints to the debug log."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("onnxruntime: %s", text.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 class _Reader:
@@ -374,27 +407,46 @@ def _unshare_float_initializers(model) -> int:
     return copies
 
 
-def _attention_matmuls(model) -> list[str]:
-    """MatMuls whose two inputs are both activations: the attention products."""
+def _attention_score_matmuls(model) -> list[str]:
+    """The Q.K^T MatMuls: both inputs are activations and the output goes (through the
+    1/sqrt(d) scaling, if any) into a Softmax."""
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def feeds_softmax(tensor: str, hops: int) -> bool:
+        for c in consumers.get(tensor, []):
+            if c.op_type == "Softmax":
+                return True
+            if (
+                hops > 0
+                and c.op_type in ("Div", "Mul", "Add")
+                and feeds_softmax(c.output[0], hops - 1)
+            ):
+                return True
+        return False
+
     return [
         n.name
         for n in model.graph.node
-        if n.op_type == "MatMul" and not any(i in consts for i in n.input)
+        if n.op_type == "MatMul"
+        and not any(i in consts for i in n.input)
+        and feeds_softmax(n.output[0], 2)
     ]
 
 
-def _float_nodes(model, exclude_op_types: Sequence[str], excluded: Sequence[str]) -> dict:
-    """Quantizable nodes left in float, by op type, with node names for explicit exclusions."""
+def _float_nodes(model, exclude_op_types: Sequence[str]) -> dict:
+    """How many quantizable nodes each excluded op type leaves in float."""
     quantizable = set(_quantizable_op_types())
     by_type = Counter(
         n.op_type
         for n in model.graph.node
         if n.op_type in exclude_op_types and n.op_type in quantizable
     )
-    by_name = [n for n in excluded]
-    return {"by_op_type": dict(sorted(by_type.items())), "by_name": by_name}
+    return {"by_op_type": dict(sorted(by_type.items()))}
 
 
 def _cpu_kernels(path: Path) -> dict[str, int]:
@@ -427,6 +479,36 @@ _COMPUTE_OPS = {
     "Softmax", "LayerNormalization", "SkipLayerNormalization", "Resize", "Add", "Mul", "Div",
     "Gelu", "Erf", "QuantizeLinear", "DequantizeLinear", "Transpose", "Concat",
 }  # fmt: skip
+
+
+def _shapes_from_quantized(model) -> int:
+    """Let Shape nodes read a quantized tensor instead of its DequantizeLinear output.
+
+    The exported graph takes the shape of many activations (dynamic reshapes);
+    once they are quantized, ORT would run a full DequantizeLinear (on one
+    thread) only for Shape to read its dimensions, which are the quantized
+    tensor's. Rewiring Shape to the uint8 tensor changes no value and leaves
+    those DequantizeLinear nodes unused, so they are dropped. Returns the number
+    of Shape nodes rewired.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type != "Shape":
+            continue
+        dq = producer.get(node.input[0])
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            node.input[0] = dq.input[0]
+            rewired += 1
+    if rewired:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [
+            n for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.output[0] not in used
+        ]  # fmt: skip
+        for n in dead:
+            model.graph.node.remove(n)
+    return rewired
 
 
 def _restore_io(source, quantized) -> bool:

@@ -149,6 +149,15 @@ def test_default_float_op_types_stay_float(int8, tiny_onnx_dir):
     # shared with another tensor (quantize.py gives each Conv its own bias for that).
     assert kernels.get("QLinearConv") == n_conv and "Conv" not in kernels
     assert kernels.get("QLinearMatMul", 0) > 0
+    # Attention scores: Q.K^T multiplies in int8 but writes float scores, one per layer.
+    n_attention = sum(n.op_type == "Softmax" for n in model.graph.node)
+    assert len(report["float_nodes"]["attention_scores"]) == n_attention > 0
+    assert kernels.get("MatMulIntegerToFloat") == n_attention
+    # No DequantizeLinear is computed just for a Shape node to read its dimensions.
+    for node in model.graph.node:
+        if node.op_type == "Shape":
+            src = producer.get(node.input[0])
+            assert src is None or src.op_type != "DequantizeLinear", node.name
 
 
 def test_exclusions_by_type_and_name(tiny_onnx_dir, tmp_path):
@@ -163,6 +172,7 @@ def test_exclusions_by_type_and_name(tiny_onnx_dir, tmp_path):
         _batches(tiny_onnx_dir, n=4),
         exclude_op_types=("Conv",),  # Softmax not excluded this time
         nodes_to_exclude=[keep],
+        float_attention_scores=False,
         calibration_method="MinMax",
     )
     model = onnx.load(str(out))
@@ -179,6 +189,7 @@ def test_exclusions_by_type_and_name(tiny_onnx_dir, tmp_path):
     # quantizes float weights itself then), but those with float neighbours stay float.
     assert kernels.get("Conv", 0) > 0
     assert "QLinearSoftmax" in kernels  # what the default exclusion prevents
+    assert "MatMulIntegerToFloat" not in kernels and report["float_nodes"]["attention_scores"] == []
     assert report["float_op_types"] == {"Conv": "excluded by the caller"}
     assert report["float_nodes"]["by_name"] == [keep]
     assert report["calibration_images"] == 4 and report["calibration_batches"] == 2
