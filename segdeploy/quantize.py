@@ -77,7 +77,11 @@ def quantize_int8(
     calibration_batches: float32 arrays [N, 3, h, w], preprocessed exactly as at
         inference (see `calibration_batches`); activation ranges come from them.
     per_channel: one weight scale per output channel (else one per tensor).
-    exclude_op_types: op types left in float (default DEFAULT_FLOAT_OP_TYPES).
+    exclude_op_types: op types the quantizer leaves in float (default
+        DEFAULT_FLOAT_OP_TYPES). Note that ORT itself may still run an excluded
+        Conv/MatMul whose input and output are both quantized as an integer kernel
+        (it quantizes float weights at load); `cpu_kernels` in the report shows
+        what actually runs.
     nodes_to_exclude: node names left in float, in addition.
     float_attention_scores: let each attention's Q.K^T MatMul write float scores.
         It still multiplies in int8 (ORT runs it as MatMulIntegerToFloat), but the
