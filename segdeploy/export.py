@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segdeploy.atomic import atomic_dir
+from segdeploy.atomic import atomic_dir, write_json
 from segdeploy.errors import SegdeployError
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,17 @@ def check_provider(provider: str, fallback: bool = False) -> None:
     choose_provider(provider, ort.get_available_providers(), fallback=fallback)
 
 
+def check_quantize(model_dir: Path, quantize: str, calibration_images: int) -> None:
+    """Refuse, before a long export, a quantization that cannot be calibrated."""
+    if quantize != "int8":
+        raise SegdeployError("--quantize", f"unknown {quantize!r}; choose int8")
+    if calibration_images < 1:
+        raise SegdeployError("--calibration-images", f"must be >= 1, got {calibration_images}")
+    from segdeploy.quantize import recorded_training_data
+
+    recorded_training_data(model_dir)  # calibration reads the recorded training split
+
+
 def check_output(model_dir: Path, output: Path) -> None:
     # atomic_dir replaces `output` as a whole: it must never be the model folder or hold it.
     model_dir, output = model_dir.resolve(), output.resolve()
@@ -251,6 +262,8 @@ def export_onnx(
     fp16: bool = False,
     optimize: bool = False,
     fuse_argmax: bool = False,
+    quantize: str | None = None,
+    calibration_images: int = 64,
     validate: bool = True,
     data=None,
     max_images: int | None = None,
@@ -277,6 +290,8 @@ def export_onnx(
     check_output(model_dir, output)
     if validate:
         check_provider(provider, fallback)
+    if quantize is not None:
+        check_quantize(model_dir, quantize, calibration_images)
 
     graphs: dict[str, Path] = {}
     result = ExportResult(output=output, graphs=graphs, opset=opset, export_seconds=0.0)
@@ -287,6 +302,14 @@ def export_onnx(
             built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANTS["fp16"])
         if optimize:
             built["optimized"] = optimize_graph(built["fp32"], tmp / VARIANTS["optimized"])
+        if quantize == "int8":
+            from segdeploy.quantize import quantize_int8, training_calibration_batches
+
+            built["int8"] = tmp / VARIANTS["int8"]
+            batches = training_calibration_batches(model_dir, calibration_images)
+            write_json(
+                tmp / "quantization_int8.json", quantize_int8(built["fp32"], built["int8"], batches)
+            )
         if fuse_argmax:
             from segdeploy.fuse_argmax import fuse_argmax as fuse
 

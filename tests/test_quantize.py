@@ -260,3 +260,32 @@ def test_bad_input_is_a_segdeploy_error(tiny_onnx_dir, tmp_path):
     with pytest.raises(SegdeployError, match="overwrite"):
         quantize_int8(src, src, good())
     assert out.read_bytes() == b"earlier output"  # nothing half-written over it
+
+
+def test_export_quantize_int8_writes_validates_and_reports(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from segdeploy.cli import main
+    from segdeploy.data import DatasetSpec
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    result = CliRunner().invoke(main, ["export", str(model), "--quantize", "int8"])
+    assert result.exit_code == 2 and "train_args.json" in result.output
+    assert not (model / "onnx").exists()  # refused before exporting anything
+
+    spec = DatasetSpec("synthetic:64", split="train[:8]", eval_split="validation[:4]")
+    (model / "train_args.json").write_text(json.dumps({"dataset": spec.to_dict()}))
+    result = CliRunner().invoke(
+        main, ["export", str(model), "--quantize", "int8", "--calibration-images", "4"]
+    )
+    report = json.loads((model / "onnx" / "validation_int8.json").read_text())
+    assert report["precision"] == "int8" and report["tolerance"] == 0.01
+    assert report["mode"] == "dataset" and report["images"] == 4
+    assert result.exit_code == (0 if report["passed"] else 1), result.output
+    quant = json.loads((model / "onnx" / "quantization_int8.json").read_text())
+    assert quant["calibration_images"] == 4
+    assert (model / "onnx" / "model_int8.onnx").is_file()
