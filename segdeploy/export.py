@@ -25,6 +25,7 @@ from typing import Any
 
 from segdeploy.atomic import atomic_dir, write_json
 from segdeploy.errors import SegdeployError
+from segdeploy.runtime.segmenter import VARIANT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,9 @@ DEFAULT_OPSET = 17
 #: which SegFormer's decode head uses: such a graph would not be faithful.
 MIN_OPSET = 11
 
-#: Graph file of each variant inside an ONNX folder (the int8 helper writes "int8").
-VARIANTS = {
-    "fp32": "model.onnx",
-    "fp16": "model_fp16.onnx",
-    "optimized": "model_optimized.onnx",
-    "int8": "model_int8.onnx",
-    # Bilinear upsampling and argmax inside the graph (--fuse-argmax): outputs labels.
-    "fused": "model_fused.onnx",
-    "fp16_fused": "model_fp16_fused.onnx",
-}
+#: Graph file of each variant inside an ONNX folder: the runtime's names, so that
+#: `segdeploy infer --variant X` runs what `segdeploy export` wrote as X.
+VARIANTS = VARIANT_FILES
 COPIED_FILES = ("config.json", "preprocessor_config.json")
 WEIGHT_FILES = (
     "model.safetensors",

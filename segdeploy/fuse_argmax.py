@@ -22,9 +22,9 @@ from onnx import TensorProto, helper
 
 from segdeploy.atomic import atomic_path
 from segdeploy.errors import SegdeployError
+from segdeploy.runtime.segmenter import OUTPUT_SIZE_INPUT as OUTPUT_SIZE
 
 LABELS = "labels"
-OUTPUT_SIZE = "output_size"
 
 
 def fuse_argmax(src: str | os.PathLike, dst: str | os.PathLike, num_labels: int) -> Path:

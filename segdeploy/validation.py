@@ -32,6 +32,7 @@ import numpy as np
 from segdeploy.atomic import write_json
 from segdeploy.errors import SegdeployError
 from segdeploy.export import VARIANTS, num_labels_of, read_segformer_config
+from segdeploy.runtime.segmenter import OUTPUT_SIZE_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ DEFAULT_LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 1e-1}
 #: Graphs with argmax fused in (`export --fuse-argmax`) return labels, not logits;
 #: they are judged by agreement with PyTorch's label maps (issue 7: 99.9%).
 FUSED_MIN_AGREEMENT = 0.999
-FUSED_INPUT = "output_size"
 RANDOM_INPUT_NOTE = (
     "no labelled data: compared logits on random images only, which proves less than "
     "mean IoU on real images (pass --dataset to validate on data)"
@@ -207,7 +207,7 @@ class _GraphStats:
         self.metric = metric
         self.session = session
         self.provider = provider
-        self.fused = any(i.name == FUSED_INPUT for i in session.get_inputs())
+        self.fused = any(i.name == OUTPUT_SIZE_INPUT for i in session.get_inputs())
         self.max_abs = 0.0
         self.sum_abs = 0.0
         self.n_logits = 0
@@ -225,7 +225,8 @@ class _GraphStats:
         """A fused graph's label map at `size` for one image ([1, 3, h, w] input)."""
         start = time.perf_counter()
         (labels,) = self.session.run(
-            None, {"pixel_values": pixel_values, FUSED_INPUT: np.asarray(size, dtype=np.int64)}
+            None,
+            {"pixel_values": pixel_values, OUTPUT_SIZE_INPUT: np.asarray(size, dtype=np.int64)},
         )
         self.seconds += time.perf_counter() - start
         return labels[0]

@@ -34,6 +34,9 @@ VARIANT_FILES = {
     "fp16": "model_fp16.onnx",
     "optimized": "model_optimized.onnx",
     "int8": "model_int8.onnx",
+    # Bilinear upsampling and argmax inside the graph (export --fuse-argmax): outputs labels.
+    "fused": "model_fused.onnx",
+    "fp16_fused": "model_fp16_fused.onnx",
 }
 #: Input that a graph with argmax fused in (`segdeploy export --fuse-argmax`) takes.
 OUTPUT_SIZE_INPUT = "output_size"
