@@ -18,11 +18,11 @@ from typing import Any
 TMP_MARKER = ".tmp-"
 
 
-def _default_mode(kind: str) -> int:
-    """The permissions open()/mkdir() would give under the current umask.
+def default_mode(kind: str) -> int:
+    """The permissions open()/mkdir() would give under the current umask (kind: "file" | "dir").
 
-    mkstemp/mkdtemp create private (0600/0700) entries; outputs are for sharing,
-    so they get the usual mode before they are moved into place.
+    mkstemp/mkdtemp (and safetensors) create private (0600/0700) entries; outputs
+    are for sharing, so they get the usual mode before they are moved into place.
     """
     umask = os.umask(0)
     os.umask(umask)
@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     )
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _default_mode("file"))
+    os.chmod(tmp_path, default_mode("file"))
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -61,7 +61,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent))
-    os.chmod(tmp_path, _default_mode("dir"))
+    os.chmod(tmp_path, default_mode("dir"))
     try:
         yield tmp_path
         if path.exists():

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from segdeploy import __version__
-from segdeploy.atomic import TMP_MARKER, write_json
+from segdeploy.atomic import TMP_MARKER, default_mode, write_json
 from segdeploy.augment import AugmentParams, augment_pair, labels_to_image, resize_pair
 from segdeploy.data import DatasetSpec, check_dataset, label_array, load_splits
 from segdeploy.errors import SegdeployError
@@ -446,6 +446,8 @@ def write_model_folder(
             (out / name).unlink(missing_ok=True)
         names = sorted(p.name for p in stage.iterdir() if p.name not in FINAL_LAST)
         for name in [*names, *FINAL_LAST]:
+            # safetensors writes the weights private (0600); a model folder is for sharing.
+            os.chmod(stage / name, default_mode("file"))
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
