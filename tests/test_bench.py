@@ -81,7 +81,7 @@ def test_each_row_is_measured_in_its_own_process(cli_run):
         row = rows[name]
         assert row["status"] == "ok", row
         assert row["images"] == 4 and row["batch_size"] == 2
-        assert len(row["end_to_end_s"]) == 2 and len(row["model_latency_ms"]) == 3
+        assert len(row["end_to_end_s"]) == 2 and len(row["model_latency_ms"]) == 3  # 2 + 1
         assert row["end_to_end_images_per_s"] == pytest.approx(
             4 / np.median(row["end_to_end_s"]), rel=1e-3
         )
@@ -146,6 +146,26 @@ def test_dataset_input_without_torch_backend(tiny_model_dir, tiny_onnx_dir, tmp_
     assert not [t for t in report["targets"] if t["kind"] == "agreement"]
 
 
+def test_dataset_rows_from_files_are_linked_with_their_own_labels(synthetic_dir, tmp_path):
+    """A folder dataset's images are linked, not copied, and paired with their own masks
+    (its "name" column names the mask file, which must not be taken for the image)."""
+    from segdeploy.bench import from_dataset
+    from segdeploy.data import DatasetSpec
+
+    spec = DatasetSpec(
+        str(synthetic_dir), split="validation", eval_split="validation[:3]", reduce_labels=False
+    )
+    inputs = from_dataset(spec, tmp_path, num_labels=5)
+    linked = sorted(inputs.images.iterdir())
+    originals = sorted((synthetic_dir / "images" / "validation").iterdir())[:3]
+    assert [p.name for p in linked] == [p.name for p in originals]
+    for link, original in zip(linked, originals, strict=True):
+        assert link.is_symlink() and link.resolve() == original.resolve()
+        mask = np.asarray(Image.open(synthetic_dir / "annotations" / "validation" / original.name))
+        assert np.array_equal(np.asarray(Image.open(inputs.labels / original.name)), mask)
+    assert inputs.ignore_index == 255 and inputs.source["rows"] == 3
+
+
 def test_a_backend_that_fails_is_reported_and_the_exit_status_is_1(
     tiny_model_dir, tiny_onnx_dir, images, tmp_path
 ):
@@ -154,12 +174,19 @@ def test_a_backend_that_fails_is_reported_and_the_exit_status_is_1(
     (onnx_dir / "model_broken.onnx").write_bytes(b"not a graph")
     out = tmp_path / "b.json"
     args = ["bench", "--model", str(tiny_model_dir), "--onnx", str(onnx_dir),
-            "--images", str(images[0]), "--backends", "onnx-cpu-broken",
-            "--batch-sizes", "1", "--runs", "1", "--model-runs", "1", "-o", str(out)]  # fmt: skip
-    result = CliRunner().invoke(main, args)
+            "--images", str(images[0]), "--batch-sizes", "1", "--runs", "1",
+            "--model-runs", "1", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--backends", "onnx-cpu-broken,onnx-cpu"])
+    assert result.exit_code == 1, result.output
+    broken, fine = json.loads(out.read_text())["results"]
+    assert broken["status"] == "failed" and "model_broken.onnx" in broken["reason"]
+    assert fine["status"] == "ok"  # the other rows go on
+
+    # A worker that does not answer in time is stopped and reported, not waited for.
+    result = CliRunner().invoke(main, [*args, "--backends", "torch", "--timeout", "1"])
     assert result.exit_code == 1, result.output
     (row,) = json.loads(out.read_text())["results"]
-    assert row["status"] == "failed" and "model_broken.onnx" in row["reason"]
+    assert row["status"] == "failed" and row["reason"] == "timed out after 1 s"
 
 
 @pytest.mark.parametrize(

@@ -112,20 +112,33 @@ def from_dataset(spec, work: Path, *, num_labels: int, max_images: int | None = 
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     dtype = label_dtype(max(num_labels, data.spec.ignore_index + 1))
+    # Undecoded images give their file path where there is one (the "name" column
+    # may name the mask instead); only images without a file are decoded and written.
+    import datasets
+
+    undecoded = rows.cast_column("image", datasets.Image(decode=False))
     used: set[str] = set()
-    for i, row in enumerate(rows):
-        name = row["name"]
-        path = Path(name)
-        from_file = path.is_file()
+    for i, row in enumerate(undecoded):
+        value, name = row["image"], row["name"]
+        path = Path(value["path"]) if value.get("path") else None
+        from_file = path is not None and path.is_file() and value.get("bytes") is None
         stem = path.stem if from_file else f"{i:05d}"
         if stem in used:
             stem = f"{i:05d}_{stem}"
         used.add(stem)
         if from_file:
+            with Image.open(path) as im:
+                size = im.size
             _link(path, images / f"{stem}{path.suffix}")
         else:
-            row["image"].convert("RGB").save(images / f"{stem}.png")
+            image = datasets.Image(mode="RGB").decode_example(value)
+            size = image.size
+            image.save(images / f"{stem}.png")
         ref = _reference(row["annotation"], data.spec, num_labels, name)
+        if ref.shape != size[::-1]:
+            raise SegdeployError(
+                name, f"mask is {ref.shape[1]}x{ref.shape[0]} but its image is {size[0]}x{size[1]}"
+            )
         save_labels(labels / f"{stem}.png", ref.astype(dtype))
     source = {
         "kind": "dataset",

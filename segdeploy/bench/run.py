@@ -10,9 +10,11 @@ labels and pixel agreement with the `torch` backend.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -54,8 +56,8 @@ TARGETS = (
 @dataclass(frozen=True)
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
-    runs: int = 3  # end-to-end passes over all images, after one warm-up pass
-    model_runs: int = 20  # timed forward calls, after MODEL_WARMUP_CALLS
+    runs: int = 3  # rounds: each a timed end-to-end pass over all images per row
+    model_runs: int = 20  # timed forward calls per row, spread over the rounds
     threads: int | None = None  # None: each library's default (all cores)
     timeout_s: float | None = None  # per worker
 
@@ -118,32 +120,139 @@ def model_facts(model_dir: Path | None, onnx_dir: Path | None) -> dict[str, Any]
 # ------------------------------------------------------------------ workers
 
 
-def run_worker(job: dict[str, Any], work: Path, timeout_s: float | None) -> dict[str, Any]:
-    """Run one row in a fresh process; a failure of any kind comes back as a reason."""
-    tag = f"{job['backend']}-b{job['batch_size']}"
-    job_path, log_path = work / "jobs" / f"{tag}.json", work / "logs" / f"{tag}.log"
-    job = {**job, "result": str(work / "jobs" / f"{tag}.result.json")}
-    job_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    job_path.write_text(json.dumps(job), encoding="utf-8")
-    cmd = [sys.executable, "-m", "segdeploy.bench.worker", str(job_path)]
+class Worker:
+    """A row's worker process, driven one JSON-line command at a time.
+
+    Any way a worker can fail (an exception it reports, a crash, a hang past the
+    timeout) comes back as {"event": "result", "status": "failed", "reason": ...}.
+    """
+
+    def __init__(self, job: dict[str, Any], work: Path, timeout_s: float | None):
+        tag = f"{job['backend']}-b{job['batch_size']}"
+        job_path = work / "jobs" / f"{tag}.json"
+        self.log_path = work / "logs" / f"{tag}.log"
+        job_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        job_path.write_text(json.dumps(job), encoding="utf-8")
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self._log = self.log_path.open("wb")
+        self._buffer = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "segdeploy.bench.worker", str(job_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+
+    def request(self, command: dict[str, Any] | None) -> dict[str, Any]:
+        """Send `command` (None: just wait for the next message) and return the reply."""
+        if command is not None:
+            try:
+                self.proc.stdin.write((json.dumps(command) + "\n").encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                return self._died()
+        line = self._readline()
+        if line is None:
+            return self._died()
+        if line == "timeout":
+            self.close()
+            return _failed(f"timed out after {self.timeout_s:g} s")
+        return json.loads(line)
+
+    def _readline(self) -> str | None:
+        # Our own line buffer over os.read, so that select() sees every byte not yet read.
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                ready, _, _ = select.select([fd], [], [], max(0.0, remaining))
+                if not ready:
+                    return "timeout"
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def _died(self) -> dict[str, Any]:
+        code = self.proc.wait()
+        self._log.flush()
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return _failed(f"worker exited with status {code}: {lines[-1] if lines else 'no output'}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+        self._log.close()
+
+
+def _failed(reason: str) -> dict[str, Any]:
+    return {"event": "result", "status": "failed", "reason": reason}
+
+
+def measure_batch_size(
+    jobs: list[dict[str, Any]], settings: BenchSettings, work: Path, console=None
+) -> list[dict[str, Any]]:
+    """Raw results of `jobs` (one per backend, same batch size), measured round by round.
+
+    Workers start one after another (set-up and warm-up are not timed); then
+    each round asks every live worker, in turn, for one end-to-end pass and its
+    share of the forward calls, starting one place further each round so that no
+    row always runs first. Only one worker is busy at any moment; the others
+    wait, idle, with their model loaded.
+    """
+    workers: dict[int, Worker] = {}
+    raw: list[dict[str, Any]] = [{"end_to_end_s": [], "model_latency_s": []} for _ in jobs]
     try:
-        with log_path.open("w", encoding="utf-8") as log_file:
-            proc = subprocess.run(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s, check=False
-            )
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout_s:g} s"}
-    result_path = Path(job["result"])
-    if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
-    lines = [
-        ln
-        for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        if ln.strip()
-    ]
-    last = lines[-1].strip() if lines else "no output"
-    return {"status": "failed", "reason": f"worker exited with status {proc.returncode}: {last}"}
+        for i, job in enumerate(jobs):
+            _status(console, f"{job['backend']}, batch {job['batch_size']}: loading, warming up")
+            w = Worker(job, work, settings.timeout_s)
+            reply = w.request(None)
+            if reply.get("event") == "ready":
+                workers[i] = w
+            else:
+                w.close()
+                raw[i] = reply
+        # The forward calls spread over the rounds as evenly as they go.
+        calls = [
+            settings.model_runs // settings.runs + (r < settings.model_runs % settings.runs)
+            for r in range(settings.runs)
+        ]
+        for r in range(settings.runs):
+            live = sorted(workers)
+            order = live[r % len(live) :] + live[: r % len(live)] if live else []
+            for i in order:
+                _status(
+                    console,
+                    f"round {r + 1}/{settings.runs}: {jobs[i]['backend']}, batch {jobs[i]['batch_size']}",
+                )
+                reply = workers[i].request({"do": "round", "calls": calls[r]})
+                if reply.get("event") != "round":
+                    workers.pop(i).close()
+                    raw[i] = reply
+                    continue
+                raw[i]["end_to_end_s"].append(reply["end_to_end_s"])
+                raw[i]["model_latency_s"].extend(reply["model_latency_s"])
+        for i in sorted(workers):
+            reply = workers[i].request({"do": "finish"})
+            raw[i] = {**raw[i], **reply} if reply.get("status") == "ok" else reply
+    finally:
+        for w in workers.values():
+            w.close()
+    return raw
+
+
+def _status(console, text: str) -> None:
+    if console is not None:
+        console.print(f"[dim]{text}[/]", highlight=False)
 
 
 def summarize(raw: dict[str, Any], batch_size: int) -> dict[str, Any]:
@@ -156,7 +265,7 @@ def summarize(raw: dict[str, Any], batch_size: int) -> dict[str, Any]:
     return {
         "end_to_end_images_per_s": e2e_rate,
         "end_to_end_s_median": float(np.median(e2e)),
-        "end_to_end_s": [round(float(x), 4) for x in e2e],
+        "end_to_end_s": [round(float(x), 6) for x in e2e],
         "model_p50_ms": p50,
         "model_p95_ms": float(np.percentile(lat, 95)),
         "model_ms_per_image": p50 / batch_size,
@@ -323,20 +432,9 @@ def run_bench(
         items = list_items(inputs.images)
         rows = []
         for batch_size in settings.batch_sizes:
-            for backend in parsed:
-                rows.append(
-                    _run_row(
-                        backend,
-                        batch_size,
-                        skip[backend],
-                        model_dir,
-                        onnx_dir,
-                        inputs,
-                        settings,
-                        work,
-                        console,
-                    )
-                )
+            rows += _measure_rows(
+                parsed, skip, batch_size, model_dir, onnx_dir, inputs, settings, work, console
+            )
         if console is not None:
             console.print("scoring the label maps ...")
         score(rows, items, inputs, facts["num_labels"])
@@ -368,8 +466,11 @@ def run_bench(
                 "runs": settings.runs,
                 "model_runs": settings.model_runs,
                 "threads": settings.threads,
-                "warmup": "one end-to-end pass over min(images, 2 x batch) images; "
-                "2 forward calls before the timed model-only calls",
+                "warmup": "per row, before timing: one end-to-end pass over min(images, "
+                "2 x batch) images and 2 forward calls",
+                "order": "rows interleaved: each round runs every row once (one end-to-end "
+                "pass and its share of the forward calls), one row at a time, starting one "
+                "row later each round",
             },
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
             "targets": judge_targets(rows),
@@ -385,70 +486,78 @@ def run_bench(
     return report
 
 
-def _run_row(
-    backend: Backend,
+def _measure_rows(
+    backends: list[Backend],
+    skip: dict[Backend, str | None],
     batch_size: int,
-    skip_reason: str | None,
     model_dir: Path | None,
     onnx_dir: Path | None,
     inputs: BenchInputs,
     settings: BenchSettings,
     work: Path,
     console,
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     from rich.markup import escape
 
-    row: dict[str, Any] = {
-        "backend": backend.name,
-        "batch_size": batch_size,
-        "description": backend.description,
-        "end_to_end_includes": backend.end_to_end_includes,
-    }
-    if skip_reason is not None:
-        if console is not None:
-            console.print(f"[yellow]skipped[/] {backend.name}: {escape(skip_reason)}")
-        return {**row, "status": "skipped", "reason": skip_reason}
-    out = work / "out" / f"{backend.name}-b{batch_size}"
-    job = {
-        "backend": backend.name,
-        "batch_size": batch_size,
-        "model_dir": str(model_dir) if model_dir else None,
-        "onnx_dir": str(onnx_dir) if onnx_dir else None,
-        "images": str(inputs.images),
-        "out": str(out),
-        "runs": settings.runs,
-        "model_runs": settings.model_runs,
-        "threads": settings.threads,
-    }
-    if console is not None:
-        with console.status(f"{backend.name}, batch {batch_size} ..."):
-            raw = run_worker(job, work, settings.timeout_s)
-    else:
-        raw = run_worker(job, work, settings.timeout_s)
-    if raw.get("status") != "ok":
+    rows: list[dict[str, Any]] = []
+    jobs = []
+    for backend in backends:
+        row: dict[str, Any] = {
+            "backend": backend.name,
+            "batch_size": batch_size,
+            "description": backend.description,
+            "end_to_end_includes": backend.end_to_end_includes,
+        }
+        rows.append(row)
+        if skip[backend] is not None:
+            row.update(status="skipped", reason=skip[backend])
+            if console is not None:
+                console.print(f"[yellow]skipped[/] {backend.name}: {escape(skip[backend])}")
+            continue
+        row["_out"] = str(work / "out" / f"{backend.name}-b{batch_size}")
+        jobs.append(
+            {
+                "backend": backend.name,
+                "batch_size": batch_size,
+                "model_dir": str(model_dir) if model_dir else None,
+                "onnx_dir": str(onnx_dir) if onnx_dir else None,
+                "images": str(inputs.images),
+                "out": row["_out"],
+                "model_runs": settings.model_runs,
+                "threads": settings.threads,
+            }
+        )
+    measured = iter(measure_batch_size(jobs, settings, work, console))
+    for row in rows:
+        if row.get("status") == "skipped":
+            continue
+        raw = next(measured)
+        if raw.get("status") != "ok":
+            row.update(status="failed", reason=raw.get("reason", "unknown"))
+            row.pop("_out")
+            if console is not None:
+                console.print(
+                    f"[red]failed[/] {row['backend']}, batch {batch_size}: "
+                    f"{escape(str(row['reason']))}"
+                )
+            continue
+        row.update(
+            status="ok",
+            provider=raw.get("provider"),
+            threads=raw.get("threads"),
+            images=raw["images"],
+            setup_s=round(raw["setup_s"], 3),
+            peak_rss_mb=raw.get("peak_rss_mb"),
+            torch_imported=raw.get("torch_imported"),
+            **summarize(raw, batch_size),
+        )
         if console is not None:
             console.print(
-                f"[red]failed[/] {backend.name} batch {batch_size}: {escape(str(raw.get('reason')))}"
+                f"[green]done[/] {row['backend']}, batch {batch_size}: "
+                f"{row['end_to_end_images_per_s']:.2f} img/s end to end, "
+                f"model p50 {row['model_p50_ms']:.1f} ms"
             )
-        return {**row, "status": "failed", "reason": raw.get("reason", "unknown")}
-    row.update(
-        status="ok",
-        provider=raw.get("provider"),
-        threads=raw.get("threads"),
-        images=raw["images"],
-        setup_s=round(raw["setup_s"], 3),
-        peak_rss_mb=raw.get("peak_rss_mb"),
-        torch_imported=raw.get("torch_imported"),
-        **summarize(raw, batch_size),
-        _out=str(out),
-    )
-    if console is not None:
-        console.print(
-            f"[green]done[/] {backend.name}, batch {batch_size}: "
-            f"{row['end_to_end_images_per_s']:.2f} img/s end to end, "
-            f"model p50 {row['model_p50_ms']:.1f} ms"
-        )
-    return row
+    return rows
 
 
 def _loadavg() -> list[float] | None:

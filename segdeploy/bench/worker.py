@@ -1,11 +1,20 @@
-"""One backend at one batch size, measured in a process of its own.
+"""One backend at one batch size, served from a process of its own.
 
 `segdeploy bench` starts `python -m segdeploy.bench.worker JOB.json` once per
 row, so that each row's peak memory is its own (a process's high-water mark
-never goes down) and one backend's imports, caches and threads cannot speed up
-or slow down the next. The worker writes RESULT.json with raw timings; the
-parent turns them into medians and percentiles, and scores the label maps the
-worker left in the job's output folder.
+never goes down) and one backend's imports, caches and threads cannot help or
+hinder another. The parent then drives all rows of a batch size round by
+round, one command at a time (JSON lines on stdin and stdout):
+
+    -> {"do": "round", "calls": k}   one timed end-to-end pass over all
+                          images, then k timed forward calls
+    <- {"event": "round", "end_to_end_s": ..., "model_latency_s": [...]}
+    -> {"do": "finish"}   write the last pass's label maps, report peak memory
+    <- {"event": "result", ...}
+
+Interleaving the rows this way means that a burst of load from another process
+on a shared machine slows every row alike instead of one row wholesale; the
+medians then compare like with like. Only one worker runs at any moment.
 """
 
 from __future__ import annotations
@@ -13,16 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from segdeploy.atomic import write_json
 from segdeploy.errors import SegdeployError
 
-#: Forward calls before the timed ones: the first runs allocate and pick kernels.
+#: Forward calls before the first timed one: the first runs allocate and pick kernels.
 MODEL_WARMUP_CALLS = 2
 
 
@@ -62,65 +71,94 @@ def list_items(images: Path, out: Path | None = None) -> list:
     return items
 
 
-def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """Run the job; raise on failure (the caller records the reason)."""
-    from segdeploy.bench.backends import make_runner, parse_backend
-    from segdeploy.infer import label_path, save_labels
+class Row:
+    """A backend set up for one batch size: warm-up done, ready for timed rounds."""
 
-    backend = parse_backend(job["backend"])
-    images, out = Path(job["images"]), Path(job["out"])
-    batch_size, runs, model_runs = job["batch_size"], job["runs"], job["model_runs"]
-    model_dir = Path(job["model_dir"]) if job.get("model_dir") else None
-    onnx_dir = Path(job["onnx_dir"]) if job.get("onnx_dir") else None
+    def __init__(self, job: dict[str, Any]):
+        from segdeploy.bench.backends import make_runner, parse_backend
 
-    start = time.perf_counter()
-    runner = make_runner(backend, model_dir, onnx_dir, batch_size, job.get("threads"))
-    setup_s = time.perf_counter() - start
-    items = list_items(images, out)
-    if not items:
-        raise SegdeployError(images, "no images to benchmark")
+        self.backend = parse_backend(job["backend"])
+        self.images, self.out = Path(job["images"]), Path(job["out"])
+        self.batch_size = job["batch_size"]
+        model_dir = Path(job["model_dir"]) if job.get("model_dir") else None
+        onnx_dir = Path(job["onnx_dir"]) if job.get("onnx_dir") else None
 
-    # Warm-up pass on a few images, written elsewhere and thrown away.
-    warm = items[: min(len(items), 2 * batch_size)]
-    warm_out = out.with_name(out.name + "-warmup")
-    runner.end_to_end(warm, warm_out, [str(i.path) for i in warm])
-    shutil.rmtree(warm_out, ignore_errors=True)
+        start = time.perf_counter()
+        self.runner = make_runner(
+            self.backend, model_dir, onnx_dir, self.batch_size, job.get("threads")
+        )
+        self.setup_s = time.perf_counter() - start
+        self.items = list_items(self.images, self.out)
+        if not self.items:
+            raise SegdeployError(self.images, "no images to benchmark")
+        # Warm-up: a pass over a few images, written elsewhere and thrown away,
+        # and the first forward calls on the model-only batches.
+        warm = self.items[: min(len(self.items), 2 * self.batch_size)]
+        warm_out = self.out.with_name(self.out.name + "-warmup")
+        self.runner.end_to_end(warm, warm_out, [str(i.path) for i in warm])
+        shutil.rmtree(warm_out, ignore_errors=True)
+        distinct = min(job["model_runs"], max(1, math.ceil(len(self.items) / self.batch_size)))
+        self.batches = self.runner.model_inputs(self.items, distinct)
+        for i in range(MODEL_WARMUP_CALLS):
+            self.runner.forward(self.batches[i % len(self.batches)])
+        self.calls = 0
+        self.labels = None
 
-    e2e_s, labels = [], None
-    for _ in range(runs):
+    def round(self, calls: int) -> dict[str, Any]:
         t = time.perf_counter()
-        labels = runner.end_to_end(items, out, [str(images)])
-        e2e_s.append(time.perf_counter() - t)
+        self.labels = self.runner.end_to_end(self.items, self.out, [str(self.images)])
+        e2e = time.perf_counter() - t
+        latency = []
+        for _ in range(calls):
+            batch = self.batches[self.calls % len(self.batches)]
+            self.calls += 1
+            t = time.perf_counter()
+            self.runner.forward(batch)
+            latency.append(time.perf_counter() - t)
+        return {"event": "round", "end_to_end_s": e2e, "model_latency_s": latency}
 
-    distinct = min(model_runs, math.ceil(len(items) / batch_size))
-    batches = runner.model_inputs(items, distinct)
-    for i in range(MODEL_WARMUP_CALLS):
-        runner.forward(batches[i % len(batches)])
-    latency_s = []
-    for i in range(model_runs):
-        batch = batches[i % len(batches)]
-        t = time.perf_counter()
-        runner.forward(batch)
-        latency_s.append(time.perf_counter() - t)
-    del batches
-    peak = peak_rss_mb()
+    def finish(self) -> dict[str, Any]:
+        from segdeploy.infer import label_path, save_labels
 
-    if labels is not None:  # segdeploy wrote its own label PNGs; keep the others' alike
-        for item, lab in zip(items, labels, strict=True):
-            save_labels(label_path(out, item), lab)
-    return {
-        "backend": backend.name,
-        "batch_size": batch_size,
-        "status": "ok",
-        "provider": getattr(runner, "provider", "cpu"),
-        "threads": runner.threads,
-        "images": len(items),
-        "setup_s": setup_s,
-        "end_to_end_s": e2e_s,
-        "model_latency_s": latency_s,
-        "peak_rss_mb": peak,
-        "torch_imported": "torch" in sys.modules,
-    }
+        peak = peak_rss_mb()
+        if self.labels is not None:  # segdeploy wrote its own label PNGs; the others' alike
+            for item, lab in zip(self.items, self.labels, strict=True):
+                save_labels(label_path(self.out, item), lab)
+        return {
+            "event": "result",
+            "status": "ok",
+            "provider": getattr(self.runner, "provider", "cpu"),
+            "threads": self.runner.threads,
+            "images": len(self.items),
+            "setup_s": self.setup_s,
+            "peak_rss_mb": peak,
+            "torch_imported": "torch" in sys.modules,
+        }
+
+
+def serve(job: dict[str, Any], commands: TextIO, replies: TextIO) -> None:
+    def reply(message: dict[str, Any]) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
+    try:
+        row = Row(job)
+        reply({"event": "ready"})
+        for line in commands:
+            command = json.loads(line)
+            do = command["do"]
+            if do == "round":
+                reply(row.round(command["calls"]))
+            elif do == "finish":
+                reply(row.finish())
+                return
+    except SegdeployError as err:
+        reply({"event": "result", "status": "failed", "reason": str(err)})
+    except Exception as err:  # any library's failure is this row's result, not the bench's
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else ""
+        logging.getLogger(__name__).exception("backend %s failed", job.get("backend"))
+        reply({"event": "result", "status": "failed", "reason": f"{type(err).__name__}: {first}"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,19 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m segdeploy.bench.worker JOB.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    # Replies get stdout to themselves: whatever the libraries print (to sys.stdout or
+    # straight to file descriptor 1 from C) goes to stderr, which the parent logs.
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("transformers", "optimum", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        result = measure(job)
-    except SegdeployError as err:
-        result = {"status": "failed", "reason": str(err)}
-    except Exception as err:  # any library's failure is this row's result, not a crash of the bench
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else ""
-        result = {"status": "failed", "reason": f"{type(err).__name__}: {first}"}
-        logging.getLogger(__name__).exception("backend %s failed", job.get("backend"))
-    write_json(job["result"], result)
+    serve(job, sys.stdin, replies)
     return 0
 
 
