@@ -132,8 +132,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"- model: {model['model_dir']} (ONNX: {model['onnx_dir']}), {model['num_labels']} classes, "
         f"input {f'{size[0]}x{size[1]}' if size else 'at each image size'}",
         f"- data: {_describe_inputs(report)}",
-        f"- settings: {report['settings']['runs']} end-to-end runs (median) after a warm-up pass; "
-        f"{report['settings']['model_runs']} timed forward calls per batch size",
+        f"- settings: {report['settings']['runs']} rounds, each running every row once, one "
+        f"row at a time: an end-to-end pass over all images (images/s from the median pass) and "
+        f"its share of {report['settings']['model_runs']} timed forward calls; warm-up before timing",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
         "| " + " | ".join(c for c, _ in COLUMNS) + " |",
