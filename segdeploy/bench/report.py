@@ -216,14 +216,15 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.margins(x=0.15)
     axes[0].set_yticks(y, backends)
     axes[0].invert_yaxis()
-    axes[0].legend(loc="lower right", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(batches), fontsize=8)
     m = report["machine"]
     fig.suptitle(
         f"segdeploy bench: {_describe_inputs(report)}\n{m['cpu']}, {m['usable_cores']} cores, "
         f"{report['date'][:10]}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the panels
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
