@@ -279,3 +279,17 @@ def test_targets_are_judged_from_one_run():
         t["compared_with"] == "hf-pipeline"
         for t in judge_targets([r for r in rows if r["backend"] != "hf-pipeline"])
     )
+
+
+def test_optimum_backend_runs_with_a_thread_count(tiny_model_dir, tiny_onnx_dir, images, tmp_path):
+    """--threads reaches optimum's session; the pipeline once failed copying its SessionOptions."""
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(tiny_model_dir), "--onnx", str(tiny_onnx_dir),
+            "--images", str(images[0]), "--labels", str(images[1]), "--backends", "optimum",
+            "--threads", "1", "--batch-sizes", "2", "--runs", "1", "--model-runs", "2",
+            "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["status"] == "ok", row.get("reason")
+    assert row["threads"] == 1 and 0 <= row["mean_iou"] <= 1

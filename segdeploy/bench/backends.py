@@ -236,20 +236,24 @@ class PipelineRunner:
 
             self.pipe = pipeline("image-segmentation", model=str(model_dir), device="cpu")
         else:
+            import onnxruntime as ort
+            from optimum.onnxruntime import ORTModelForSemanticSegmentation
             from optimum.pipelines import pipeline
+            from transformers import AutoImageProcessor
 
-            model_kwargs = {"provider": "CPUExecutionProvider"}
+            opts = ort.SessionOptions()
             if threads:
-                import onnxruntime as ort
-
-                opts = ort.SessionOptions()
                 opts.intra_op_num_threads = threads
-                model_kwargs["session_options"] = opts
+            # The model is built here rather than through the pipeline's model_kwargs:
+            # the pipeline deep-copies those, and SessionOptions cannot be copied.
+            model = ORTModelForSemanticSegmentation.from_pretrained(
+                onnx_dir, provider="CPUExecutionProvider", session_options=opts
+            )
             self.pipe = pipeline(
                 "image-segmentation",
-                model=str(onnx_dir),
+                model=model,
+                image_processor=AutoImageProcessor.from_pretrained(onnx_dir),
                 accelerator="ort",
-                model_kwargs=model_kwargs,
             )
         config = self.pipe.model.config
         self.label2id = {str(k): int(v) for k, v in config.label2id.items()}
