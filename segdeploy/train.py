@@ -272,7 +272,22 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         write_model_folder(out, trainer.model, processor, metrics, train_args, history)
         if config.push_to_hub:
             result.pushed_to = _push(out, hub_repo)
+    _close_process_group()
     return result
+
+
+def _close_process_group() -> None:
+    """Under torchrun: wait for rank 0's writes, then close the process group.
+
+    Exiting with the gloo group still open let its threads abort a rank at
+    interpreter shutdown ("terminate called without an active exception",
+    SIGABRT) after a successful run, which failed the whole launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------
