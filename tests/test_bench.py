@@ -246,6 +246,25 @@ def test_parse_and_check_backends(tiny_onnx_dir, tmp_path):
     assert "no ONNX export" in check_backend(parse_backend("optimum"), None, tmp_path, cpu_only)
 
 
+def test_ratios_are_paired_by_round():
+    """A round on a slow machine slows both sides of a ratio; medians taken apart would not."""
+    from segdeploy.bench.run import paired_ratio, summarize
+
+    raw = {
+        "images": 10,
+        "end_to_end_s": [1.0, 1.0, 2.0],
+        "model_latency_s": [0.05, 0.1, 0.1],
+        "model_latency_s_by_round": [[0.05], [0.1], [0.1]],
+    }
+    row = summarize(raw, 1)
+    assert row["end_to_end_images_per_s_by_round"] == [10.0, 10.0, 5.0]
+    assert row["end_to_end_vs_model"] == pytest.approx(0.5)  # rounds: 10/20, 10/10, 5/10
+    assert row["end_to_end_vs_model_of_medians"] == pytest.approx(1.0)
+    base = {"end_to_end_images_per_s": 8.0, "end_to_end_images_per_s_by_round": [5.0, 10.0, 2.5]}
+    assert paired_ratio(row, base) == pytest.approx(2.0)  # 2, 1, 2
+    assert paired_ratio(row, {"end_to_end_images_per_s": 4.0}) == pytest.approx(2.5)
+
+
 def test_targets_are_judged_from_one_run():
     def row(backend, e2e, model=None, agree=None, miou=None):
         return {

@@ -144,11 +144,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(f(r) for _, f in COLUMNS) + " |")
     lines += [
         "",
-        "End to end = image files to label maps, images/s from the median run. For `onnx-*` it is "
+        "End to end = image files to label maps, images/s from the median pass. For `onnx-*` it is "
         "`segdeploy infer` on the folder (decoding, preprocessing, model, upsampling and writing "
         "the label PNGs and summary.json); the other backends stop at label maps in memory. "
-        "Model = the forward pass alone on preprocessed batches. Peak RSS = the high-water mark "
-        "of a fresh process per row. `= torch` = pixels whose label equals the `torch` backend's.",
+        "Model = the forward pass alone on preprocessed batches. e2e/model and the ratios "
+        "below are paired: the median over rounds of the ratio within a round (the machine's "
+        "speed drifts between rounds). Peak RSS = the high-water mark of a fresh process per "
+        "row. `= torch` = pixels whose label equals the `torch` backend's.",
     ]
     if report["targets"]:
         lines += [
