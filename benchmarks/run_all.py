@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=ROOT / "benchmarks" / "results" / "camvid_cpu.json"
     )
     parser.add_argument("--batch-sizes", default="1,4")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--model-runs", type=int, default=10)
     parser.add_argument("--no-int8", action="store_true", help="benchmark the fp32 graph only")
     parser.add_argument("--retrain", action="store_true", help="train again even if MODEL is there")
