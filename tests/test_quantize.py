@@ -160,6 +160,134 @@ def test_default_float_op_types_stay_float(int8, tiny_onnx_dir):
             assert src is None or src.op_type != "DequantizeLinear", node.name
 
 
+def test_graph_edits_for_speed(int8, tiny_onnx_dir):
+    """GELU fused, attention scale folded, Concat inputs at the Concat's parameters."""
+    path, report = int8
+    fp32 = onnx.load(str(tiny_onnx_dir / "model.onnx"))
+    model = onnx.load(str(path))
+    inits, producer = _graph_index(model)
+    edits, kernels = report["graph_edits"], report["cpu_kernels"]
+
+    n_erf = sum(n.op_type == "Erf" for n in fp32.graph.node)
+    assert edits["gelu_fused"] == n_erf > 0
+    assert kernels.get("Gelu") == n_erf and "Erf" not in kernels
+
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert edits["attention_scales_folded"] == len(softmaxes) > 0
+    for sm in softmaxes:  # scores flow straight from the MatMul: no Div left
+        assert producer[sm.input[0]].name in report["float_nodes"]["attention_scores"]
+    assert "Div" not in kernels
+
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    quantized_concats = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Concat" and producer[n.input[0]].op_type == "DequantizeLinear"
+    ]
+    assert quantized_concats and edits["concat_inputs_requantized"] > 0
+    for concat in quantized_concats:
+        (out_q,) = consumers[concat.output[0]]
+        want = [numpy_helper.to_array(inits[i]) for i in out_q.input[1:3]]
+        for name in concat.input:
+            got = [numpy_helper.to_array(inits[i]) for i in producer[name].input[1:3]]
+            assert got == want, concat.name
+
+
+def _run(model, feeds):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def test_attention_scale_fold_keeps_the_scores():
+    from onnx import TensorProto, helper
+
+    from segdeploy.quantize import _fold_attention_scales
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 256, (1, 2, 16, 8), dtype=np.uint8)
+    k = rng.integers(0, 256, (1, 2, 8, 16), dtype=np.uint8)
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "sq"),
+        numpy_helper.from_array(np.array(120, np.uint8), "zq"),
+        numpy_helper.from_array(np.array(0.03, np.float32), "sk"),
+        numpy_helper.from_array(np.array(130, np.uint8), "zk"),
+        numpy_helper.from_array(np.array(np.sqrt(8), np.float32), "c"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "sq", "zq"], ["qf"]),
+        helper.make_node("DequantizeLinear", ["k", "sk", "zk"], ["kf"]),
+        helper.make_node("MatMul", ["qf", "kf"], ["scores"], name="scores"),
+        helper.make_node("Div", ["scores", "c"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [
+            helper.make_tensor_value_info("q", TensorProto.UINT8, q.shape),
+            helper.make_tensor_value_info("k", TensorProto.UINT8, k.shape),
+        ],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, (1, 2, 16, 16))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = _run(model, {"q": q, "k": k})
+    assert _fold_attention_scales(model, ["scores"]) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("Div") == 0
+    np.testing.assert_allclose(_run(model, {"q": q, "k": k}), before, rtol=1e-5, atol=1e-7)
+    assert _fold_attention_scales(model, ["other"]) == 0  # only the named MatMuls
+
+
+def test_concat_inputs_quantized_once_to_the_output_parameters():
+    from onnx import TensorProto, helper
+
+    from segdeploy.quantize import _concat_inputs_share_output_params
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1, 1, (1, 4, 8, 8)).astype(np.float32)
+    b = rng.uniform(-3, 3, (1, 4, 8, 8)).astype(np.float32)
+    params = {"a": (2 / 255, 128), "b": (6 / 255, 128), "y": (6.5 / 255, 130)}
+    inits = []
+    for name, (scale, zero) in params.items():
+        inits.append(numpy_helper.from_array(np.array(scale, np.float32), f"s_{name}"))
+        inits.append(numpy_helper.from_array(np.array(zero, np.uint8), f"z_{name}"))
+    nodes = []
+    for name in "ab":
+        nodes.append(
+            helper.make_node("QuantizeLinear", [name, f"s_{name}", f"z_{name}"], [f"{name}q"])
+        )
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [f"{name}q", f"s_{name}", f"z_{name}"], [f"{name}d"]
+            )
+        )
+    nodes.append(helper.make_node("Concat", ["ad", "bd"], ["cat"], axis=1))
+    nodes.append(helper.make_node("QuantizeLinear", ["cat", "s_y", "z_y"], ["yq"]))
+    nodes.append(helper.make_node("DequantizeLinear", ["yq", "s_y", "z_y"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "concat",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape) for n in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 8, 8, 8))],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    exact = np.concatenate([a, b], axis=1)
+    before = _run(model, {"a": a, "b": b})
+    assert _concat_inputs_share_output_params(model) == 2
+    onnx.checker.check_model(model)
+    after = _run(model, {"a": a, "b": b})
+    # One rounding at the output's scale: within half a step everywhere, and never
+    # further from the float result than the two roundings before.
+    assert np.abs(after - exact).max() <= params["y"][0] / 2 + 1e-6
+    assert np.abs(after - exact).sum() <= np.abs(before - exact).sum()
+    assert _concat_inputs_share_output_params(model) == 0  # already shared
+
+
 def test_exclusions_by_type_and_name(tiny_onnx_dir, tmp_path):
     fp32 = onnx.load(str(tiny_onnx_dir / "model.onnx"))
     inits = {i.name for i in fp32.graph.initializer}
