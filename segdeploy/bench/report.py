@@ -177,7 +177,7 @@ def _target_value(t) -> str:
         return _pct(t["value"])
     if t["kind"] == "miou_drop":
         return f"{t['value']:+.4f}"
-    return f"{t['value']:.2f}x"
+    return f"{t['value']:.3f}x"  # 3 decimals: 1.597 must not print as a failing 1.60
 
 
 def _target_threshold(t) -> str:
