@@ -301,9 +301,11 @@ def export_onnx(
 
             built["int8"] = tmp / VARIANTS["int8"]
             batches = training_calibration_batches(model_dir, calibration_images)
-            write_json(
-                tmp / "quantization_int8.json", quantize_int8(built["fp32"], built["int8"], batches)
-            )
+            report = quantize_int8(built["fp32"], built["int8"], batches)
+            # Name the graphs where they will be, not in the temporary folder.
+            report["source"] = str(output / built["fp32"].name)
+            report["output"] = str(output / built["int8"].name)
+            write_json(tmp / "quantization_int8.json", report)
         if fuse_argmax:
             from segdeploy.fuse_argmax import fuse_argmax as fuse
 

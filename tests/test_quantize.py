@@ -416,4 +416,6 @@ def test_export_quantize_int8_writes_validates_and_reports(tiny_model_dir, tmp_p
     assert result.exit_code == (0 if report["passed"] else 1), result.output
     quant = json.loads((model / "onnx" / "quantization_int8.json").read_text())
     assert quant["calibration_images"] == 4
+    assert quant["output"] == str(model / "onnx" / "model_int8.onnx")  # not the temporary folder
+    assert quant["source"] == str(model / "onnx" / "model.onnx")
     assert (model / "onnx" / "model_int8.onnx").is_file()
