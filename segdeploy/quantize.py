@@ -565,12 +565,7 @@ def _fold_attention_scales(model, score_matmuls: Sequence[str]) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producer, consumers = _graph_index(graph)
     outputs = {o.name for o in graph.output}
     folded = 0
     for mm in [n for n in graph.node if n.name in set(score_matmuls)]:
@@ -623,12 +618,7 @@ def _concat_inputs_share_output_params(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producer, consumers = _graph_index(graph)
 
     def per_tensor(node) -> bool:
         return all(
@@ -662,6 +652,17 @@ def _concat_inputs_share_output_params(model) -> int:
             dq.input[1:3] = params
             changed += 1
     return changed
+
+
+def _graph_index(graph) -> tuple[dict, dict, dict[str, list]]:
+    """(initializers by name, the node producing each tensor, the nodes reading each tensor)."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return inits, producer, consumers
 
 
 def _drop_unused_initializers(model) -> None:
