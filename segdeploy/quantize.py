@@ -432,12 +432,8 @@ def _unshare_float_initializers(model) -> int:
 def _attention_score_matmuls(model) -> list[str]:
     """The Q.K^T MatMuls: both inputs are activations and the output goes (through the
     1/sqrt(d) scaling, if any) into a Softmax."""
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, _, consumers = _graph_index(model.graph)
+    consts = set(inits) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
 
     def feeds_softmax(tensor: str, hops: int) -> bool:
         for c in consumers.get(tensor, []):
@@ -674,24 +670,21 @@ def _drop_unused_initializers(model) -> None:
         model.graph.initializer.remove(init)
 
 
-def _restore_io(source, quantized) -> bool:
-    """Put back the fp32 graph's input and output declarations; True if any changed.
+def _restore_io(source, quantized) -> None:
+    """Put back the fp32 graph's input and output declarations.
 
     Symbolic shape inference (part of quant_pre_process) renames output dims, e.g.
     "height" becomes "floor(height/4 - 1/4) + 1" and "num_labels" a number; the
     int8 graph should declare exactly what the fp32 graph does.
     """
-    changed = False
     for src_list, dst_list in (
         (source.graph.input, quantized.graph.input),
         (source.graph.output, quantized.graph.output),
     ):
         declared = {v.name: v for v in src_list}
         for v in dst_list:
-            if v.name in declared and v != declared[v.name]:
+            if v.name in declared:
                 v.CopyFrom(declared[v.name])
-                changed = True
-    return changed
 
 
 def _check_same_io(source, quantized, where: Path) -> None:

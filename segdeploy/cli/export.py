@@ -58,7 +58,7 @@ from segdeploy.export import DEFAULT_OPSET
     type=click.IntRange(min=1),
     default=64,
     show_default=True,
-    help="Training images that set the int8 activation ranges (about 40 s for 64 at 512x512).",
+    help="Training images that set the int8 activation ranges (about 20 s for 64 at 512x512).",
 )
 @click.option(
     "--validate/--no-validate",
