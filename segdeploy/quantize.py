@@ -509,7 +509,7 @@ def _shapes_from_quantized(model) -> int:
     those DequantizeLinear nodes unused, so they are dropped. Returns the number
     of Shape nodes rewired.
     """
-    producer = {o: n for n in model.graph.node for o in n.output}
+    _, producer, _ = _graph_index(model.graph)
     rewired = 0
     for node in model.graph.node:
         if node.op_type != "Shape":
