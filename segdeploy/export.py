@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segdeploy.atomic import atomic_dir, write_json
+from segdeploy.atomic import atomic_dir, remove_stale_temporaries, write_json
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.segmenter import VARIANT_FILES
 
@@ -287,6 +287,7 @@ def export_onnx(
     if quantize is not None:
         check_quantize(model_dir, quantize, calibration_images)
 
+    remove_stale_temporaries(output.parent)  # `.onnx.tmp-<pid>-*` folders of killed exports
     graphs: dict[str, Path] = {}
     result = ExportResult(output=output, graphs=graphs, opset=opset, export_seconds=0.0)
     with atomic_dir(output) as tmp:
