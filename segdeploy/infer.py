@@ -13,6 +13,14 @@ is mirrored as OUTPUT/photos/<same sub-folders>/<stem>.png; a file input
 folder part, like a folder. Overlays are <stem>_overlay.jpg beside the labels.
 When a folder holds two images with the same stem (x.jpg, x.png) both keep
 their extension (x.jpg.png, x.png.png) so that neither overwrites the other.
+
+Safety rules (`Planner`, `check_plan`): every output name of a run is unique
+(a name still taken, e.g. by a file literally named x.png.png, gets -2, -3...
+in listing order, with a warning); outputs are built from normalised relative
+paths and must resolve inside OUTPUT; no output may be, or resolve to, an input
+file; an input named inside OUTPUT is refused; each folder is listed and each
+file segmented once per run. The run is planned in full before the first write,
+so a refusal (SegdeployError, exit status 2) comes before anything is written.
 """
 
 from __future__ import annotations
@@ -100,6 +108,8 @@ def iter_inputs(
                 if _inside_real(m, exclude):
                     continue  # an earlier run's outputs
                 rel = _glob_rel(base, m)
+                if os.pardir in m.parts:  # name it plainly in summary.json and messages
+                    m = Path(os.path.realpath(m))
                 if m.is_dir():
                     yield from _walk(m, rel, exclude, counts, listed)
                 elif is_image_name(m):
