@@ -253,9 +253,12 @@ class Planner:
         self.output = Path(output)
         self.out_real = Path(os.path.realpath(output))
         self.clean = clean
-        self.inputs: set[tuple[int, int]] = set()
+        # Compact per-item state, so that planning a million files stays in tens of MB:
+        # inputs as one int (device, inode); output names as their hash (a false match
+        # only renames one more output, it can never make two outputs share a name).
+        self.inputs: set[int] = set()
         self.duplicates = 0
-        self._names: set[str] = set()
+        self._names: set[int] = set()
         self._folders: set[PurePath] = set()
 
     def items(
@@ -278,7 +281,7 @@ class Planner:
 
     def _unique(self, item: Item) -> PurePath:
         out, n = item.out, 1
-        while str(out) in self._names:
+        while hash(str(out)) in self._names:
             n += 1
             out = item.out.with_name(f"{item.out.name}-{n}")
         if n > 1:
@@ -288,7 +291,7 @@ class Planner:
                 item.out,
                 out,
             )
-        self._names.add(str(out))
+        self._names.add(hash(str(out)))
         return out
 
     def _check_folder(self, rel: PurePath) -> None:
@@ -304,12 +307,13 @@ class Planner:
         self._folders.add(rel)
 
 
-def _file_key(path: Path) -> tuple[int, int] | None:
+def _file_key(path: Path) -> int | None:
+    """(st_dev, st_ino) packed in one int: the file's identity, through any links."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev << 64 | st.st_ino
 
 
 def check_plan(inputs: Sequence[str | os.PathLike], output: str | os.PathLike) -> int:
@@ -321,7 +325,7 @@ def check_plan(inputs: Sequence[str | os.PathLike], output: str | os.PathLike) -
     entries (for the progress bar). Costs one more listing and a stat per file.
     """
     planner = Planner(output)
-    existing: dict[tuple[int, int], Path] = {}  # outputs already on disk -> their path
+    existing: dict[int, Path] = {}  # outputs already on disk -> their path
     n = 0
     for item in planner.items(inputs):
         n += 1

@@ -23,7 +23,9 @@ from segdeploy.runtime.providers import PROVIDERS
     default="segdeploy-out",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...).",
+    help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...). It is "
+    "never read as input and must not hold the inputs: a run that would write over an input "
+    "file or outside OUTPUT exits with status 2 before writing anything.",
 )
 @click.option(
     "--provider",
