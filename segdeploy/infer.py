@@ -102,7 +102,7 @@ def iter_inputs(
         if glob.has_magic(text) and not path.exists():
             base = _glob_base(text)
             found = False
-            for match in glob.iglob(text, recursive=True):
+            for match in _iglob(text):
                 found = True
                 m = Path(match)
                 if _inside_real(m, exclude):
@@ -126,6 +126,26 @@ def iter_inputs(
             yield Failure(text, "not a regular file or folder")
         else:
             yield Failure(text, "no such file or folder")
+
+
+def _iglob(pattern: str) -> Iterator[str | Path]:
+    """Matches of `pattern`; `**` spans sub-folders without following symlinks to folders.
+
+    glob.iglob follows them under `**`, so one `ln -s .. loop/sub/up` makes it
+    run for ever; pathlib's `**` does not (its documented behaviour), so
+    patterns with `**` go through pathlib. Its `*` also matches hidden names,
+    which glob's does not: those are dropped to keep one rule for both.
+    """
+    if "**" not in Path(pattern).parts:
+        yield from glob.iglob(pattern, recursive=True)
+        return
+    path = Path(pattern)
+    root = Path(path.anchor) if path.is_absolute() else Path(".")
+    base = _glob_base(pattern)
+    for match in root.glob(str(path.relative_to(root)) if path.is_absolute() else pattern):
+        below = match.parts[len(base.parts) :] if base != Path(".") else match.parts
+        if not any(p.startswith(".") and p not in (".", "..") for p in below):
+            yield match
 
 
 def _glob_base(pattern: str) -> Path:

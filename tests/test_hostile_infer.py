@@ -148,6 +148,10 @@ def test_symlink_loops_end_and_each_file_is_segmented_once(tiny_onnx_dir, tmp_pa
     result = _infer(tiny_onnx_dir, "-o", str(tmp_path / "out2"), str(loop1 / "**" / "*.png"))
     assert result.exit_code == 0, result.output
     assert _summary(tmp_path / "out2")["totals"]["images"] == 1
+    # Two loops under a recursive glob (glob.iglob follows them for ever).
+    result = _infer(tiny_onnx_dir, "-o", str(tmp_path / "out3"), str(loop / "**" / "*.png"))
+    assert result.exit_code == 0, result.output
+    assert _summary(tmp_path / "out3")["totals"]["images"] == 2
 
 
 # -- 4. globs and files never read the output folder ----------------------------------------
