@@ -4,6 +4,12 @@ name or reported, and nothing the user owns is lost."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,3 +77,117 @@ def test_bench_torch_and_pipeline_rows_take_every_image_mode_as_infer_does(
         assert got.shape == want.shape == (40, 48)
         assert (got == want).mean() > 0.999, item.path.name  # the same RGB pixels as infer
     assert len(runner.model_inputs(items, 1)) == 1
+
+
+# ------------------------------------------------------------------ export / validate
+
+
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_export_of_truncated_safetensors_names_the_file(tiny_model_dir, tmp_path):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = CliRunner().invoke(main, ["export", str(model), "--no-validate"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {weights}: corrupt or truncated" in result.output
+    assert "unexpected" not in result.output and not (model / "onnx").exists()
+
+
+@pytest.mark.parametrize("garbage", [b"not a pickle" * 50, b"PK\x03\x04truncated zip"])
+def test_unloadable_pickle_weights_are_named_by_export_and_validate(
+    garbage, tiny_model_dir, tiny_onnx_dir, tmp_path
+):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    weights = model / "pytorch_model.bin"
+    weights.write_bytes(garbage)
+    runs = {
+        "export": ["export", str(model), "--no-validate"],
+        "validate": ["validate", str(tiny_onnx_dir), "--model", str(model)],
+    }
+    for name, args in runs.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (name, result.output)
+        assert f"error: {weights}: " in result.output, (name, result.output)
+        assert "unexpected" not in result.output
+
+
+def test_export_output_under_a_file_is_refused_before_work(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_model_dir), "--output", str(blocker / "onnx"), "--no-validate"]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"error: {blocker}: is a file" in result.output
+    assert blocker.read_text() == "mine"
+
+
+# Read-only mounts and full disks need a mount namespace: root (as in CI) can make one.
+NEED_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) to mount a read-only or tiny tmpfs in a private "
+    "mount namespace (chmod does not stop root from writing); CI runs as root",
+)
+
+
+def _in_mount(
+    mount: str, command: list[str], size: str = "1m", ro: bool = False, seed=None, show=None
+):
+    """Run the CLI with a fresh tmpfs at `mount` (optionally holding `seed`, then read-only).
+
+    Returns (exit status, stderr, names in `mount`, text of the file `show` afterwards).
+    """
+    steps = [f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(mount)}"]
+    if seed is not None:
+        steps.append(f"cp -r {shlex.quote(str(seed))} {shlex.quote(mount)}/")
+    if ro:
+        steps.append(f"mount -o remount,ro {shlex.quote(mount)}")
+    cli = " ".join(shlex.quote(c) for c in [sys.executable, "-m", "segdeploy", *command])
+    steps.append(f"{cli}; echo rc=$?; ls -A {shlex.quote(mount)} | sed 's/^/ls: /'")
+    if show is not None:
+        steps[-1] += f"; echo; echo show: $(cat {shlex.quote(str(show))})"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", " && ".join(steps[:-1]) + " && " + steps[-1]],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    if "rc=" not in done.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    rc = int(done.stdout.split("rc=")[1].split()[0])
+    listing = [ln[4:] for ln in done.stdout.splitlines() if ln.startswith("ls: ")]
+    shown = done.stdout.split("show: ", 1)[1].strip() if show is not None else None
+    return rc, done.stderr, listing, shown
+
+
+@NEED_ROOT
+def test_export_to_a_read_only_folder_is_refused_before_work(tiny_model_dir, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    rc, err, _, _ = _in_mount(
+        str(mount), ["export", str(tiny_model_dir), "--output", f"{mount}/onnx", "--no-validate"],
+        ro=True,
+    )  # fmt: skip
+    assert rc == 2, err
+    assert f"error: {mount}: cannot write --output here: Read-only file system" in err
+
+
+@NEED_ROOT
+def test_export_onto_a_full_disk_names_it_and_keeps_the_previous_export(tiny_model_dir, tmp_path):
+    mount, previous = tmp_path / "full", tmp_path / "onnx"
+    mount.mkdir()
+    previous.mkdir()
+    (previous / "model.onnx").write_bytes(b"the previous export")
+    rc, err, listing, kept = _in_mount(
+        str(mount), ["export", str(tiny_model_dir), "--output", f"{mount}/onnx", "--no-validate"],
+        size="300k", seed=previous, show=f"{mount}/onnx/model.onnx",
+    )  # fmt: skip
+    assert rc == 2, err
+    assert "No space left on device" in err and f"{mount}/onnx" in err
+    assert "unexpected" not in err and "Traceback" not in err
+    assert listing == ["onnx"]  # no temporary folder left beside it
+    assert kept == "the previous export"

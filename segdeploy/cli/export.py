@@ -99,6 +99,7 @@ def export(
     """
     from segdeploy.export import (
         check_opset,
+        check_output,
         check_provider,
         check_quantize,
         export_onnx,
@@ -108,6 +109,7 @@ def export(
     # All bad input is reported before the (possibly long) export starts.
     read_segformer_config(model_dir, need_weights=True)
     check_opset(opset)
+    check_output(model_dir, output if output is not None else model_dir / "onnx")
     if validate:
         check_provider(opts["provider"], opts["fallback"])
     if quantize is not None:
