@@ -61,13 +61,31 @@ def as_input_error(err: OSError, where: str | os.PathLike, note: str = "") -> Se
 
 @contextlib.contextmanager
 def environment_errors_as_input(where: str | os.PathLike, note: str = "") -> Iterator[None]:
-    """Turn environment OSErrors raised in the block into `as_input_error`; others pass."""
+    """Write failures in the block that the machine caused become SegdeployError.
+
+    An environment OSError names its file and reason. Libraries often hide a full
+    disk behind their own error (torch.save: "RuntimeError: ... unexpected pos");
+    then `where` is probed with a real write, and if the OS refuses it (no space,
+    read-only) that reason is the message. Any other error passes unchanged.
+    """
     try:
         yield
+    except SegdeployError:
+        raise
     except OSError as err:
         if not is_environment_error(err):
             raise
         raise as_input_error(err, where, note) from None
+    except Exception as err:
+        try:
+            check_writable(where, "files")
+        except SegdeployError as probe:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            tail = f"; {note}" if note else ""
+            raise SegdeployError(
+                where, f"{probe.problem.split(': ', 1)[-1]} (writing failed: {first}){tail}"
+            ) from err
+        raise
 
 
 _ENVIRONMENT_ERRNOS = {

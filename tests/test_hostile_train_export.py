@@ -191,3 +191,95 @@ def test_export_onto_a_full_disk_names_it_and_keeps_the_previous_export(tiny_mod
     assert "unexpected" not in err and "Traceback" not in err
     assert listing == ["onnx"]  # no temporary folder left beside it
     assert kept == "the previous export"
+
+
+# ------------------------------------------------------------------ train
+
+# The CLI spelling of test_train.small_config: scratch:tiny, 2 steps on 32 px synthetic images.
+TRAIN = ["train", "--model", "scratch:tiny", "--dataset", "synthetic:32", "--split", "train[:16]",
+         "--eval-split", "validation[:6]", "--max-steps", "2", "--eval-steps", "2",
+         "--batch-size", "2", "--image-size", "32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    result = CliRunner().invoke(main, [*TRAIN, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(finished_run, tmp_path):
+    from segdeploy.data.synthetic import write_synthetic_folder
+
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    before = _snapshot(out)
+    assert any(p.parts[0] == "checkpoints" for p in before)
+    data = write_synthetic_folder(tmp_path / "data", n_train=4, n_val=2, seed=0, size=32)
+    broken = sorted((data / "images" / "train").iterdir())[1]
+    broken.write_bytes(broken.read_bytes()[:40])
+    args = [*TRAIN[:4], str(data), "--split", "train", "--eval-split", "validation",
+            "--no-reduce-labels", *TRAIN[9:], "-o", str(out), "--overwrite"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert broken.name in result.output
+    assert _snapshot(out) == before  # the old checkpoints and model, byte for byte
+
+
+def test_resume_refuses_options_that_contradict_the_recorded_run(finished_run, tmp_path):
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    before = _snapshot(out)
+    args = [*TRAIN, "-o", str(out), "--resume", "--max-steps", "4", "--batch-size", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "--max-steps (made with max_steps=2, given 4)" in result.output
+    assert "--batch-size (made with batch_size=2, given 4)" in result.output
+    assert "--image-size" not in result.output  # only what differs is named
+    assert _snapshot(out) == before  # train_args.json still says how the model was made
+    # The same options resume (nothing left to train: it re-evaluates and rewrites).
+    result = CliRunner().invoke(main, [*TRAIN, "-o", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "train_args.json").read_text())["max_steps"] == 2
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_resume_from_a_corrupt_checkpoint_names_the_file(name, finished_run, tmp_path):
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    bad = out / "checkpoints" / "checkpoint-2" / name
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    result = CliRunner().invoke(main, [*TRAIN, "-o", str(out), "--resume"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {bad}: " in result.output and "unexpected" not in result.output
+
+
+def test_train_output_under_a_file_is_refused_before_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    result = CliRunner().invoke(main, [*TRAIN, "-o", str(blocker / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"error: {blocker}: is a file" in result.output and blocker.read_text() == "mine"
+
+
+@NEED_ROOT
+def test_train_into_a_read_only_folder_is_refused_before_work(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    rc, err, _, _ = _in_mount(str(mount), [*TRAIN, "-o", f"{mount}/run"], ro=True)
+    assert rc == 2, err
+    assert f"error: {mount}: cannot write --output-dir here: Read-only file system" in err
+    assert "eval_loss" not in err  # refused before training
+
+
+@NEED_ROOT
+def test_a_full_disk_at_a_checkpoint_names_the_folder_and_the_reason(tmp_path):
+    mount = tmp_path / "full"
+    mount.mkdir()
+    # 2 MB: room for the probe and the weights, not for the optimizer state.
+    rc, err, _, _ = _in_mount(str(mount), [*TRAIN, "-o", f"{mount}/run"], size="2m")
+    assert rc == 2, err
+    assert f"error: {mount}/run/checkpoints: No space left on device" in err
+    assert "error: unexpected" not in err
