@@ -87,7 +87,7 @@ def export(
     ORTModelForSemanticSegmentation load the folder as it is. Then validates each
     graph against the PyTorch model on the evaluation split recorded by `segdeploy
     train` (or --dataset/--split), writes validation.json, prints a table, and
-    exits with status 1 when the mean IoU changes by more than --tolerance.
+    exits with status 1 when a validation rule fails (see `segdeploy validate --help`).
 
     \b
     Examples:
