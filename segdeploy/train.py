@@ -300,7 +300,8 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
             "segdeploy_version": __version__,
             "transformers_version": transformers.__version__,
         }
-        write_model_folder(out, trainer.model, processor, metrics, train_args, history)
+        with environment_errors_as_input(out, "the previous model files, if any, are kept"):
+            write_model_folder(out, trainer.model, processor, metrics, train_args, history)
         if config.push_to_hub:
             result.pushed_to = _push(out, hub_repo)
     _close_process_group()
