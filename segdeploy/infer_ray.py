@@ -79,6 +79,11 @@ def import_ray():
         import ray.data  # noqa: F401  (the extra installs both; check the data part too)
     except ImportError:
         raise SegdeployError("--engine ray", f"Ray is not installed: {INSTALL_HINT}") from None
+    # Ray sets up its loggers on import, at INFO (plan and timing of every dataset);
+    # follow segdeploy's verbosity instead (-v shows them).
+    level = logging.getLogger("segdeploy").getEffectiveLevel()
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING) if level > 10 else level)
     return ray
 
 
@@ -283,7 +288,11 @@ def _connect(ray, address: str | None, progress: bool) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray here; True if we did."""
     if ray.is_initialized():  # a Ray user's own session (or a test's): use it as it is
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": progress}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": progress,
+        "logging_level": logging.WARNING,  # not Ray's start-up chatter on every run
+    }
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -432,6 +441,11 @@ def run_infer_ray(
     return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
 
 
+def _actor_pool(ray, actors: int | tuple[int, int]):
+    lo, hi = actors if isinstance(actors, tuple) else (actors, actors)
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+
+
 def _dataset(ray, rows, probe, out: Path, overlay: bool, actors, gpu: bool, model_kwargs: dict):
     """The three stages over `rows`; lazy until iterated."""
     batch_size = model_kwargs["batch_size"]
@@ -453,7 +467,7 @@ def _dataset(ray, rows, probe, out: Path, overlay: bool, actors, gpu: bool, mode
         _ModelStage,
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=actors,
+        compute=_actor_pool(ray, actors),
         num_gpus=1 if gpu else 0,
         num_cpus=1,
         fn_constructor_kwargs=model_kwargs,
