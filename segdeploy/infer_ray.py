@@ -29,6 +29,7 @@ paths).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -72,8 +73,20 @@ _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
 _NO_LABELS = np.zeros((0, 0), np.uint8)
 
 
-def import_ray():
-    """The `ray` module, or a SegdeployError saying how to install it."""
+#: Ray's own switch (meant for laptops) that keeps a local Ray on the loopback: without
+#: it Ray replaces 127.0.0.1 by the machine's network address. Read when Ray is imported.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def import_ray(*, loopback: bool = False):
+    """The `ray` module, or a SegdeployError saying how to install it.
+
+    `loopback`: a Ray started by this process will listen on 127.0.0.1 only
+    (when Ray is imported here for the first time).
+    """
+    if loopback and "ray" not in sys.modules:
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         import ray
         import ray.data  # noqa: F401  (the extra installs both; check the data part too)
@@ -294,11 +307,41 @@ def _connect(ray, address: str | None, progress: bool) -> bool:
         "logging_level": logging.WARNING,  # not Ray's start-up chatter on every run
     }
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SegdeployError("--ray-address", f"cannot join {address}: {first}") from None
     else:
         # A private single-machine cluster on this machine's cores, on the loopback only.
         ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     return True
+
+
+def _segdeploy_error(err: BaseException) -> SegdeployError | None:
+    """The SegdeployError inside a Ray exception (task error, user-code error), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, SegdeployError):
+            return SegdeployError(err.where, err.problem)  # a plain one, not Ray's hybrid
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+def _gpu_actors(ray, provider: str, fallback: bool) -> bool:
+    """Whether model actors each hold a GPU; a GPU provider on a GPU-less cluster is refused
+    (the actors would wait for a GPU forever) unless --fallback lets them run on CPUs."""
+    if provider not in GPU_PROVIDERS:
+        return False
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return True
+    if fallback:
+        log.warning("the Ray cluster has no GPU: --fallback runs the model actors on CPUs")
+        return False
+    raise SegdeployError(
+        "--provider", f"{provider} needs a GPU, and the Ray cluster has none (add --fallback)"
+    )
 
 
 def _default_actors(ray, provider: str) -> int:
@@ -332,14 +375,12 @@ def run_infer_ray(
     `address`: a Ray cluster (default $RAY_ADDRESS; neither: Ray starts here on
     this machine's cores). `actors`: model actors, N or (MIN, MAX).
     """
-    from tqdm import tqdm
-
     from segdeploy.runtime.segmenter import Segmenter
 
-    ray = import_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray = import_ray(loopback=not address)
     if not inputs:
         raise SegdeployError("INPUT", "give at least one file, folder or glob")
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address and not Path(output).is_absolute():
         raise SegdeployError(
             output,
@@ -348,28 +389,58 @@ def run_infer_ray(
         )
     check_top_names(inputs)
     provider = provider.lower()
-    gpu = provider in GPU_PROVIDERS
     # The model as the actors will load it, checked here (CPU) so that a missing model
     # or variant exits with status 2 before the cluster is touched; its header fields
     # (graph, classes) go into summary.json.
     graph_variant = "fp16" if fp16 and variant == "fp32" and provider != "tensorrt" else variant
-    batch_size = batch_size or (16 if gpu else 4)
+    batch_size = batch_size or (16 if provider in GPU_PROVIDERS else 4)
     probe = Segmenter(
         model_dir, "cpu", graph_variant, threads=1, batch_size=batch_size, max_pixels=max_pixels
     )
     out = Path(output).absolute()
     if out.exists() and not out.is_dir():
         raise SegdeployError(out, "--output exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty()
+    model_kwargs = {
+        "model_dir": str(Path(model_dir).absolute()),
+        "provider": provider,
+        "variant": variant,
+        "fallback": fallback,
+        "threads": threads,
+        "trt_cache": str(Path(trt_cache).absolute()) if trt_cache else None,
+        "fp16": fp16,
+        "batch_size": batch_size,
+        "max_pixels": max_pixels,
+    }
+    started = _connect(ray, address, progress)
+    try:
+        # Checked before OUTPUT is made: a job that cannot run writes nothing.
+        gpu = _gpu_actors(ray, provider, fallback)
+        if actors is None:
+            actors = _default_actors(ray, provider if gpu else "cpu")
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        out.mkdir(parents=True, exist_ok=True)
+        stages = functools.partial(
+            _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
+            model_kwargs=model_kwargs,
+        )  # fmt: skip
+        return _drive(inputs, out, probe, stages, overlay, skip_existing, provider, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress):
+    """List the inputs, run `stages(rows)` on the rest, and stream the records into
+    summary.json (also when interrupted, marked so)."""
+    from tqdm import tqdm
 
     counts: dict[str, int] = {"ignored": 0}
     records = _Records(out)
     bar = tqdm(unit="img", disable=not progress, dynamic_ncols=True)
     providers_seen: set[str] = set()
     interrupted = False
-    started = False
     start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
@@ -395,24 +466,7 @@ def run_infer_ray(
         bar.total = records.done + records.skipped + records.failed + len(rows)
         bar.refresh()
         if rows:
-            started = _connect(ray, address, progress)
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = progress
-            model_kwargs = {
-                "model_dir": str(Path(model_dir).absolute()),
-                "provider": provider,
-                "variant": variant,
-                "fallback": fallback,
-                "threads": threads,
-                "trt_cache": str(Path(trt_cache).absolute()) if trt_cache else None,
-                "fp16": fp16,
-                "batch_size": batch_size,
-                "max_pixels": max_pixels,
-            }
-            if actors is None:
-                actors = _default_actors(ray, provider)
-            ds = _dataset(ray, rows, probe, out, overlay, actors, gpu, model_kwargs)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in stages(rows).iter_batches(batch_size=None, batch_format="numpy"):
                 for rec, prov_name, model_s in zip(
                     batch["record"], batch["provider"], batch["model_s"], strict=True
                 ):
@@ -424,18 +478,22 @@ def run_infer_ray(
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: the files written so far are complete; stopping")
+    except Exception as err:
+        # A bad option met on the workers (e.g. a provider that a node lacks) arrives
+        # wrapped in Ray's errors: hand the CLI its one line, not Ray's trace.
+        cause = _segdeploy_error(err)
+        if cause is None:
+            raise
+        raise cause from None
     finally:
         bar.close()
         wall = time.perf_counter() - start
-        provider_name = ",".join(sorted(providers_seen)) or provider
-        header = summary_header(probe, provider_name, interrupted)
+        header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
         totals = summary_totals(records, counts["ignored"], wall)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:
             records.close()
-            if started:
-                ray.shutdown()
     if interrupted:
         raise KeyboardInterrupt
     return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
@@ -446,7 +504,7 @@ def _actor_pool(ray, actors: int | tuple[int, int]):
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
-def _dataset(ray, rows, probe, out: Path, overlay: bool, actors, gpu: bool, model_kwargs: dict):
+def _dataset(ray, rows, *, probe, out: Path, overlay: bool, actors, gpu: bool, model_kwargs: dict):
     """The three stages over `rows`; lazy until iterated."""
     batch_size = model_kwargs["batch_size"]
     # Small blocks: outputs appear (and resume has something to skip) from the first

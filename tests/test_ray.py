@@ -27,6 +27,7 @@ from PIL import Image
 from segdeploy.atomic import TMP_MARKER
 from segdeploy.cli import main
 from segdeploy.data.synthetic import synthetic_sample
+from segdeploy.infer_ray import LOOPBACK_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers")
@@ -35,6 +36,8 @@ HEAVY = ("torch", "transformers")
 @pytest.fixture(scope="module")
 def ray_cluster():
     """The address of a 2-CPU Ray cluster on the loopback, shut down after the module."""
+    saved = {k: os.environ.get(k) for k in ["PYTHONPATH", *LOOPBACK_ENV]}
+    os.environ.update(LOOPBACK_ENV)  # before Ray is imported: see LOOPBACK_ENV
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     # Workers are started by this process and inherit its environment: this checkout first.
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -49,9 +52,15 @@ def ray_cluster():
     )
     session = Path(ctx.address_info["session_dir"]).name
     try:
+        assert ctx.address_info["gcs_address"].startswith("127.0.0.1:")
         yield ctx.address_info["gcs_address"]
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     deadline = time.monotonic() + 15
     while _processes_of(session) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -249,39 +258,56 @@ def test_segment_batch_adds_label_maps_to_a_dataset(ray_cluster, tiny_onnx_dir, 
         assert np.array_equal(row["mask"], seg.predict(row["file"]))
 
 
-def test_ray_workers_are_torch_free(ray_cluster, tiny_onnx_dir, tmp_path):
-    """The Ray path in a fresh driver and inside a Ray worker imports neither torch nor
-    transformers (this test process has both loaded, so it is checked elsewhere)."""
+def test_private_ray_is_on_the_loopback_and_torch_free(tiny_onnx_dir, tmp_path):
+    """`--engine ray` without an address starts its own Ray on 127.0.0.1; neither its
+    driver nor a Ray worker imports torch or transformers (this test process has both
+    loaded, hence a fresh interpreter)."""
     Image.fromarray(synthetic_sample(0, seed=1, size=(32, 48))[0]).save(tmp_path / "a.png")
     code = textwrap.dedent(
         f"""
-        import json, sys, ray
-        import segdeploy.infer_ray, segdeploy.cli
+        import json, sys
+        import ray
+        from segdeploy.cli import main
 
         HEAVY = {set(HEAVY)!r}
+        seen = {{}}
 
         def heavy():
             return sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 
         @ray.remote
         def in_worker(model, image):
-            from segdeploy.infer_ray import SegmentBatch, decode_batch
-            seg = SegmentBatch(model, provider="cpu")
-            out = seg({{"image": [image]}})
+            from segdeploy.infer_ray import SegmentBatch
+            out = SegmentBatch(model, provider="cpu")({{"image": [image]}})
             assert out["labels"][0].shape == (32, 48)
             return heavy()
 
-        ray.init(address={ray_cluster!r}, logging_level="WARNING", log_to_driver=False)
-        worker = ray.get(in_worker.remote({str(tiny_onnx_dir)!r}, {str(tmp_path / "a.png")!r}))
-        print("HEAVY=" + json.dumps({{"driver": heavy(), "worker": worker}}))
+        def spy_init(*args, _init=ray.init, **kwargs):  # the command's own ray.init
+            ctx = _init(*args, **kwargs)
+            seen["node"] = ctx.address_info["node_ip_address"]
+            seen["gcs"] = ctx.address_info["gcs_address"]
+            seen["worker"] = ray.get(in_worker.remote({str(tiny_onnx_dir)!r}, sys.argv[1]))
+            return ctx
+
+        ray.init = spy_init
+        code = main(["infer", "--engine", "ray", "--model", {str(tiny_onnx_dir)!r},
+                     sys.argv[1], "-o", "out"], standalone_mode=False)
+        seen["driver"] = heavy()
+        print("SEEN=" + json.dumps(seen))
+        sys.exit(code or 0)
         """
     )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOOPBACK_ENV)}
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+        [sys.executable, "-c", code, str(tmp_path / "a.png")],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY=")][-1]
-    assert json.loads(line[len("HEAVY=") :]) == {"driver": [], "worker": []}
+    line = [x for x in proc.stdout.splitlines() if x.startswith("SEEN=")][-1]
+    seen = json.loads(line[len("SEEN=") :])
+    assert seen["node"] == "127.0.0.1" and seen["gcs"].startswith("127.0.0.1:")
+    assert seen["driver"] == [] and seen["worker"] == []
+    assert (tmp_path / "out" / "a.png").is_file()
 
 
 def test_without_ray_installed_exits_2_saying_how_to_install(tiny_onnx_dir, tmp_path):
@@ -325,3 +351,33 @@ def test_engine_options_are_checked(tiny_onnx_dir, tmp_path, monkeypatch, args, 
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.output
     assert not (tmp_path / "segdeploy-out").exists() and not (tmp_path / "relative").exists()
+
+
+def test_gpu_provider_on_a_gpu_less_cluster_is_refused(ray_cluster, tiny_onnx_dir, tmp_path):
+    """Actors that need a GPU would wait forever here: one line, exit 2, nothing written."""
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["--engine", "ray", "--ray-address", ray_cluster, "--model", str(tiny_onnx_dir)]
+    result = _infer(*args, "--provider", "cuda", str(tmp_path / "a.png"), "-o", str(out))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --provider: cuda needs a GPU, and the Ray cluster has none (add --fallback)"
+    ]
+    assert not out.exists()
+
+
+def test_errors_raised_on_workers_reach_the_cli_as_one_line():
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+    from segdeploy.errors import SegdeployError
+    from segdeploy.infer_ray import _segdeploy_error
+
+    cause = SegdeployError("--provider", "CUDA is not installed on this node")
+    wrapped = ray.exceptions.RayTaskError("MapWorker.submit", "Traceback ...", cause)
+    for err in (wrapped, wrapped.as_instanceof_cause()):
+        try:
+            raise RuntimeError("the job failed") from err
+        except RuntimeError as outer:
+            found = _segdeploy_error(outer)
+        assert type(found) is SegdeployError and str(found) == str(cause)
+    assert _segdeploy_error(RuntimeError("a bug")) is None
