@@ -266,8 +266,10 @@ def test_private_ray_is_on_the_loopback_and_torch_free(tiny_onnx_dir, tmp_path):
     code = textwrap.dedent(
         f"""
         import json, sys
-        import ray
         from segdeploy.cli import main
+        from segdeploy.infer_ray import import_ray
+
+        ray = import_ray(loopback=True)  # as the command imports it, to spy on its ray.init
 
         HEAVY = {set(HEAVY)!r}
         seen = {{}}
