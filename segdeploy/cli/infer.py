@@ -145,8 +145,7 @@ def infer(
     Example:
       segdeploy infer --model models/segformer photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
-      segdeploy infer --engine ray --ray-address HEAD:6379 --provider cuda \
-          --actors 2-8 /shared/photos -o /shared/masks
+      segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
 
     A file that cannot be read (corrupt, not an image, empty, too large) is
     reported and skipped; the exit status is then 1. A missing model or
