@@ -419,7 +419,10 @@ def run_infer_ray(
         gpu = _gpu_actors(ray, provider, fallback)
         if actors is None:
             actors = _default_actors(ray, provider if gpu else "cpu")
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        # One progress bar, the local engine's (images done); Ray's per-stage bars off,
+        # and its notice that they are off with them.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         out.mkdir(parents=True, exist_ok=True)
         stages = functools.partial(
             _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
