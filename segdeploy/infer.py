@@ -473,6 +473,35 @@ class _Records:
         self.path.unlink(missing_ok=True)
 
 
+def summary_header(seg, provider: str, interrupted: bool) -> dict[str, Any]:
+    """summary.json's header; every engine writes the same keys (`seg`: a Segmenter)."""
+    return {
+        "model": str(seg.onnx_path),
+        "variant": seg.variant,
+        "provider": provider,
+        "num_labels": seg.num_labels,
+        "id2label": {str(k): v for k, v in seg.id2label.items()},
+        "batch_size": seg.batch_size,
+        "interrupted": interrupted,
+    }
+
+
+def summary_totals(records: _Records, ignored: int, wall: float) -> dict[str, Any]:
+    """summary.json's totals from the records of a run that took `wall` seconds."""
+    return {
+        "images": records.done,
+        "skipped": records.skipped,
+        "failed": records.failed,
+        "ignored_non_images": ignored,
+        "seconds": round(wall, 3),
+        "images_per_s": round(records.done / wall, 3) if wall > 0 else None,
+        "model_seconds": round(records.model_s, 3),
+        "model_images_per_s": round(records.done / records.model_s, 3)
+        if records.model_s > 0
+        else None,
+    }
+
+
 # -- the pipeline ----------------------------------------------------------------------
 
 
@@ -660,27 +689,8 @@ def run_infer(
                     record(fut.result())
         bar.close()
         wall = time.perf_counter() - start
-        header = {
-            "model": str(seg.onnx_path),
-            "variant": seg.variant,
-            "provider": seg.provider,
-            "num_labels": seg.num_labels,
-            "id2label": {str(k): v for k, v in seg.id2label.items()},
-            "batch_size": seg.batch_size,
-            "interrupted": interrupted,
-        }
-        totals = {
-            "images": records.done,
-            "skipped": records.skipped,
-            "failed": records.failed,
-            "ignored_non_images": counts["ignored"],
-            "seconds": round(wall, 3),
-            "images_per_s": round(records.done / wall, 3) if wall > 0 else None,
-            "model_seconds": round(records.model_s, 3),
-            "model_images_per_s": round(records.done / records.model_s, 3)
-            if records.model_s > 0
-            else None,
-        }
+        header = summary_header(seg, seg.provider, interrupted)
+        totals = summary_totals(records, counts["ignored"], wall)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:
