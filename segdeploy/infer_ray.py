@@ -1,7 +1,8 @@
 """`segdeploy infer --engine ray`: the same job as `segdeploy.infer.run_infer` on Ray Data.
 
-The driver plans once, exactly as the local engine does (`iter_inputs`: the
-same file list, output names and exclusions; `--skip-existing` checks), and
+The driver plans once, exactly as the local engine does (`check_plan` and
+`Planner`: the same file list, unique output names inside OUT, no input
+overwritten, symlink loops listed once; `--skip-existing` checks), and
 turns the images left to do into a dataset of (input path, output name) rows.
 Three Ray Data stages then run wherever the cluster has room:
 
@@ -42,19 +43,21 @@ from typing import Any
 
 import numpy as np
 
-from segdeploy.atomic import atomic_path
+from segdeploy.atomic import atomic_path, remove_stale_temporaries
 from segdeploy.errors import SegdeployError
 from segdeploy.infer import (
     SUMMARY_NAME,
     Failure,
     Item,
+    Planner,
     _existing_record,
     _Records,
+    check_plan,
     check_top_names,
     class_shares,
-    iter_inputs,
     label_path,
     overlay_path,
+    prepare_output,
     save_labels,
     summary_header,
     summary_totals,
@@ -398,8 +401,9 @@ def run_infer_ray(
         model_dir, "cpu", graph_variant, threads=1, batch_size=batch_size, max_pixels=max_pixels
     )
     out = Path(output).absolute()
-    if out.exists() and not out.is_dir():
-        raise SegdeployError(out, "--output exists and is not a folder")
+    # The local engine's planning, so the same rules keep user files safe: nothing is
+    # written when an output would replace an input or leave OUT.
+    check_plan(inputs, out)
     if progress is None:
         progress = sys.stderr.isatty()
     model_kwargs = {
@@ -423,7 +427,8 @@ def run_infer_ray(
         # and its notice that they are off with them.
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_output(out)
+        remove_stale_temporaries(out)
         stages = functools.partial(
             _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
             model_kwargs=model_kwargs,
@@ -454,7 +459,7 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
 
     try:
         rows = []
-        for item in iter_inputs(inputs, exclude=out, counts=counts):
+        for item in Planner(out, clean=True).items(inputs, counts):
             if isinstance(item, Failure):
                 record({"input": item.path, "reason": item.reason})
                 continue
