@@ -229,7 +229,9 @@ def _upernet_swin_tiny() -> dict[str, Any]:
 
 
 def _upernet_tiny() -> dict[str, Any]:
-    return _upernet(dict(model_type="convnext", hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]), 16, 16)
+    return _upernet(
+        dict(model_type="convnext", hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]), 16, 16
+    )
 
 
 def _upernet_tiny_swin() -> dict[str, Any]:
