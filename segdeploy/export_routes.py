@@ -41,16 +41,35 @@ def check_opset(family: Family, opset: int) -> None:
         )
 
 
-def export_size(config) -> tuple[int, int]:
-    """The (height, width) a graph is traced at: the config's image_size (square), else 512.
+def export_size(config, model_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """The (height, width) a graph is traced at: the config's image_size, else the size the
+    folder's image processor produces, else 512.
 
     For a family whose spatial axes are fixed this is the only size the graph accepts,
-    and the size infer must resize to.
+    and the size infer must resize to (BEiT/Data2VecVision run only at image_size).
     """
-    size = getattr(config, "image_size", None) or 512
-    if isinstance(size, list | tuple):
-        return int(size[0]), int(size[-1])
-    return int(size), int(size)
+    size = getattr(config, "image_size", None)
+    if size:
+        if isinstance(size, list | tuple):
+            return int(size[0]), int(size[-1])
+        return int(size), int(size)
+    processed = _processor_output_size(Path(model_dir)) if model_dir is not None else None
+    return processed or (512, 512)
+
+
+def _processor_output_size(model_dir: Path) -> tuple[int, int] | None:
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "preprocessor_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = cfg.get("crop_size") if cfg.get("do_center_crop") else cfg.get("size")
+    if isinstance(size, dict) and {"height", "width"} <= set(size):
+        return int(size["height"]), int(size["width"])
+    if isinstance(size, dict) and "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    return None
 
 
 def export_model(
@@ -70,7 +89,9 @@ def export_model(
     opset = family.default_opset if opset is None else opset
     check_opset(family, opset)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = ROUTES[family.route](model_dir, out_dir, family, opset, size or export_size(config))
+    path = ROUTES[family.route](
+        model_dir, out_dir, family, opset, size or export_size(config, model_dir)
+    )
     for name in COPIED_FILES:
         if not (out_dir / name).is_file() and (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)

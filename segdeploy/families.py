@@ -52,6 +52,7 @@ class Family:
     min_opset_why: str  # said when a lower --opset is refused
     default_opset: int
     dynamic_spatial: bool  # may height/width be dynamic axes of the exported graph?
+    square_only: bool  # does the model itself accept only height == width?
     fixed_size_why: str | None  # why not, when not: what the graph would get wrong
     logits_stride: int  # logits are input / stride (per side), for its scratch configs
     scratch: Mapping[str, Callable[[], dict[str, Any]]] = field(repr=False)  # size -> kwargs
@@ -268,6 +269,7 @@ FAMILIES: dict[str, Family] = {
             min_opset_why="its bilinear resize needs ONNX Resize with half-pixel coordinates (opset 11)",
             default_opset=LAYERNORM_OPSET,
             dynamic_spatial=True,
+            square_only=False,
             fixed_size_why=None,
             logits_stride=4,
             scratch={s: _segformer(s) for s in ("b0", "b1", "b2", "b3", "b4", "b5", "tiny")},
@@ -287,6 +289,7 @@ FAMILIES: dict[str, Family] = {
             min_opset_why="it is a ViT: below 17 LayerNorm is not one ONNX node",
             default_opset=LAYERNORM_OPSET,
             dynamic_spatial=True,
+            square_only=True,
             fixed_size_why=None,
             logits_stride=1,
             scratch={"large": _dpt_large, "tiny": _dpt_tiny},
@@ -295,6 +298,9 @@ FAMILIES: dict[str, Family] = {
                 "transformers 4.57: DPTForSemanticSegmentation's loss raises UnboundLocalError "
                 "when use_auxiliary_head=False (the auxiliary loss is computed unconditionally); "
                 "check_trainable() refuses that setting",
+                "DPT's ViT reassembles its tokens on a square grid: the model (torch itself) "
+                "raises at non-square inputs (RuntimeError: shape '[2, 6, 6, 32]' is invalid at "
+                "96x128), so infer must feed square images",
             ),
         ),
         Family(
@@ -311,6 +317,7 @@ FAMILIES: dict[str, Family] = {
             "adaptive_avg_pool2d, so it goes through torch's dynamo exporter (opset 18)",
             default_opset=DYNAMO_OPSET,
             dynamic_spatial=False,
+            square_only=False,
             fixed_size_why=_VIT_FIXED,
             logits_stride=4,
             scratch={"base": _beit_base, "tiny": _beit_tiny},
@@ -330,6 +337,7 @@ FAMILIES: dict[str, Family] = {
             "adaptive_avg_pool2d, so it goes through torch's dynamo exporter (opset 18)",
             default_opset=DYNAMO_OPSET,
             dynamic_spatial=False,
+            square_only=False,
             fixed_size_why=_VIT_FIXED,
             logits_stride=4,
             scratch={"base": _data2vec_base, "tiny": _beit_tiny},
@@ -348,8 +356,10 @@ FAMILIES: dict[str, Family] = {
             min_opset_why="its bilinear resize needs ONNX Resize with half-pixel coordinates (opset 11)",
             default_opset=LAYERNORM_OPSET,
             dynamic_spatial=False,
+            square_only=False,
             fixed_size_why="tf_padding computes TensorFlow 'SAME' padding from the input size in "
-            "Python: the traced graph keeps the traced size's padding",
+            "Python, so a traced graph keeps the traced size's padding: a dynamic graph traced "
+            "at 64x64 gave 12x12 logits at 100x100 where torch gives 13x13",
             logits_stride=8,
             scratch={"1.0-513": _mobilenet_v2_513, "tiny": _mobilenet_v2_tiny},
             real_sizes=("1.0-513",),
@@ -368,6 +378,7 @@ FAMILIES: dict[str, Family] = {
             min_opset_why="its transformer blocks' LayerNorm is one ONNX node from opset 17",
             default_opset=LAYERNORM_OPSET,
             dynamic_spatial=True,
+            square_only=False,
             fixed_size_why=None,
             logits_stride=16,
             scratch={"small": _mobilevit_small, "tiny": _mobilevit_tiny},
@@ -390,6 +401,7 @@ FAMILIES: dict[str, Family] = {
             "is ONNX Col2Im, which exists from opset 18",
             default_opset=DYNAMO_OPSET,
             dynamic_spatial=True,
+            square_only=False,
             fixed_size_why=None,
             logits_stride=8,
             scratch={"1.0": _mobilevitv2_10, "tiny": _mobilevitv2_tiny},
@@ -410,6 +422,7 @@ FAMILIES: dict[str, Family] = {
             "adaptive_avg_pool2d, so it goes through torch's dynamo exporter (opset 18)",
             default_opset=DYNAMO_OPSET,
             dynamic_spatial=False,
+            square_only=False,
             fixed_size_why="the pyramid pooling's adaptive_avg_pool2d is traced into fixed "
             "pooling windows: a graph traced at 64x64 was silently wrong at 96x128",
             logits_stride=1,
