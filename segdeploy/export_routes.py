@@ -175,8 +175,7 @@ def export_torch_dynamo(
     from transformers import AutoModelForSemanticSegmentation
 
     model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True)
-    model.eval()
-    wrapper = _LogitsOnly(model)
+    wrapper = _logits_only(model.eval())
     # Batch 2, not 1: the exporter would specialise a traced dimension of 1.
     example = torch.randn(2, 3, *size)
     dims = {0: torch.export.Dim("batch_size", min=1, max=1024)}
@@ -200,12 +199,12 @@ def export_torch_dynamo(
     return _graph(out_dir)
 
 
-def _logits_only_class():
+def _logits_only(model):
+    """model wrapped as forward(pixel_values) -> logits, in eval mode: the exporter needs a
+    tensor, not a ModelOutput, and exports what the wrapper's own mode says."""
     import torch
 
     class LogitsOnly(torch.nn.Module):
-        """forward(pixel_values) -> logits: the exporters need a tensor, not a ModelOutput."""
-
         def __init__(self, model):
             super().__init__()
             self.model = model
@@ -213,11 +212,7 @@ def _logits_only_class():
         def forward(self, pixel_values):
             return self.model(pixel_values=pixel_values, return_dict=False)[0]
 
-    return LogitsOnly
-
-
-def _LogitsOnly(model):  # noqa: N802 - reads as the class it builds
-    return _logits_only_class()(model)
+    return LogitsOnly(model).eval()
 
 
 def _graph(out_dir: Path) -> Path:
