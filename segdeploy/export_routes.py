@@ -103,6 +103,10 @@ def export_optimum(
 ) -> Path:
     from optimum.exporters.onnx import main_export
 
+    if (
+        not family.dynamic_spatial
+    ):  # no registered family needs it: main_export would fix the batch too
+        raise ValueError(f"{family.name}: the optimum route writes dynamic spatial axes only")
     # do_validation=False: segdeploy validates on real images after the export.
     main_export(
         str(model_dir),
@@ -115,10 +119,6 @@ def export_optimum(
         height=size[0],
         width=size[1],
     )
-    if not family.dynamic_spatial:
-        raise NotImplementedError(  # no registered family needs it; fix axes like the others
-            f"{family.name}: the optimum route writes dynamic spatial axes"
-        )
     return _graph(out_dir)
 
 

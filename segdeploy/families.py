@@ -406,7 +406,8 @@ FAMILIES: dict[str, Family] = {
             logits_stride=8,
             scratch={"1.0": _mobilevitv2_10, "tiny": _mobilevitv2_tiny},
             real_sizes=("1.0",),
-            int8_float_op_types=("Softmax", "GroupNormalization"),
+            # Its GroupNorm(1 group) reaches ONNX as Reshape + InstanceNormalization.
+            int8_float_op_types=("Softmax", "InstanceNormalization"),
         ),
         Family(
             model_type="upernet",
@@ -445,12 +446,14 @@ def supported() -> str:
 
 def family_of(config_or_model_type: Any) -> Family:
     """The entry for a model_type, a config object, a config.json dict or a model folder."""
-    model_type = _model_type(config_or_model_type)
+    obj = config_or_model_type
+    model_type = _model_type(obj)
     try:
         return FAMILIES[model_type]
     except KeyError:
+        is_path = isinstance(obj, os.PathLike) or (isinstance(obj, str) and os.path.exists(obj))
         raise SegdeployError(
-            None,
+            os.fspath(obj) if is_path else None,
             f"model_type {model_type!r} is not supported; segdeploy supports {supported()}",
         ) from None
 
@@ -458,19 +461,27 @@ def family_of(config_or_model_type: Any) -> Family:
 def _model_type(obj: Any) -> str:
     if isinstance(obj, str) and obj in FAMILIES:
         return obj
-    if isinstance(obj, os.PathLike) or (isinstance(obj, str) and os.sep in obj):
-        import json
-        from pathlib import Path
-
-        path = Path(obj)
-        path = path / "config.json" if path.is_dir() else path
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise SegdeployError(path, f"unreadable config: {err}") from None
+    if isinstance(obj, str | os.PathLike) and os.path.exists(obj):
+        obj = _read_config(obj)
     if isinstance(obj, Mapping):
         return str(obj.get("model_type"))
     return str(getattr(obj, "model_type", obj))
+
+
+def _read_config(path: str | os.PathLike) -> dict:
+    """config.json of a model folder (or the file itself) as a dict."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SegdeployError(path, f"unreadable config: {err}") from None
+    if not isinstance(config, dict):
+        raise SegdeployError(path, "not a JSON object")
+    return config
 
 
 # ---------------------------------------------------------------------------

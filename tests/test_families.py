@@ -124,6 +124,15 @@ def test_unsupported_model_type_is_one_line_naming_the_supported():
     assert all(t in message for t in GUIDE)
 
 
+def test_unsupported_folder_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(SegdeployError, match=f"^{tmp_path}: model_type 'vit' is not supported"):
+        family_of(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(SegdeployError, match="unreadable config"):
+        family_of(tmp_path)
+
+
 def test_unknown_scratch_id_names_the_choices():
     with pytest.raises(SegdeployError, match="mobilevit-small"):
         parse_scratch("mobilevit-huge")
