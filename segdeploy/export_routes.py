@@ -84,10 +84,10 @@ def export_model(
     from transformers import AutoConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    family = family_of(config)
+    family = family_of(model_dir)  # before transformers: a one-line refusal, not a traceback
     opset = family.default_opset if opset is None else opset
     check_opset(family, opset)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = ROUTES[family.route](
         model_dir, out_dir, family, opset, size or export_size(config, model_dir)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from segdeploy.data.synthetic import synthetic_sample
 from segdeploy.errors import SegdeployError
-from segdeploy.export_routes import check_opset, export_model
+from segdeploy.export_routes import check_opset, export_model, export_size
 from segdeploy.families import FAMILIES
 from segdeploy.runtime.processors import processor_from_dir
 from segdeploy.runtime.upsample import upsample_argmax
@@ -164,3 +164,27 @@ def test_export_refuses_a_low_opset_before_any_work(tmp_path):
     with pytest.raises(SegdeployError, match="Col2Im"):
         export_model(tmp_path / "model", tmp_path / "onnx", opset=17)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_export_refuses_an_unsupported_folder(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(
+        SegdeployError, match="'vit' is not supported; segdeploy supports segformer"
+    ):
+        export_model(tmp_path / "model", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_export_size_comes_from_the_config_then_the_processor(tmp_path):
+    from segdeploy.families import scratch_config
+
+    beit = scratch_config("beit", "tiny", {0: "a"})
+    assert export_size(beit) == (SIDE, SIDE)
+    upernet = scratch_config("upernet", "tiny", {0: "a"})  # no image_size
+    assert export_size(upernet, tmp_path) == (512, 512)  # no processor either
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"do_center_crop": true, "crop_size": {"height": 48, "width": 80}, '
+        '"size": {"shortest_edge": 64}}'
+    )
+    assert export_size(upernet, tmp_path) == (48, 80)
