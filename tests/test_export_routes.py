@@ -104,6 +104,10 @@ def test_logits_equal_torch_at_a_second_size_when_dynamic(exported):
     pixels = pixels.astype(np.float32)
     if FAMILIES[model_type].dynamic_spatial:
         assert close(*ex.both(pixels)) <= 1e-3
+        if FAMILIES[model_type].square_only:  # like torch, the graph fails loudly off-square
+            off_square = np.zeros((1, 3, 96, 128), np.float32)
+            with pytest.raises(Exception, match="Reshape"):
+                ex.session.run(["logits"], {"pixel_values": off_square})
     else:  # fixed axes: refused, never silently wrong
         with pytest.raises(Exception, match="(?i)invalid dimensions"):
             ex.session.run(["logits"], {"pixel_values": pixels})
