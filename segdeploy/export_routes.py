@@ -192,8 +192,9 @@ def export_torch_dynamo(
             output_names=[OUTPUT_NAME],
             dynamic_shapes={INPUT_NAME: dims},
             external_data=False,
-            optimize=True,
-            verify=False,
+            optimize=True,  # 1076 -> 202 nodes on tiny BEiT, +5 s of a 23 s export
+            verify=False,  # segdeploy validates on real images after the export
+            verbose=False,  # None prints the exporter's progress to stdout
         )
     program.save(path, external_data=False)
     return _graph(out_dir)
