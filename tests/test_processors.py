@@ -92,6 +92,16 @@ def test_equal_to_transformers_slow_processor(kind, cfg):
         assert geometry.original == (image.height, image.width)
 
 
+@pytest.mark.parametrize("kind", ["MobileNetV2ImageProcessor", "MobileViTImageProcessor"])
+def test_legacy_int_sizes_read_as_transformers_reads_them(kind):
+    raw = {"size": 70, "crop_size": 64}  # an int size is the shortest edge, an int crop square
+    reference = getattr(transformers, kind)(**raw)
+    ours = processor_from_dict({"image_processor_type": kind, **raw})
+    image = photo(0, (97, 61), "RGB")
+    expected = reference(images=image, return_tensors="np")["pixel_values"][0]
+    assert np.array_equal(ours(image)[0], expected)
+
+
 def test_every_processor_of_the_registry_is_reproduced():
     from segdeploy.families import FAMILIES
 

@@ -260,6 +260,8 @@ def _shortest_or_fixed(cfg: Mapping, where, default) -> Callable | None:
     if not cfg.get("do_resize", True):
         return None
     size = cfg.get("size", default)
+    if isinstance(size, int):  # legacy configs: transformers reads an int as shortest_edge here
+        return shortest_edge(size)
     if isinstance(size, Mapping) and "shortest_edge" in size:
         return shortest_edge(int(size["shortest_edge"]))
     return fixed_size(*_hw(size, where, None))
