@@ -70,7 +70,7 @@ from segdeploy.runtime.providers import PROVIDERS
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     default=None,
     help="Threads that decode/preprocess and upsample/write, each  [default: min(4, cores)].",
 )

@@ -122,8 +122,18 @@ class PendingMask:
     def __init__(self, batch: _BatchOutput, index: int, size: tuple[int, int], fused: bool):
         self._batch, self._index, self.size, self._fused = batch, index, size, fused
 
+    @property
+    def fused(self) -> bool:
+        """True when `raw()` is already the label map (argmax fused into the graph)."""
+        return self._fused
+
+    def raw(self) -> np.ndarray:
+        """This image's model output on the host, before upsampling: logits [C, h, w],
+        or the (H, W) labels of a fused graph. What another process needs to finish it."""
+        return self._batch.host()[self._index]
+
     def __call__(self) -> np.ndarray:
-        out = self._batch.host()[self._index]
+        out = self.raw()
         if self._fused:
             return out
         return upsample_argmax(out, self.size)
