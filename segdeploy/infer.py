@@ -18,6 +18,7 @@ their extension (x.jpg.png, x.png.png) so that neither overwrites the other.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import logging
@@ -211,7 +212,7 @@ class _Records:
         self.path = output / f".summary{TMP_MARKER}{os.getpid()}.jsonl"
         self._f = self.path.open("w", encoding="utf-8")
         self.done = self.skipped = self.failed = 0
-        self.model_s = 0.0
+        self.broken = False  # a write failed: later records are dropped
 
     def add(self, rec: dict[str, Any]) -> None:
         if "reason" in rec:
@@ -240,7 +241,8 @@ class _Records:
             out.write(f'  "totals": {json.dumps(totals)}\n}}\n')
 
     def close(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # a full disk fails the last flush: removed anyway
+            self._f.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -311,7 +313,16 @@ def run_infer(
     def record(rec: dict[str, Any]) -> None:
         if "reason" in rec:
             log.error("%s: %s", rec["input"], rec["reason"])
-        records.add(rec)
+        if records.broken:
+            return  # the records file cannot grow (disk full): the run is stopping
+        try:
+            records.add(rec)
+        except OSError as err:
+            records.broken = True
+            fatal = pipeline.fatal_error(err, records.path)
+            if fatal is None:
+                raise
+            raise pipeline.Stop(fatal) from None
         bar.update(1)
 
     def entries() -> Iterator[pipeline.Job | dict[str, Any]]:
@@ -393,7 +404,7 @@ def _write_summary(records: _Records, dest: Path, header: dict, totals: dict) ->
     try:
         records.write_summary(dest, header, totals)
     except OSError as err:
-        return f"cannot write {err.filename or dest}: {err.strerror or err}"
+        return f"cannot write {dest}: {err.strerror or err}"
     finally:
         records.close()
     return None

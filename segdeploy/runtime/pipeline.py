@@ -224,47 +224,60 @@ def class_shares(labels: np.ndarray, id2label: dict[int, str]) -> list[dict[str,
 
 # -- worker side -----------------------------------------------------------------------
 
-#: The run's StageConfig inside a worker process, set once by `_init_worker`, so that it
-#: is not pickled with every task (ProcessPoolExecutor has no other per-worker state).
-_WORKER_CONFIG: StageConfig | None = None
+#: Per-process state of a worker (ProcessPoolExecutor has no other place for it): the
+#: run's StageConfig, set once by `_init_worker` so that it is not pickled with every
+#: task, and whether a task is running (see `_on_sigterm`).
+_WORKER: dict[str, Any] = {"cfg": None, "busy": False}
 
 
 def _init_worker(cfg: StageConfig) -> None:
-    global _WORKER_CONFIG
-    # The parent handles Ctrl-C (sent to the whole process group) and SIGTERM: it lets
-    # the writes in flight finish, then shuts the workers down.
+    # Ctrl-C reaches the whole process group: the parent alone decides what finishes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _WORKER_CONFIG = cfg
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _WORKER["cfg"] = cfg
 
 
-def _prepare_chunk(paths: Sequence[Path], cfg: StageConfig | None) -> list[Prepared | str]:
-    cfg = cfg or _WORKER_CONFIG
-    out: list[Prepared | str] = []
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (the executor stopping a broken pool, or a whole process group being
+    stopped): an idle worker exits at once; a busy one abandons its chunk, whose files
+    are complete or not there (atomic writes), and returns what it finished."""
+    if _WORKER["busy"]:
+        raise KeyboardInterrupt
+    os._exit(0)
+
+
+def _worker_task(fn: Callable, items: Sequence) -> list:
+    _WORKER["busy"] = True
+    done: list = []
+    try:
+        done.extend(fn(items, _WORKER["cfg"]))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _WORKER["busy"] = False
+    return done
+
+
+def _prepare_chunk(paths: Sequence[Path], cfg: StageConfig) -> Iterator[Prepared | str]:
     for path in paths:
         try:
-            out.append(prepare_image(path, cfg))
+            yield prepare_image(path, cfg)
         except SegdeployError as err:
-            out.append(err.problem)
-    return out
+            yield err.problem
 
 
-def _finish_chunk(tasks: Sequence[tuple], cfg: StageConfig | None) -> list[Finished | Fatal | str]:
-    cfg = cfg or _WORKER_CONFIG
-    out: list[Finished | Fatal | str] = []
+def _finish_chunk(tasks: Sequence[tuple], cfg: StageConfig) -> Iterator[Finished | Fatal | str]:
     for raw, size, label, overlay, image, fused in tasks:
         try:
-            out.append(
-                finish_image(raw, size, label, cfg, fused=fused, overlay=overlay, image=image)
-            )
+            yield finish_image(raw, size, label, cfg, fused=fused, overlay=overlay, image=image)
         except OSError as err:
-            if err.errno in FATAL_ERRNOS:
-                out.append(Fatal(err.filename or str(label), err.strerror or str(err)))
-                break  # the rest of the chunk would fail the same way
-            out.append(f"cannot write outputs: {err}")
+            fatal = fatal_error(err, label)
+            if fatal is not None:
+                yield fatal
+                return  # the rest of the chunk would fail the same way
+            yield f"cannot write outputs: {err}"
         except (SegdeployError, ValueError) as err:
-            out.append(f"cannot write outputs: {err}")
-    return out
+            yield f"cannot write outputs: {err}"
 
 
 # -- the engine ------------------------------------------------------------------------
@@ -318,6 +331,7 @@ class _Pool:
     def __init__(self, workers: int, cfg: StageConfig):
         self.workers, self.cfg = workers, cfg
         self.generation = 0
+        self.stopping = False  # interrupted: a broken pool is not restarted
         self._ex = self._start()
 
     def _start(self) -> ProcessPoolExecutor | None:
@@ -340,21 +354,23 @@ class _Pool:
         if self._ex is None:
             fut: Future = Future()
             try:
-                fut.set_result(fn(items, self.cfg))
+                fut.set_result(list(fn(items, self.cfg)))
             except Exception as err:  # a bug: re-raised by result(), as from a worker
                 fut.set_exception(err)
             return fut, self.generation
         try:
-            return self._ex.submit(fn, items, None), self.generation
+            return self._ex.submit(_worker_task, fn, items), self.generation
         except BrokenProcessPool:
             self._restart()
-            return self._ex.submit(fn, items, None), self.generation
+            return self._ex.submit(_worker_task, fn, items), self.generation
 
     def result(self, handle: tuple[Future, int], fn: Callable, items: list) -> list:
         fut, generation = handle
         try:
             return fut.result()
         except BrokenProcessPool:
+            if self.stopping:
+                return []  # the run is ending: these items are not done, like the queued ones
             if generation == self.generation:
                 self._restart()
             return [self._alone(fn, item) for item in items]
@@ -406,8 +422,21 @@ class _InOrder:
         self._held.clear()
 
 
-class _Stop(Exception):
-    """A fatal write error: stop submitting work."""
+class Stop(Exception):
+    """A fatal write error (disk full, read-only): the run stops submitting work.
+
+    Raised by the engine, and by a `record` callback that cannot store a record."""
+
+    def __init__(self, fatal: Fatal):
+        super().__init__(f"{fatal.path}: {fatal.reason}")
+        self.fatal = fatal
+
+
+def fatal_error(err: OSError, path: str | os.PathLike) -> Fatal | None:
+    """The Fatal for an OSError that no retry can fix, else None."""
+    if err.errno in FATAL_ERRNOS:
+        return Fatal(str(err.filename or path), err.strerror or str(err))
+    return None
 
 
 def run(
@@ -444,10 +473,14 @@ def run(
             decoding.append((part, pool.submit(_prepare_chunk, [j.path for _, j in part])))
 
     def take_decoded() -> None:
-        part, handle = decoding.popleft()
+        part, handle = decoding[0]
         results = pool.result(handle, _prepare_chunk, [j.path for _, j in part])
+        decoding.popleft()  # only now: Ctrl-C while waiting leaves it to be cancelled
+        results += [None] * (len(part) - len(results))  # a worker stopped by SIGTERM
         for (seq, job), res in zip(part, results, strict=True):
-            if isinstance(res, str):
+            if res is None:
+                ordered.skip(seq)
+            elif isinstance(res, str):
                 ordered.put(seq, {"input": str(job.path), "reason": res})
             else:
                 waiting.append((seq, job, res))
@@ -471,23 +504,23 @@ def run(
             take_written()
 
     def take_written() -> None:
-        part, tasks, handle = writing.popleft()
+        part, tasks, handle = writing[0]
         results = pool.result(handle, _finish_chunk, tasks)
-        results += [None] * (len(part) - len(results))  # after a Fatal: not attempted
-        stop = False
+        writing.popleft()  # only now: Ctrl-C while waiting leaves it to be recorded
+        results += [None] * (len(part) - len(results))  # not attempted: after a Fatal, SIGTERM
+        stop: Fatal | None = None
         for (seq, job, p, model_s), res in zip(part, results, strict=True):
             if isinstance(res, Finished):
                 ordered.put(seq, _record(output, job, p, model_s, res, outcome))
             elif isinstance(res, str):
                 ordered.put(seq, {"input": str(job.path), "reason": res})
-            elif isinstance(res, Fatal) and outcome.stopped is None:
-                outcome.stopped = res
-                stop = True
+            elif isinstance(res, Fatal) and outcome.stopped is None and stop is None:
+                stop = res
                 ordered.put(seq, {"input": str(job.path), "reason": f"{res.path}: {res.reason}"})
             else:  # not written because the run stopped: no record, as if interrupted
                 ordered.skip(seq)
-        if stop:
-            raise _Stop
+        if stop is not None:
+            raise Stop(stop)
 
     try:
         try:
@@ -508,23 +541,28 @@ def run(
                 run_model(len(waiting))
             while writing:
                 take_written()
-        except (KeyboardInterrupt, _Stop) as stop:
+        except (KeyboardInterrupt, Stop) as stop:
             if isinstance(stop, KeyboardInterrupt):
                 outcome.interrupted = True
                 log.warning("interrupted: finishing the images being written, then stopping")
             else:
-                log.error("%s: %s; stopping the run", outcome.stopped.path, outcome.stopped.reason)
+                outcome.stopped = stop.fatal
+                log.error("%s; stopping the run", stop)
             # Queued decodes are dropped; masks the model has already computed are still
             # written (cheap, and saves the model time on resume). Every file is written
             # atomically, so whatever the moment, no partial file stays.
+            pool.stopping = True
             pool.cancel(h for _, h in decoding)
             decoding.clear()
             while writing:
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(Stop):
                     take_written()
     finally:
         pool.close()
-        ordered.drain()
+        try:
+            ordered.drain()
+        except Stop as stop:  # the records cannot be stored either
+            outcome.stopped = outcome.stopped or stop.fatal
     return outcome
 
 
