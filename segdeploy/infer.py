@@ -285,6 +285,7 @@ def run_infer(
     check_top_names(inputs)
     if workers is not None and workers < 0:
         raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
+    workers = pipeline.default_workers() if workers is None else workers
     seg = segmenter or Segmenter(
         model_dir,
         provider,
@@ -295,12 +296,12 @@ def run_infer(
         fp16=fp16,
         batch_size=batch_size,
         max_pixels=max_pixels,
+        spin=workers == 0,  # worker processes need the cores ONNX Runtime would spin on
     )
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise SegdeployError(out, "--output exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    workers = pipeline.default_workers() if workers is None else workers
     cfg = pipeline.StageConfig.for_segmenter(seg, overlay=overlay)
     if progress is None:
         progress = sys.stderr.isatty()

@@ -82,11 +82,14 @@ WORKER_DIED = "worker process died while processing this image"
 
 
 def default_workers() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup)."""
+    """One worker process per core this process may run on (its CPU affinity: taskset,
+    a cgroup's cpuset), or 0 (in-process) on a single core, where passing arrays between
+    processes only costs: measured 1.1-1.25x faster in-process pinned to one core."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return cores if cores > 1 else 0
 
 
 # -- stages ----------------------------------------------------------------------------

@@ -149,7 +149,8 @@ class Segmenter:
     one raises SegdeployError unless `fallback` (TensorRT -> CUDA -> CPU).
     `fp16`: TensorRT builds fp16 engines; on CUDA and CPU it selects the fp16
     graph (same as variant="fp16"). `batch_size` is the largest batch the model
-    runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads.
+    runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads;
+    `spin=False` lets them sleep when idle (other processes share the cores).
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class Segmenter:
         batch_size: int | None = None,
         device_id: int = 0,
         max_pixels: int | None = MAX_PIXELS,
+        spin: bool = True,
     ):
         import onnxruntime as ort
 
@@ -194,6 +196,7 @@ class Segmenter:
             image_size=self.preprocessor.size,
             device_id=device_id,
             available=available,
+            spin=spin,
         )
         self.provider = prov.active_provider(self.session)
         self.device_id = device_id
