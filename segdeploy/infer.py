@@ -344,9 +344,10 @@ def run_infer(
     outcome = pipeline.Outcome(workers=workers)
     with pipeline.stop_signals() as signals:
         try:
-            outcome = pipeline.run(entries(), seg, out, cfg=cfg, workers=workers, record=record)
+            outcome = pipeline.run(
+                entries(), seg, out, cfg=cfg, workers=workers, record=record, stop=signals
+            )
         finally:
-            signals.defer()  # a SIGTERM now waits until summary.json is written
             bar.close()
             wall = time.perf_counter() - start
             header = {

@@ -79,6 +79,8 @@ STAGES = (
 #: A write error with one of these stops the run: no later write can succeed either.
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WORKER_DIED = "worker process died while processing this image"
+#: How often a wait on the workers looks for a stop signal.
+POLL_S = 0.05
 
 
 def default_workers() -> int:
@@ -253,8 +255,8 @@ def _init_worker(cfg: StageConfig) -> None:
 
 def _on_sigterm(signum, frame) -> None:
     """SIGTERM (the executor stopping a broken pool, or a whole process group being
-    stopped): an idle worker exits at once; a busy one abandons its chunk, whose files
-    are complete or not there (atomic writes), and returns what it finished."""
+    stopped) ends the worker: at once when idle; when busy, after unwinding its task,
+    so that the file being written is removed (atomic writes), never left half done."""
     if _WORKER["busy"]:
         raise KeyboardInterrupt
     os._exit(0)
@@ -262,14 +264,12 @@ def _on_sigterm(signum, frame) -> None:
 
 def _worker_task(fn: Callable, items: Sequence) -> list:
     _WORKER["busy"] = True
-    done: list = []
     try:
-        done.extend(fn(items, _WORKER["cfg"]))
+        return list(fn(items, _WORKER["cfg"]))
     except KeyboardInterrupt:
-        pass
+        os._exit(0)  # the files finished are complete; the parent sees a broken pool
     finally:
         _WORKER["busy"] = False
-    return done
 
 
 def _prepare_chunk(paths: Sequence[Path], cfg: StageConfig) -> Iterator[Prepared | str]:
@@ -342,11 +342,23 @@ class _Pool:
     """Worker processes (none for workers=0: then tasks run at once in the caller),
     restarted when one dies."""
 
-    def __init__(self, workers: int, cfg: StageConfig):
-        self.workers, self.cfg = workers, cfg
+    def __init__(self, workers: int, cfg: StageConfig, stop: Callable[[], bool] | None):
+        self.workers, self.cfg, self._stop = workers, cfg, stop
         self.generation = 0
         self.stopping = False  # interrupted: a broken pool is not restarted
         self._ex = self._start()
+
+    def checkpoint(self) -> None:
+        """Raise KeyboardInterrupt here if a stop signal came (not while stopping)."""
+        if self._stop is not None and not self.stopping and self._stop():
+            raise KeyboardInterrupt
+
+    def _wait(self, fut: Future) -> Any:
+        while True:
+            try:
+                return fut.result(timeout=POLL_S)
+            except TimeoutError:
+                self.checkpoint()
 
     def _start(self) -> ProcessPoolExecutor | None:
         if self.workers == 0:
@@ -381,7 +393,7 @@ class _Pool:
     def result(self, handle: tuple[Future, int], fn: Callable, items: list) -> list:
         fut, generation = handle
         try:
-            return fut.result()
+            return self._wait(fut)
         except BrokenProcessPool:
             if self.stopping:
                 return []  # the run is ending: these items are not done, like the queued ones
@@ -393,7 +405,7 @@ class _Pool:
         """Run one item on its own: if the pool breaks again, this item did it."""
         fut, _ = self.submit(fn, [item])
         try:
-            return fut.result()[0]
+            return self._wait(fut)[0]
         except BrokenProcessPool:
             self._restart()
             return WORKER_DIED
@@ -461,18 +473,20 @@ def run(
     cfg: StageConfig,
     workers: int,
     record: Callable[[dict], None],
+    stop: Callable[[], bool] | None = None,
 ) -> Outcome:
     """Segment every Job of `entries`; `record` gets each record in input order.
 
     A dict in `entries` is a ready record (a failure found while listing, a
-    skipped image) passed on in its place. Ctrl-C (KeyboardInterrupt) stops
-    the decoding, lets the masks the model has already computed be written,
-    and returns with `interrupted` set; a full disk likewise with `stopped`.
+    skipped image) passed on in its place. Ctrl-C (KeyboardInterrupt, or
+    `stop()` turning true: see `stop_signals`) stops the decoding, lets the
+    masks the model has already computed be written, and returns with
+    `interrupted` set; a full disk likewise with `stopped`.
     """
     outcome = Outcome(workers=workers)
     size = seg.batch_size
     window = max(workers, 1) + 2  # chunks in flight on each side of the model
-    pool = _Pool(workers, cfg)
+    pool = _Pool(workers, cfg, stop)
     ordered = _InOrder(record)
     chunk: list[tuple[int, Job]] = []
     decoding: deque[tuple[list, tuple]] = deque()
@@ -539,6 +553,7 @@ def run(
     try:
         try:
             for entry in entries:
+                pool.checkpoint()
                 seq = next(counter)
                 if isinstance(entry, dict):
                     ordered.put(seq, entry)
@@ -550,6 +565,7 @@ def run(
                     take_decoded()
             submit_chunk()
             while decoding:
+                pool.checkpoint()
                 take_decoded()
             if waiting:
                 run_model(len(waiting))
@@ -603,27 +619,27 @@ def _record(output: Path, job: Job, p: Prepared, model_s: float, res: Finished, 
 
 
 class _Signals:
+    """Ctrl-C and SIGTERM, remembered by the handler and acted on by the engine at points
+    where its bookkeeping is whole (a KeyboardInterrupt raised anywhere could drop the
+    record of a file a worker has just written)."""
+
     def __init__(self):
-        self.raising = True
         self.pending = False
 
     def handler(self, signum, frame) -> None:
-        if self.raising:
-            raise KeyboardInterrupt
         self.pending = True
 
-    def defer(self) -> None:
-        """From now on a signal is remembered, not raised (while the summary is written)."""
-        self.raising = False
+    def __call__(self) -> bool:
+        return self.pending
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[_Signals]:
-    """SIGTERM stops a run as Ctrl-C does (KeyboardInterrupt in the main thread).
+    """SIGINT and SIGTERM stop a run alike: pass the yielded object as `run(stop=...)`.
 
-    After `.defer()` both signals are held until the block ends and then
-    raised, so that the summary is written whole. Outside the main thread
-    (where Python cannot install handlers) this does nothing.
+    One that arrives after the run (while the summary is written) is raised as
+    KeyboardInterrupt when the block ends. Outside the main thread (where
+    Python cannot install handlers) this changes nothing.
     """
     state = _Signals()
     if threading.current_thread() is not threading.main_thread():
