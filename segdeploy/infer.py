@@ -1,11 +1,11 @@
 """`segdeploy infer`: segment files, folders and globs with ONNX Runtime, torch-free.
 
-Three stages overlap: worker threads decode and preprocess images, the calling
-thread runs the model batch by batch, and worker threads upsample, write the
-label PNGs (and overlays) and measure the classes. Every queue between them is
-bounded and the input list is streamed, so memory does not grow with the
-number of images. Per-image records go to a temporary JSON-lines file and are
-streamed into `summary.json` at the end.
+This module plans a run (inputs, output paths, --skip-existing, summary.json);
+`segdeploy.runtime.pipeline` executes it: worker processes decode, preprocess,
+upsample and write, the main process runs the model batch by batch, every
+queue is bounded and the input list is streamed, so memory does not grow with
+the number of images. Per-image records go to a temporary JSON-lines file and
+are streamed into `summary.json` at the end.
 
 Output layout (OUTPUT defaults to ./segdeploy-out): a folder input `photos/`
 is mirrored as OUTPUT/photos/<same sub-folders>/<stem>.png; a file input
