@@ -10,7 +10,10 @@ machine's CPU. Every step is the project's own command, run as a user would:
    graphs today's code writes; --reuse-export skips it when MODEL/onnx has
    both graphs and is newer than the weights (an int8 graph made by older
    code once slipped into a table that way);
-3. `segdeploy bench` on CamVid val, every backend, batch sizes 1 and 4.
+3. `segdeploy bench` on CamVid val, every backend, batch sizes 1 and 4;
+4. `benchmarks/bench_pipeline.py`: how `segdeploy infer`'s host pipeline scales
+   with cores (tiny model, CamVid train + val), to
+   benchmarks/results/pipeline_cpu.{json,md}.
 
 Why 512x512 (SegFormer's and the guide's input size), though a smaller size
 trains several times faster: at 512 the model is most of the end-to-end time,
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             "--output", rel(args.output),
         ]
     )  # fmt: skip
-    return 0
+    pipeline = [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py")]
+    print("$ " + shlex.join(["python", "benchmarks/bench_pipeline.py"]), flush=True)
+    return subprocess.run(pipeline, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """`segdeploy infer`: segment files, folders and globs with ONNX Runtime, torch-free.
 
-Three stages overlap: worker threads decode and preprocess images, the calling
-thread runs the model batch by batch, and worker threads upsample, write the
-label PNGs (and overlays) and measure the classes. Every queue between them is
-bounded and the input list is streamed, so memory does not grow with the
-number of images. Per-image records go to a temporary JSON-lines file and are
-streamed into `summary.json` at the end.
+This module plans a run (inputs, output paths, --skip-existing, summary.json);
+`segdeploy.runtime.pipeline` executes it: worker processes decode, preprocess,
+upsample and write, the main process runs the model batch by batch, every
+queue is bounded and the input list is streamed, so memory does not grow with
+the number of images. Per-image records go to a temporary JSON-lines file and
+are streamed into `summary.json` at the end.
 
 Output layout (OUTPUT defaults to ./segdeploy-out): a folder input `photos/`
 is mirrored as OUTPUT/photos/<same sub-folders>/<stem>.png; a file input
@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -45,9 +44,9 @@ from PIL import Image
 
 from segdeploy.atomic import TMP_MARKER, atomic_path, remove_stale_temporaries
 from segdeploy.errors import SegdeployError
+from segdeploy.runtime import pipeline
 from segdeploy.runtime.image_io import MAX_PIXELS, is_image_name
-from segdeploy.runtime.palette import overlay as blend_overlay
-from segdeploy.runtime.palette import palette_for
+from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
 
 log = logging.getLogger(__name__)
 
@@ -391,29 +390,6 @@ def overlay_path(output: Path, item: Item) -> Path:
     return output / item.out.with_name(item.out.name + OVERLAY_SUFFIX)
 
 
-def save_labels(path: Path, labels: np.ndarray) -> None:
-    """8-bit PNG when ids fit, else 16-bit; atomically."""
-    if labels.dtype == np.uint8:
-        im = Image.fromarray(labels, mode="L")
-    elif labels.max(initial=0) < 1 << 16:
-        im = Image.fromarray(labels.astype(np.uint16))  # mode I;16: a 16-bit PNG
-    else:
-        raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
-    with atomic_path(path) as tmp:
-        # Level 1: label maps are flat, so they compress well even at the fastest setting.
-        im.save(tmp, format="PNG", compress_level=1)
-
-
-def class_shares(labels: np.ndarray, id2label: dict[int, str]) -> list[dict[str, Any]]:
-    counts = np.bincount(labels.ravel(), minlength=len(id2label))
-    total = max(int(labels.size), 1)
-    present = [(int(i), int(n)) for i, n in enumerate(counts) if n]
-    present.sort(key=lambda t: -t[1])
-    return [
-        {"id": i, "name": id2label.get(i, str(i)), "share": round(n / total, 6)} for i, n in present
-    ]
-
-
 def _existing_record(output: Path, item: Item, overlay: bool, id2label: dict[int, str]):
     """Record for an image whose outputs are already there, or None if it must be redone."""
     label = label_path(output, item)
@@ -440,7 +416,7 @@ class _Records:
         self.path = output / f".summary{TMP_MARKER}{os.getpid()}.jsonl"
         self._f = self.path.open("w", encoding="utf-8")
         self.done = self.skipped = self.failed = 0
-        self.model_s = 0.0
+        self.broken = False  # a write failed: later records are dropped
 
     def add(self, rec: dict[str, Any]) -> None:
         if "reason" in rec:
@@ -469,13 +445,14 @@ class _Records:
             out.write(f'  "totals": {json.dumps(totals)}\n}}\n')
 
     def close(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # a full disk fails the last flush: removed anyway
+            self._f.close()
         self.path.unlink(missing_ok=True)
 
 
-def summary_header(seg, provider: str, interrupted: bool) -> dict[str, Any]:
+def summary_header(seg, provider: str, interrupted: bool, stopped: str | None = None) -> dict:
     """summary.json's header; every engine writes the same keys (`seg`: a Segmenter)."""
-    return {
+    header = {
         "model": str(seg.onnx_path),
         "variant": seg.variant,
         "provider": provider,
@@ -484,10 +461,15 @@ def summary_header(seg, provider: str, interrupted: bool) -> dict[str, Any]:
         "batch_size": seg.batch_size,
         "interrupted": interrupted,
     }
+    if stopped is not None:
+        header["stopped"] = stopped
+    return header
 
 
-def summary_totals(records: _Records, ignored: int, wall: float) -> dict[str, Any]:
-    """summary.json's totals from the records of a run that took `wall` seconds."""
+def summary_totals(records: _Records, ignored: int, wall: float, outcome) -> dict[str, Any]:
+    """summary.json's totals of a run that took `wall` seconds (`outcome`: the engine's
+    pipeline.Outcome: model time, workers, stage times); every engine writes the same keys."""
+    model_s = outcome.model_s
     return {
         "images": records.done,
         "skipped": records.skipped,
@@ -495,51 +477,15 @@ def summary_totals(records: _Records, ignored: int, wall: float) -> dict[str, An
         "ignored_non_images": ignored,
         "seconds": round(wall, 3),
         "images_per_s": round(records.done / wall, 3) if wall > 0 else None,
-        "model_seconds": round(records.model_s, 3),
-        "model_images_per_s": round(records.done / records.model_s, 3)
-        if records.model_s > 0
-        else None,
+        "model_seconds": round(model_s, 3),
+        "model_images_per_s": round(records.done / model_s, 3) if model_s > 0 else None,
+        "workers": outcome.workers,
+        "stage_ms_per_image": outcome.stage_ms(),
+        "bound_by": outcome.bound_by(),
     }
 
 
-# -- the pipeline ----------------------------------------------------------------------
-
-
-def _decode(seg, item: Item):
-    t = time.perf_counter()
-    try:
-        image = seg.load(item.path)
-        x = seg.prepare(image)
-    except SegdeployError as err:
-        return Failure(str(item.path), err.problem)
-    except (OSError, ValueError, MemoryError) as err:  # Pillow's resize on odd data, memory
-        return Failure(str(item.path), f"cannot preprocess: {type(err).__name__}: {err}")
-    return image, x, time.perf_counter() - t
-
-
-def _write(seg, output: Path, item: Item, pending, image, overlay: bool, palette, times: dict):
-    t = time.perf_counter()
-    try:
-        labels = pending()
-        label = label_path(output, item)
-        save_labels(label, labels)
-        rec: dict[str, Any] = {
-            "input": str(item.path),
-            "output": str(label.relative_to(output)),
-            "size": [int(labels.shape[0]), int(labels.shape[1])],
-            "classes": class_shares(labels, seg.id2label),
-        }
-        if overlay:
-            ov = overlay_path(output, item)
-            with atomic_path(ov) as tmp:
-                blend_overlay(image, labels, palette).save(tmp, format="JPEG", quality=90)
-            rec["overlay"] = str(ov.relative_to(output))
-    except (SegdeployError, OSError, ValueError) as err:
-        return {"input": str(item.path), "reason": f"cannot write outputs: {err}"}
-    times["postprocess"] = time.perf_counter() - t
-    rec["time_s"] = {k: round(v, 6) for k, v in times.items()}
-    rec["time_s"]["total"] = round(sum(times.values()), 6)
-    return rec
+# -- the run ---------------------------------------------------------------------------
 
 
 def run_infer(
@@ -576,8 +522,9 @@ def run_infer(
     if not inputs:
         raise SegdeployError("INPUT", "give at least one file, folder or glob")
     check_top_names(inputs)
-    if workers is not None and workers < 1:
-        raise SegdeployError("--workers", f"must be at least 1, got {workers}")
+    if workers is not None and workers < 0:
+        raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
+    workers = pipeline.default_workers() if workers is None else workers
     seg = segmenter or Segmenter(
         model_dir,
         provider,
@@ -588,113 +535,100 @@ def run_infer(
         fp16=fp16,
         batch_size=batch_size,
         max_pixels=max_pixels,
+        spin=workers == 0,  # worker processes need the cores ONNX Runtime would spin on
     )
     out = Path(output)
     total = check_plan(inputs, out)  # refuses a run that would harm a user file: nothing written
     prepare_output(out)
     remove_stale_temporaries(out)  # a killed run's .summary.tmp-<pid>.jsonl
     planner = Planner(out, clean=True)
-    workers = workers or min(4, os.cpu_count() or 1)
-    palette = palette_for(seg.num_labels) if overlay else None
+    cfg = pipeline.StageConfig.for_segmenter(seg, overlay=overlay)
     if progress is None:
         progress = sys.stderr.isatty()
     total = total if progress else None
-    window = seg.batch_size + 2 * workers  # images in flight per stage: bounds memory
 
     counts: dict[str, int] = {"ignored": 0}
     records = _Records(out)
     bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
-    decoding: collections.deque[tuple[Item, Future]] = collections.deque()
-    writing: collections.deque[Future] = collections.deque()
-    batch: list[tuple[Item, Any, np.ndarray, float]] = []
-    interrupted = False
-    start = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
         if "reason" in rec:
             log.error("%s: %s", rec["input"], rec["reason"])
-        records.add(rec)
+        if records.broken:
+            return  # the records file cannot grow (disk full): the run is stopping
+        try:
+            records.add(rec)
+        except OSError as err:
+            records.broken = True
+            fatal = pipeline.fatal_error(err, records.path)
+            if fatal is None:
+                raise
+            raise pipeline.Stop(fatal) from None
         bar.update(1)
 
-    def collect_written(limit: int) -> None:
-        while len(writing) > limit:
-            record(writing.popleft().result())
-
-    def run_batch() -> None:
-        if not batch:
-            return
-        t = time.perf_counter()
-        pendings = seg.forward([b[2] for b in batch], [(b[1].height, b[1].width) for b in batch])
-        model_s = time.perf_counter() - t
-        records.model_s += model_s
-        for (item, image, _, decode_s), pending in zip(batch, pendings, strict=True):
-            times = {"decode": decode_s, "model": model_s / len(batch)}
-            writing.append(
-                writers.submit(
-                    _write,
-                    seg,
-                    out,
-                    item,
-                    pending,
-                    image if overlay else None,
-                    overlay,
-                    palette,
-                    times,
-                )
-            )
-        batch.clear()
-        collect_written(window)
-
-    def collect_decoded(limit: int) -> None:
-        while len(decoding) > limit:
-            item, fut = decoding.popleft()
-            res = fut.result()
-            if isinstance(res, Failure):
-                record({"input": res.path, "reason": res.reason})
-                continue
-            image, x, decode_s = res
-            batch.append((item, image, x, decode_s))
-            if len(batch) >= seg.batch_size:
-                run_batch()
-
-    decoders = ThreadPoolExecutor(workers, thread_name_prefix="segdeploy-decode")
-    writers = ThreadPoolExecutor(workers, thread_name_prefix="segdeploy-write")
-    try:
+    def entries() -> Iterator[pipeline.Job | dict[str, Any]]:
         for item in planner.items(inputs, counts):
             if isinstance(item, Failure):
-                record({"input": item.path, "reason": item.reason})
+                yield {"input": item.path, "reason": item.reason}
                 continue
             if skip_existing:
                 rec = _existing_record(out, item, overlay, seg.id2label)
                 if rec is not None:
-                    record(rec)
+                    yield rec
                     continue
-            decoding.append((item, decoders.submit(_decode, seg, item)))
-            collect_decoded(window)
-        collect_decoded(0)
-        run_batch()
-        collect_written(0)
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted: finishing the images being written, then stopping")
-    finally:
-        # Queued decodes are dropped; masks the model has already computed are still
-        # written (cheap, and saves the model time on resume). Every file is written
-        # atomically, so whatever the moment of the interruption, no partial file stays.
-        decoders.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True)
-        if interrupted:
-            for fut in writing:
-                with contextlib.suppress(BaseException):
-                    record(fut.result())
-        bar.close()
-        wall = time.perf_counter() - start
-        header = summary_header(seg, seg.provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall)
+            yield pipeline.Job(
+                item.path, label_path(out, item), overlay_path(out, item) if overlay else None
+            )
+
+    start = time.perf_counter()
+    outcome = pipeline.Outcome(workers=workers)
+    with pipeline.stop_signals() as signals:
         try:
-            records.write_summary(out / SUMMARY_NAME, header, totals)
+            outcome = pipeline.run(
+                entries(), seg, out, cfg=cfg, workers=workers, record=record, stop=signals
+            )
         finally:
-            records.close()
-    if interrupted:
+            bar.close()
+            wall = time.perf_counter() - start
+            stopped = outcome.stopped
+            header = summary_header(
+                seg,
+                seg.provider,
+                outcome.interrupted,
+                None if stopped is None else f"{stopped.path}: {stopped.reason}",
+            )
+            totals = summary_totals(records, counts["ignored"], wall, outcome)
+            summary_error = _write_summary(records, out / SUMMARY_NAME, header, totals)
+    if outcome.stopped is not None:
+        raise RunStopped(
+            outcome.stopped.path,
+            f"{outcome.stopped.reason}; the run stopped after {records.done} images"
+            + (
+                f" (summary: {out / SUMMARY_NAME})"
+                if summary_error is None
+                else f"; {summary_error}"
+            ),
+        )
+    if summary_error is not None:
+        raise RunStopped(out / SUMMARY_NAME, summary_error)
+    if outcome.interrupted:
         raise KeyboardInterrupt
     return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
+
+
+class RunStopped(SegdeployError):
+    """The run could not go on (disk full, read-only output): exit status 1, not 2,
+    because it had started and its complete outputs are kept."""
+
+    exit_code = 1
+
+
+def _write_summary(records: _Records, dest: Path, header: dict, totals: dict) -> str | None:
+    """Write summary.json; an OS error (a full disk) is returned as a message, not raised."""
+    try:
+        records.write_summary(dest, header, totals)
+    except OSError as err:
+        return f"cannot write {dest}: {err.strerror or err}"
+    finally:
+        records.close()
+    return None

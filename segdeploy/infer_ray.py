@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from segdeploy.atomic import atomic_path, remove_stale_temporaries
+from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError
 from segdeploy.infer import (
     SUMMARY_NAME,
@@ -54,15 +54,14 @@ from segdeploy.infer import (
     _Records,
     check_plan,
     check_top_names,
-    class_shares,
     label_path,
     overlay_path,
     prepare_output,
-    save_labels,
     summary_header,
     summary_totals,
 )
-from segdeploy.runtime.image_io import MAX_PIXELS, load_image
+from segdeploy.runtime import pipeline
+from segdeploy.runtime.image_io import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ GPU_PROVIDERS = ("cuda", "tensorrt")
 #: one, so that Ray keeps one (variable-shaped) tensor column.
 _NO_PIXELS = np.zeros((3, 0, 0), np.float32)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
-_NO_LABELS = np.zeros((0, 0), np.uint8)
+_NO_RAW = np.zeros((0, 0, 0), np.float32)
 
 
 #: Ray's own switch (meant for laptops) that keeps a local Ray on the loopback: without
@@ -127,34 +126,36 @@ def _column(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # -- the stages ------------------------------------------------------------------------
+# Each stage calls the local engine's stage functions (segdeploy.runtime.pipeline), so
+# both engines decode, preprocess, upsample and write with the same code.
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, model_folder: str, max_pixels: int | None, keep_image: bool
+    batch: dict[str, np.ndarray], *, cfg: pipeline.StageConfig
 ) -> dict[str, np.ndarray]:
     """Stage 1: files -> model inputs; unreadable files get a `reason` instead."""
-    from segdeploy.runtime.preprocess import Preprocessor
-
-    pre = Preprocessor.from_dir(model_folder)
-    pixels, images, heights, widths, reasons, seconds = [], [], [], [], [], []
+    pixels, images, heights, widths, reasons, walls, cpus = [], [], [], [], [], [], []
     for path in batch["path"]:
-        t = time.perf_counter()
-        reason = ""
+        reason, image = "", None
         try:
-            image = load_image(path, max_pixels=max_pixels)
-            x = pre.to_array(image)
+            p = pipeline.prepare_image(path, cfg)
         except SegdeployError as err:
-            reason = err.problem
-        except (OSError, ValueError, MemoryError) as err:  # as the local engine's _decode
-            reason = f"cannot preprocess: {type(err).__name__}: {err}"
-        if reason:
-            image, x = None, _NO_PIXELS
-        pixels.append(x)
-        images.append(np.asarray(image) if image is not None else _NO_IMAGE)
-        heights.append(image.height if image is not None else 0)
-        widths.append(image.width if image is not None else 0)
+            reason, p = err.problem, None
+        if p is None:
+            pixels.append(_NO_PIXELS)
+            heights.append(0)
+            widths.append(0)
+            walls.append(0.0)
+            cpus.append("{}")
+        else:
+            pixels.append(p.x)
+            heights.append(p.size[0])
+            widths.append(p.size[1])
+            walls.append(p.wall)
+            cpus.append(json.dumps(p.cpu))
+            image = p.image
+        images.append(image if image is not None else _NO_IMAGE)
         reasons.append(reason)
-        seconds.append(time.perf_counter() - t)
     out = {
         "input": batch["input"],
         "path": batch["path"],
@@ -163,9 +164,10 @@ def decode_batch(
         "pixels": _column(pixels),
         "height": np.array(heights, np.int64),
         "width": np.array(widths, np.int64),
-        "decode_s": np.array(seconds, np.float64),
+        "decode_s": np.array(walls, np.float64),
+        "decode_cpu": np.array(cpus, dtype=object),
     }
-    if keep_image:
+    if cfg.palette is not None:
         out["image"] = _column(images)
     return out
 
@@ -222,76 +224,68 @@ class SegmentBatch:
 
 
 class _ModelStage(SegmentBatch):
-    """Stage 2: the model on the rows that decoded; labels at each image's size."""
+    """Stage 2: the model on the rows that decoded; its raw output (logits, or labels from
+    a fused graph) goes on to the write stage, which upsamples as the local workers do."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [i for i, r in enumerate(batch["reason"]) if not r]
-        labels = [_NO_LABELS] * len(batch["reason"])
-        model_s = np.zeros(len(labels))
+        raws = [_NO_RAW] * len(batch["reason"])
+        model_s = np.zeros(len(raws))
         if ok:
             t = time.perf_counter()
             sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
-            pending = self.seg.forward([batch["pixels"][i] for i in ok], sizes)
-            for i, p in zip(ok, pending, strict=True):
-                labels[i] = p()
+            for i, raw in zip(
+                ok,
+                pipeline.model_batch(self.seg, [batch["pixels"][i] for i in ok], sizes),
+                strict=True,
+            ):
+                raws[i] = raw
             # Per image: its share of the batch, as the local engine records it.
             model_s[ok] = (time.perf_counter() - t) / len(ok)
         out = {k: v for k, v in batch.items() if k != "pixels"}
-        out["labels"] = _column(labels)
+        out["raw"] = _column(raws)
         out["model_s"] = model_s
-        out["provider"] = np.array([self.seg.provider] * len(labels), dtype=object)
+        out["provider"] = np.array([self.seg.provider] * len(raws), dtype=object)
         return out
 
 
 def write_batch(
-    batch: dict[str, np.ndarray], *, output: str, overlay: bool, num_labels: int, id2label: dict
+    batch: dict[str, np.ndarray], *, output: str, cfg: pipeline.StageConfig, fused: bool
 ) -> dict[str, np.ndarray]:
-    """Stage 3: label PNGs (and overlays) under OUTPUT; one JSON record per row."""
-    from PIL import Image
-
-    from segdeploy.runtime.palette import overlay as blend_overlay
-    from segdeploy.runtime.palette import palette_for
-
+    """Stage 3: upsample, label PNGs (and overlays) under OUTPUT; one JSON record per row,
+    with the host stages' CPU times for the driver's stage table."""
     out_dir = Path(output)
-    id2label = {int(k): v for k, v in id2label.items()}
-    palette = palette_for(num_labels) if overlay else None
-    records = []
+    records, cpus = [], []
     for i, reason in enumerate(batch["reason"]):
         src = str(batch["input"][i])
         if reason:
             records.append(json.dumps({"input": src, "reason": str(reason)}))
+            cpus.append("{}")
             continue
-        t = time.perf_counter()
         item = Item(Path(src), Path(str(batch["out"][i])))
-        labels = np.asarray(batch["labels"][i])
+        job = pipeline.Job(
+            item.path,
+            label_path(out_dir, item),
+            overlay_path(out_dir, item) if cfg.palette is not None else None,
+        )
+        size = (int(batch["height"][i]), int(batch["width"][i]))
+        image = np.asarray(batch["image"][i]) if cfg.palette is not None else None
         try:
-            label = label_path(out_dir, item)
-            save_labels(label, labels)
-            rec: dict[str, Any] = {
-                "input": src,
-                "output": str(label.relative_to(out_dir)),
-                "size": [int(labels.shape[0]), int(labels.shape[1])],
-                "classes": class_shares(labels, id2label),
-            }
-            if overlay:
-                ov = overlay_path(out_dir, item)
-                image = Image.fromarray(np.asarray(batch["image"][i]))
-                with atomic_path(ov) as tmp:
-                    blend_overlay(image, labels, palette).save(tmp, format="JPEG", quality=90)
-                rec["overlay"] = str(ov.relative_to(out_dir))
+            res = pipeline.finish_image(
+                np.asarray(batch["raw"][i]), size, job.label, cfg,
+                fused=fused, overlay=job.overlay, image=image,
+            )  # fmt: skip
         except (SegdeployError, OSError, ValueError) as err:
             records.append(json.dumps({"input": src, "reason": f"cannot write outputs: {err}"}))
+            cpus.append("{}")
             continue
-        times = {
-            "decode": float(batch["decode_s"][i]),
-            "model": float(batch["model_s"][i]),
-            "postprocess": time.perf_counter() - t,
-        }
-        rec["time_s"] = {k: round(v, 6) for k, v in times.items()}
-        rec["time_s"]["total"] = round(sum(times.values()), 6)
+        model_s = float(batch["model_s"][i])
+        rec = pipeline.image_record(out_dir, job, float(batch["decode_s"][i]), model_s, res)
         records.append(json.dumps(rec))
+        cpus.append(json.dumps({**json.loads(batch["decode_cpu"][i]), **res.cpu}))
     return {
         "record": np.array(records, dtype=object),
+        "cpu": np.array(cpus, dtype=object),
         "provider": batch["provider"],
         "model_s": batch["model_s"],
     }
@@ -433,13 +427,17 @@ def run_infer_ray(
             _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
             model_kwargs=model_kwargs,
         )  # fmt: skip
-        return _drive(inputs, out, probe, stages, overlay, skip_existing, provider, progress)
+        # The host stages run on every CPU of the cluster: the stage table's parallelism.
+        outcome = pipeline.Outcome(workers=int(ray.cluster_resources().get("CPU", 1)))
+        return _drive(
+            inputs, out, probe, stages, overlay, skip_existing, provider, progress, outcome
+        )
     finally:
         if started:
             ray.shutdown()
 
 
-def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress):
+def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress, outcome):
     """List the inputs, run `stages(rows)` on the rest, and stream the records into
     summary.json (also when interrupted, marked so)."""
     from tqdm import tqdm
@@ -475,13 +473,15 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
         bar.refresh()
         if rows:
             for batch in stages(rows).iter_batches(batch_size=None, batch_format="numpy"):
-                for rec, prov_name, model_s in zip(
-                    batch["record"], batch["provider"], batch["model_s"], strict=True
-                ):
+                for rec, cpu, prov_name, model_s in zip(
+                    batch["record"], batch["cpu"], batch["provider"], batch["model_s"],
+                    strict=True,
+                ):  # fmt: skip
                     rec = json.loads(rec)
                     if "reason" not in rec:
                         providers_seen.add(str(prov_name))
-                        records.model_s += float(model_s)
+                        outcome.model_s += float(model_s)
+                        outcome.add(json.loads(cpu), float(model_s), {})
                     record(rec)
     except KeyboardInterrupt:
         interrupted = True
@@ -497,7 +497,7 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
         bar.close()
         wall = time.perf_counter() - start
         header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall)
+        totals = summary_totals(records, counts["ignored"], wall, outcome)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:
@@ -518,16 +518,13 @@ def _dataset(ray, rows, *, probe, out: Path, overlay: bool, actors, gpu: bool, m
     # Small blocks: outputs appear (and resume has something to skip) from the first
     # batches on, and every actor gets work; capped so huge jobs stay cheap to plan.
     blocks = max(1, min(math.ceil(len(rows) / batch_size), 10_000))
+    cfg = pipeline.StageConfig.for_segmenter(probe, overlay=overlay)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         decode_batch,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={
-            "model_folder": str(probe.folder.absolute()),
-            "max_pixels": model_kwargs["max_pixels"],
-            "keep_image": overlay,
-        },
+        fn_kwargs={"cfg": cfg},
     )
     ds = ds.map_batches(
         _ModelStage,
@@ -542,10 +539,5 @@ def _dataset(ray, rows, *, probe, out: Path, overlay: bool, actors, gpu: bool, m
         write_batch,
         batch_size=batch_size,
         batch_format="numpy",
-        fn_kwargs={
-            "output": str(out),
-            "overlay": overlay,
-            "num_labels": probe.num_labels,
-            "id2label": {str(k): v for k, v in probe.id2label.items()},
-        },
+        fn_kwargs={"output": str(out), "cfg": cfg, "fused": probe.fused},
     )

@@ -327,7 +327,7 @@ def _labels(out: Path) -> dict[str, np.ndarray]:
 def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
     """Ctrl-C during the 3rd model call, and again inside a file write: only complete
     files remain, summary.json says so, and --skip-existing finishes the job."""
-    import segdeploy.infer as infer_mod
+    import segdeploy.runtime.pipeline as pipeline_mod
     from segdeploy.infer import run_infer
     from segdeploy.runtime.segmenter import Segmenter
 
@@ -356,8 +356,10 @@ def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["totals"]["images"] == 4
 
-    # Interrupted again in the middle of writing a label file.
-    save = infer_mod.save_labels
+    # Interrupted again in the middle of writing a label file. The write runs in a worker
+    # process, out of a monkeypatch's reach, so this part runs the stages in-process
+    # (workers=0, the reference path); tests/test_pipeline.py interrupts the worker path.
+    save = pipeline_mod.save_labels
     writes = {"n": 0}
 
     def interrupted_save(path, labels):
@@ -370,10 +372,10 @@ def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
                 raise KeyboardInterrupt
         save(path, labels)
 
-    monkeypatch.setattr(infer_mod, "save_labels", interrupted_save)
+    monkeypatch.setattr(pipeline_mod, "save_labels", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        run_infer([root], tiny_onnx_dir, out, skip_existing=True, **kwargs)
-    monkeypatch.setattr(infer_mod, "save_labels", save)
+        run_infer([root], tiny_onnx_dir, out, skip_existing=True, **{**kwargs, "workers": 0})
+    monkeypatch.setattr(pipeline_mod, "save_labels", save)
     assert not list(out.rglob(f"*{TMP_MARKER}*"))
     partial = _labels(out)
     assert 4 < len(partial) < 9

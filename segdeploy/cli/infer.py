@@ -72,9 +72,11 @@ from segdeploy.runtime.providers import PROVIDERS
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     default=None,
-    help="Threads that decode/preprocess and upsample/write, each  [default: min(4, cores)].",
+    help="Worker processes that decode, preprocess, upsample and write (the model runs in "
+    "the main process); 0 runs everything in-process (the reference, for debugging)  "
+    "[default: the cores this process may use].",
 )
 @click.option(
     "--overlay",
@@ -151,8 +153,9 @@ def infer(
 
     A file that cannot be read (corrupt, not an image, empty, too large) is
     reported and skipped; the exit status is then 1. A missing model or
-    provider exits with status 2 at once. Ctrl-C leaves only complete files;
-    rerun with --skip-existing to continue.
+    provider exits with status 2 at once. Ctrl-C and SIGTERM leave only complete
+    files and summary.json ("interrupted": true), exit status 130; rerun with
+    --skip-existing to continue. A full disk stops the run: exit status 1.
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -199,6 +202,12 @@ def infer(
         + (f", {t['images_per_s']:.2f} images/s" if t["images"] and t["images_per_s"] else "")
         + f"; summary: {result['summary']}"
     )
+    if t.get("stage_ms_per_image") and t["images"]:
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in t["stage_ms_per_image"].items())
+        click.echo(
+            f"per image, ms ({t['workers']} workers; model: wall time, others: CPU time): "
+            f"{stages}; bound by {t['bound_by']}"
+        )
     if t["failed"]:
         click.get_current_context().exit(1)
 

@@ -24,6 +24,9 @@ from segdeploy.errors import SegdeployError
 #: before a single pixel is decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
+#: The EXIF tag saying how to turn the stored pixels upright.
+ORIENTATION = 0x0112
+
 #: Pillow's extensions for formats it can open, for picking images out of folders.
 IMAGE_EXTENSIONS = frozenset(
     ext.lower()
@@ -72,9 +75,11 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as err:
         # Pillow reports truncated/corrupt data as OSError, some plugins as SyntaxError.
         raise SegdeployError(path, f"corrupt or truncated image: {err}") from None
-    # Broken EXIF: the pixels are fine, keep them as stored.
+    # Broken EXIF: the pixels are fine, keep them as stored. Without an orientation to
+    # apply, exif_transpose would only copy the pixels (0.1-0.4 ms for a 480x360 photo).
     with contextlib.suppress(Exception):
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
     try:
         return to_rgb(image)
     except (ValueError, OSError) as err:

@@ -208,10 +208,14 @@ def read_image_size(model_dir: str | os.PathLike) -> tuple[int, int] | None:
     return None
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None, *, spin: bool = True):
+    """`spin=False`: idle intra-op threads sleep instead of spin-waiting, leaving their core
+    to other processes (infer's workers: 1.35x the images/s of the tiny model on 2 cores)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         if threads < 1:
             raise SegdeployError("--threads", f"must be at least 1, got {threads}")
@@ -237,6 +241,7 @@ def create_session(
     trt_workspace: int = DEFAULT_TRT_WORKSPACE,
     input_name: str = DEFAULT_INPUT_NAME,
     available: Sequence[str] | None = None,
+    spin: bool = True,
 ):
     """An `onnxruntime.InferenceSession` on `provider` ("auto", "cpu", "cuda", "tensorrt").
 
@@ -263,7 +268,7 @@ def create_session(
             ", ".join(choice.skipped),
             choice.name,
         )
-    opts = session_options(threads)
+    opts = session_options(threads, spin=spin)
     name = choice.name
     while True:
         providers = _providers_for(

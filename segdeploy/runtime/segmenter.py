@@ -122,8 +122,18 @@ class PendingMask:
     def __init__(self, batch: _BatchOutput, index: int, size: tuple[int, int], fused: bool):
         self._batch, self._index, self.size, self._fused = batch, index, size, fused
 
+    @property
+    def fused(self) -> bool:
+        """True when `raw()` is already the label map (argmax fused into the graph)."""
+        return self._fused
+
+    def raw(self) -> np.ndarray:
+        """This image's model output on the host, before upsampling: logits [C, h, w],
+        or the (H, W) labels of a fused graph. What another process needs to finish it."""
+        return self._batch.host()[self._index]
+
     def __call__(self) -> np.ndarray:
-        out = self._batch.host()[self._index]
+        out = self.raw()
         if self._fused:
             return out
         return upsample_argmax(out, self.size)
@@ -139,7 +149,8 @@ class Segmenter:
     one raises SegdeployError unless `fallback` (TensorRT -> CUDA -> CPU).
     `fp16`: TensorRT builds fp16 engines; on CUDA and CPU it selects the fp16
     graph (same as variant="fp16"). `batch_size` is the largest batch the model
-    runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads.
+    runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads;
+    `spin=False` lets them sleep when idle (other processes share the cores).
     """
 
     def __init__(
@@ -155,6 +166,7 @@ class Segmenter:
         batch_size: int | None = None,
         device_id: int = 0,
         max_pixels: int | None = MAX_PIXELS,
+        spin: bool = True,
     ):
         import onnxruntime as ort
 
@@ -184,6 +196,7 @@ class Segmenter:
             image_size=self.preprocessor.size,
             device_id=device_id,
             available=available,
+            spin=spin,
         )
         self.provider = prov.active_provider(self.session)
         self.device_id = device_id

@@ -24,6 +24,7 @@ near-equal blends, which torch itself is subject to).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,8 +96,8 @@ def _one(logits: np.ndarray, size: Sequence[int]) -> np.ndarray:
     lt = np.ascontiguousarray(np.moveaxis(logits, 0, -1), dtype=np.float32)
     arg = lt.argmax(-1)
 
-    y0, y1, wy0, wy1 = source_index(h, out_h)
-    x0, x1, wx0, wx1 = source_index(w, out_w)
+    y0, wy0, wy1, row_count, g_rows, row_src, row_pos = _axis(h, out_h)
+    x0, wx0, wx1, _, g_cols, col_src, col_pos = _axis(w, out_w)
 
     # A source cell (i, j) is mixed when its four corners (with the same edge
     # clamping as the blend) do not share one argmax.
@@ -104,16 +105,11 @@ def _one(logits: np.ndarray, size: Sequence[int]) -> np.ndarray:
     mixed_cell = (arg != down) | (arg != arg[:, np.minimum(np.arange(w) + 1, w - 1)])
     mixed_cell |= arg != down[:, np.minimum(np.arange(w) + 1, w - 1)]
 
-    labels = arg.astype(dtype)[np.ix_(y0, x0)]
+    # Nearest source cell of each output pixel. y0 never decreases, so repeating each
+    # source row by its count equals indexing with y0: 0.02 ms instead of 0.7 ms for
+    # 16x16 -> 360x480 (np.ix_ fancy indexing), the same bytes.
+    labels = np.repeat(arg.astype(dtype)[:, x0], row_count, axis=0)
 
-    # Output rows sharing a source row come in runs (about 4 for SegFormer's 4x);
-    # cut them into groups of at most `g`, likewise columns. A (row group, column
-    # group) pair covers a block of output pixels inside one source cell, so the
-    # four corner vectors are gathered once per block, not once per pixel.
-    g_rows = max(1, -(-out_h // h))
-    g_cols = max(1, -(-out_w // w))
-    row_src, row_pos = _groups(y0, g_rows)
-    col_src, col_pos = _groups(x0, g_cols)
     pair_r, pair_c = np.nonzero(mixed_cell[np.ix_(row_src, col_src)])
     if pair_r.size == 0:
         return labels
@@ -138,6 +134,25 @@ def _one(logits: np.ndarray, size: Sequence[int]) -> np.ndarray:
         out += t1[:, None] * wy1[rp][:, :, None, None]
         labels[rp[:, :, None], cp[:, None, :]] = out.argmax(-1)
     return labels
+
+
+@functools.lru_cache(maxsize=256)
+def _axis(in_size: int, out_size: int) -> tuple:
+    """Everything `_one` needs about one axis, which depends on the sizes only: cached,
+    since a folder's images mostly share sizes (0.15 ms per image otherwise).
+
+    Output rows sharing a source row come in runs (about 4 for SegFormer's 4x); they
+    are cut into groups of at most `g`, likewise columns. A (row group, column group)
+    pair covers a block of output pixels inside one source cell, so the four corner
+    vectors are gathered once per block, not once per pixel. The arrays are read-only.
+    """
+    i0, _, w0, w1 = source_index(in_size, out_size)
+    g = max(1, -(-out_size // in_size))
+    src, pos = _groups(i0, g)
+    count = np.bincount(i0, minlength=in_size)
+    for a in (i0, w0, w1, count, src, pos):
+        a.setflags(write=False)
+    return i0, w0, w1, count, g, src, pos
 
 
 def _groups(src_index: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
