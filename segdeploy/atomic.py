@@ -2,6 +2,11 @@
 
 A reader (or a resumed run) therefore sees either the old file or the complete
 new one, never a half-written file, even after Ctrl-C or a crash.
+
+Temporary names are `.<name>.tmp-<pid>-<8 random chars><suffix>` (and
+`.summary.tmp-<pid>.jsonl` for infer's record file): the writing process's id
+is in the name, so a later run can tell litter of a killed run (its process is
+gone) from a file another run is writing right now (`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +22,14 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARKER = ".tmp-"
+
+#: The tool's temporary names only: a leading dot, `.tmp-<pid>`, then either
+#: `-<mkstemp's 8 random chars>` (atomic_path, atomic_dir) or nothing, then an optional suffix.
+_TMP_NAME = re.compile(r"\..*\.tmp-(?P<pid>[1-9][0-9]*)(?:-[a-z0-9_]{8})?(?:\.[A-Za-z0-9]+)?")
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}{TMP_MARKER}{os.getpid()}-"
 
 
 def default_mode(kind: str) -> int:
@@ -38,9 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}{TMP_MARKER}", suffix=path.suffix, dir=path.parent
-    )
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.stem), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, default_mode("file"))
@@ -60,7 +72,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent))
+    tmp_path = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), dir=path.parent))
     os.chmod(tmp_path, default_mode("dir"))
     try:
         yield tmp_path
@@ -74,6 +86,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a pid we cannot ask about): keep its files
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove this tool's temporaries in `folder` (not below it) whose writing process is gone.
+
+    Only names of the tool's own pattern (`.<name>.tmp-<pid>[-<random>][.ext]`) are
+    touched, and only when no process with that pid runs on this machine: a
+    killed run's litter goes, another run's work in progress and the user's own
+    files stay. Returns what was removed; a folder that cannot be listed is left alone.
+    """
+    removed = []
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if e.name.startswith(".") and TMP_MARKER in e.name]
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP_NAME.fullmatch(e.name)
+        if m is None or _process_alive(int(m["pid"])):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+        except OSError:
+            continue  # best effort: litter that cannot be removed is not worth failing a run for
+        removed.append(Path(e.path))
+    return removed
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

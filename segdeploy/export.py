@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segdeploy.atomic import atomic_dir, write_json
+from segdeploy.atomic import atomic_dir, remove_stale_temporaries, write_json
 from segdeploy.errors import SegdeployError
+from segdeploy.models import check_weight_file
 from segdeploy.runtime.segmenter import VARIANT_FILES
+from segdeploy.writable import check_writable, environment_errors_as_input
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +87,14 @@ def read_segformer_config(model_dir: str | os.PathLike, *, need_weights: bool) -
     if not isinstance(config, dict) or config.get("model_type") != "segformer":
         found = config.get("model_type") if isinstance(config, dict) else None
         raise SegdeployError(config_file, f"model_type is {found!r}, not 'segformer'")
-    if need_weights and not any((model_dir / name).is_file() for name in WEIGHT_FILES):
-        raise SegdeployError(
-            model_dir, "no PyTorch weights (model.safetensors): not a trained model folder"
-        )
+    if need_weights:
+        weights = [model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()]
+        if not weights:
+            raise SegdeployError(
+                model_dir, "no PyTorch weights (model.safetensors): not a trained model folder"
+            )
+        for path in weights:  # truncated or garbage weights: named now, not as a library error
+            check_weight_file(path)
     return config
 
 
@@ -152,6 +158,8 @@ def check_output(model_dir: Path, output: Path) -> None:
         raise SegdeployError("--output", f"{output} would replace the model folder {model_dir}")
     if output.exists() and not output.is_dir():
         raise SegdeployError("--output", f"{output} exists and is not a folder")
+    # The new folder is built beside `output`: read-only, full, or under a file fails now.
+    check_writable(output.parent, "--output")
 
 
 class _DropOpsetAdvice(logging.Filter):
@@ -287,9 +295,12 @@ def export_onnx(
     if quantize is not None:
         check_quantize(model_dir, quantize, calibration_images)
 
+    remove_stale_temporaries(output.parent)  # `.onnx.tmp-<pid>-*` folders of killed exports
     graphs: dict[str, Path] = {}
     result = ExportResult(output=output, graphs=graphs, opset=opset, export_seconds=0.0)
-    with atomic_dir(output) as tmp:
+    # A disk that fills up mid-export is the user's environment, not a bug: one line,
+    # exit 2; atomic_dir has then removed the partial folder and `output` is unchanged.
+    with environment_errors_as_input(output, f"{output} is unchanged"), atomic_dir(output) as tmp:
         start = time.perf_counter()
         built = {"fp32": export_fp32(model_dir, tmp, opset)}
         if fp16:

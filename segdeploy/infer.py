@@ -13,6 +13,14 @@ is mirrored as OUTPUT/photos/<same sub-folders>/<stem>.png; a file input
 folder part, like a folder. Overlays are <stem>_overlay.jpg beside the labels.
 When a folder holds two images with the same stem (x.jpg, x.png) both keep
 their extension (x.jpg.png, x.png.png) so that neither overwrites the other.
+
+Safety rules (`Planner`, `check_plan`): every output name of a run is unique
+(a name still taken, e.g. by a file literally named x.png.png, gets -2, -3...
+in listing order, with a warning); outputs are built from normalised relative
+paths and must resolve inside OUTPUT; no output may be, or resolve to, an input
+file; an input named inside OUTPUT is refused; each folder is listed and each
+file segmented once per run. The run is planned in full before the first write,
+so a refusal (SegdeployError, exit status 2) comes before anything is written.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segdeploy.atomic import TMP_MARKER, atomic_path
+from segdeploy.atomic import TMP_MARKER, atomic_path, remove_stale_temporaries
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import MAX_PIXELS, is_image_name
 from segdeploy.runtime.palette import overlay as blend_overlay
@@ -75,29 +84,34 @@ def iter_inputs(
     """Items (and failures: missing paths, unreadable folders, empty globs) in a stable order.
 
     Streams: folders are listed one at a time, globs are expanded lazily.
-    `exclude` (the output folder) is never descended into, so outputs written
-    inside an input folder are not segmented again. `counts["ignored"]` counts
-    files in folders that are not images by extension.
+    Nothing inside `exclude` (the output folder) found by walking a folder or
+    matching a glob is read, so earlier outputs are not segmented again (inputs
+    named inside it are refused by `plan_items`). A folder is listed once per
+    call even when symlinks lead to it again (loops end). Output names are
+    relative and normalised: never absolute, never `..`. `counts["ignored"]`
+    counts files in folders that are not images by extension. `plan_items`
+    adds the per-run checks (unique names, each file once, outputs inside OUT).
     """
     counts = counts if counts is not None else {}
     counts.setdefault("ignored", 0)
-    exclude = exclude.resolve() if exclude is not None else None
+    exclude = Path(os.path.realpath(exclude)) if exclude is not None else None
+    listed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders already listed
     for arg in inputs:
         text = os.fspath(arg)
         path = Path(text)
         if glob.has_magic(text) and not path.exists():
             base = _glob_base(text)
             found = False
-            for match in glob.iglob(text, recursive=True):
+            for match in _iglob(text):
                 found = True
                 m = Path(match)
-                rel = (
-                    PurePath(_top_name(base)) / m.relative_to(base)
-                    if base != Path(".")
-                    else PurePath(m)
-                )
+                if _inside_real(m, exclude):
+                    continue  # an earlier run's outputs
+                rel = _glob_rel(base, m)
+                if os.pardir in m.parts:  # name it plainly in summary.json and messages
+                    m = Path(os.path.realpath(m))
                 if m.is_dir():
-                    yield from _walk(m, rel, exclude, counts)
+                    yield from _walk(m, rel, exclude, counts, listed)
                 elif is_image_name(m):
                     yield Item(m, rel.with_name(m.stem))
                 else:
@@ -105,13 +119,33 @@ def iter_inputs(
             if not found:
                 yield Failure(text, "no file matches this pattern")
         elif path.is_dir():
-            yield from _walk(path, PurePath(_top_name(path)), exclude, counts)
+            yield from _walk(path, PurePath(_top_name(path)), exclude, counts, listed)
         elif path.is_file():
             yield Item(path, PurePath(path.stem))
         elif path.exists():
             yield Failure(text, "not a regular file or folder")
         else:
             yield Failure(text, "no such file or folder")
+
+
+def _iglob(pattern: str) -> Iterator[str | Path]:
+    """Matches of `pattern`; `**` spans sub-folders without following symlinks to folders.
+
+    glob.iglob follows them under `**`, so one `ln -s .. loop/sub/up` makes it
+    run for ever; pathlib's `**` does not (its documented behaviour), so
+    patterns with `**` go through pathlib. Its `*` also matches hidden names,
+    which glob's does not: those are dropped to keep one rule for both.
+    """
+    if "**" not in Path(pattern).parts:
+        yield from glob.iglob(pattern, recursive=True)
+        return
+    path = Path(pattern)
+    root = Path(path.anchor) if path.is_absolute() else Path(".")
+    base = _glob_base(pattern)
+    for match in root.glob(str(path.relative_to(root)) if path.is_absolute() else pattern):
+        below = match.parts[len(base.parts) :] if base != Path(".") else match.parts
+        if not any(p.startswith(".") and p not in (".", "..") for p in below):
+            yield match
 
 
 def _glob_base(pattern: str) -> Path:
@@ -123,10 +157,35 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
+def _glob_rel(base: Path, match: Path) -> PurePath:
+    """Where a glob match goes under OUT: its path below the pattern's folder part, normalised.
+
+    `..` after a wildcard ('*/../../*.png') can reach above that folder; those
+    `..` are dropped, so the output stays inside OUT (its name only says where
+    in the tree it was found).
+    """
+    rel = os.path.relpath(os.path.normpath(match), os.path.normpath(base))
+    parts = [p for p in PurePath(rel).parts if p not in ("..", ".")] or [match.name]
+    top = [] if base == Path(".") else [_top_name(base)]
+    return PurePath(*top, *parts)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _inside_real(path: Path, folder: Path | None) -> bool:
+    return folder is not None and _inside(Path(os.path.realpath(path)), folder)
+
+
 def _walk(
-    folder: Path, rel: PurePath, exclude: Path | None, counts: dict
+    folder: Path, rel: PurePath, exclude: Path | None, counts: dict, listed: set
 ) -> Iterator[Item | Failure]:
     try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in listed:
+            return  # reached again through a symlink: listed once, so loops end
+        listed.add((st.st_dev, st.st_ino))
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as err:
@@ -137,6 +196,8 @@ def _walk(
         if e.name.startswith("."):  # hidden files, and our own temporary files
             continue
         try:
+            if e.is_symlink() and _inside_real(Path(e.path), exclude):
+                continue  # a link into the output folder
             if e.is_dir():
                 dirs.append(e)
             elif e.is_file():
@@ -152,9 +213,9 @@ def _walk(
         yield Item(Path(e.path), rel / (stem if stems[stem] == 1 else e.name))
     for e in dirs:
         sub = Path(e.path)
-        if exclude is not None and sub.resolve() == exclude:
+        if _inside_real(sub, exclude):
             continue
-        yield from _walk(sub, rel / e.name, exclude, counts)
+        yield from _walk(sub, rel / e.name, exclude, counts, listed)
 
 
 def check_top_names(inputs: Sequence[str | os.PathLike]) -> None:
@@ -174,6 +235,149 @@ def check_top_names(inputs: Sequence[str | os.PathLike]) -> None:
                 text, f"would write to the same outputs as {seen[key]} ({key}); run them separately"
             )
         seen.setdefault(key, text)
+
+
+def check_inputs_outside(inputs: Sequence[str | os.PathLike], output: Path) -> None:
+    """An input named inside the output folder is refused: OUT is never read, and
+    writing there could replace the input (`-o . photos`, `-o . a.png`, `-o par par/in`)."""
+    out_real = Path(os.path.realpath(output))
+    for arg in inputs:
+        text = os.fspath(arg)
+        root = _glob_base(text) if glob.has_magic(text) and not Path(text).exists() else text
+        if _inside_real(Path(root), out_real):
+            raise SegdeployError(
+                text,
+                f"is inside the output folder {output}, which is never read as input and "
+                "where outputs could replace your files: choose another -o/--output, outside "
+                "the inputs",
+            )
+
+
+class Planner:
+    """Plans one run: every (input, output name) pair, with the checks that keep user files safe.
+
+    - each input file is segmented once per run, however often it is reached
+      (symlinks, hard links, overlapping inputs): (st_dev, st_ino) of inputs;
+    - every output name is unique in the run: a name already taken (x.png,
+      x.jpg and x.png.png in one folder) gets `-2`, `-3`... in the order the
+      inputs are found, with a warning, and summary.json records the name used;
+    - every output folder resolves (realpath) inside OUT, else SegdeployError.
+
+    State per run: one set of output names and one of input (dev, inode)
+    pairs, small per item; the listing itself streams. With `clean`, the
+    tool's stale temporaries are removed from each output folder the first
+    time the run meets it.
+    """
+
+    def __init__(self, output: str | os.PathLike, *, clean: bool = False):
+        self.output = Path(output)
+        self.out_real = Path(os.path.realpath(output))
+        self.clean = clean
+        # Compact per-item state, so that planning a million files stays in tens of MB:
+        # inputs as one int (device, inode); output names as their hash (a false match
+        # only renames one more output, it can never make two outputs share a name).
+        self.inputs: set[int] = set()
+        self.duplicates = 0
+        self._names: set[int] = set()
+        self._folders: set[PurePath] = set()
+
+    def items(
+        self, inputs: Sequence[str | os.PathLike], counts: dict | None = None
+    ) -> Iterator[Item | Failure]:
+        check_inputs_outside(inputs, self.output)
+        for item in iter_inputs(inputs, exclude=self.out_real, counts=counts):
+            if isinstance(item, Failure):
+                yield item
+                continue
+            key = _file_key(item.path)
+            if key is not None:  # unreadable: the decoder reports it
+                if key in self.inputs:
+                    self.duplicates += 1
+                    continue
+                self.inputs.add(key)
+            item = Item(item.path, self._unique(item))
+            self._check_folder(item.out.parent)
+            yield item
+
+    def _unique(self, item: Item) -> PurePath:
+        out, n = item.out, 1
+        while hash(str(out)) in self._names:
+            n += 1
+            out = item.out.with_name(f"{item.out.name}-{n}")
+        if n > 1:
+            log.warning(
+                "%s: output name %s.png is taken in this run; using %s.png",
+                item.path,
+                item.out,
+                out,
+            )
+        self._names.add(hash(str(out)))
+        return out
+
+    def _check_folder(self, rel: PurePath) -> None:
+        if rel in self._folders:
+            return
+        folder = self.output / rel
+        if not _inside(Path(os.path.realpath(folder)), self.out_real):
+            raise SegdeployError(
+                folder, f"leads outside the output folder {self.output} (a symlink?); remove it"
+            )
+        if self.clean:
+            remove_stale_temporaries(folder)
+        self._folders.add(rel)
+
+
+def _file_key(path: Path) -> int | None:
+    """(st_dev, st_ino) packed in one int: the file's identity, through any links."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev << 64 | st.st_ino
+
+
+def check_plan(inputs: Sequence[str | os.PathLike], output: str | os.PathLike) -> int:
+    """Plan the whole run without writing; raise SegdeployError if it would harm a user file.
+
+    A full listing before the first write: the only way to refuse, with exit
+    status 2 and nothing written, an output that would replace any input of the
+    run (found later in the listing, or a hard link). Returns the number of
+    entries (for the progress bar). Costs one more listing and a stat per file.
+    """
+    planner = Planner(output)
+    existing: dict[int, Path] = {}  # outputs already on disk -> their path
+    n = 0
+    for item in planner.items(inputs):
+        n += 1
+        if isinstance(item, Item):
+            for dest in (label_path(planner.out_real, item), overlay_path(planner.out_real, item)):
+                key = _file_key(dest)
+                if key is not None:
+                    existing.setdefault(key, dest)
+    for key, dest in existing.items():
+        if key in planner.inputs:
+            raise SegdeployError(
+                dest,
+                "is an input of this run and an output would replace it: choose another "
+                "-o/--output, outside the inputs",
+            )
+    return n
+
+
+def prepare_output(output: Path) -> None:
+    """Create OUT and prove it writable with a real file, so OS trouble is one line, exit 2."""
+    if output.exists() and not output.is_dir():
+        raise SegdeployError(output, "--output exists and is not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=output, prefix=f".probe{TMP_MARKER}{os.getpid()}-", suffix=".tmp"
+        ):
+            pass
+    except OSError as err:
+        raise SegdeployError(
+            output, f"cannot write the output folder: {err.strerror or err}"
+        ) from None
 
 
 # -- outputs ---------------------------------------------------------------------------
@@ -269,6 +473,35 @@ class _Records:
         self.path.unlink(missing_ok=True)
 
 
+def summary_header(seg, provider: str, interrupted: bool) -> dict[str, Any]:
+    """summary.json's header; every engine writes the same keys (`seg`: a Segmenter)."""
+    return {
+        "model": str(seg.onnx_path),
+        "variant": seg.variant,
+        "provider": provider,
+        "num_labels": seg.num_labels,
+        "id2label": {str(k): v for k, v in seg.id2label.items()},
+        "batch_size": seg.batch_size,
+        "interrupted": interrupted,
+    }
+
+
+def summary_totals(records: _Records, ignored: int, wall: float) -> dict[str, Any]:
+    """summary.json's totals from the records of a run that took `wall` seconds."""
+    return {
+        "images": records.done,
+        "skipped": records.skipped,
+        "failed": records.failed,
+        "ignored_non_images": ignored,
+        "seconds": round(wall, 3),
+        "images_per_s": round(records.done / wall, 3) if wall > 0 else None,
+        "model_seconds": round(records.model_s, 3),
+        "model_images_per_s": round(records.done / records.model_s, 3)
+        if records.model_s > 0
+        else None,
+    }
+
+
 # -- the pipeline ----------------------------------------------------------------------
 
 
@@ -357,14 +590,15 @@ def run_infer(
         max_pixels=max_pixels,
     )
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise SegdeployError(out, "--output exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    total = check_plan(inputs, out)  # refuses a run that would harm a user file: nothing written
+    prepare_output(out)
+    remove_stale_temporaries(out)  # a killed run's .summary.tmp-<pid>.jsonl
+    planner = Planner(out, clean=True)
     workers = workers or min(4, os.cpu_count() or 1)
     palette = palette_for(seg.num_labels) if overlay else None
     if progress is None:
         progress = sys.stderr.isatty()
-    total = sum(1 for _ in iter_inputs(inputs, exclude=out)) if progress else None
+    total = total if progress else None
     window = seg.batch_size + 2 * workers  # images in flight per stage: bounds memory
 
     counts: dict[str, int] = {"ignored": 0}
@@ -426,7 +660,7 @@ def run_infer(
     decoders = ThreadPoolExecutor(workers, thread_name_prefix="segdeploy-decode")
     writers = ThreadPoolExecutor(workers, thread_name_prefix="segdeploy-write")
     try:
-        for item in iter_inputs(inputs, exclude=out, counts=counts):
+        for item in planner.items(inputs, counts):
             if isinstance(item, Failure):
                 record({"input": item.path, "reason": item.reason})
                 continue
@@ -455,27 +689,8 @@ def run_infer(
                     record(fut.result())
         bar.close()
         wall = time.perf_counter() - start
-        header = {
-            "model": str(seg.onnx_path),
-            "variant": seg.variant,
-            "provider": seg.provider,
-            "num_labels": seg.num_labels,
-            "id2label": {str(k): v for k, v in seg.id2label.items()},
-            "batch_size": seg.batch_size,
-            "interrupted": interrupted,
-        }
-        totals = {
-            "images": records.done,
-            "skipped": records.skipped,
-            "failed": records.failed,
-            "ignored_non_images": counts["ignored"],
-            "seconds": round(wall, 3),
-            "images_per_s": round(records.done / wall, 3) if wall > 0 else None,
-            "model_seconds": round(records.model_s, 3),
-            "model_images_per_s": round(records.done / records.model_s, 3)
-            if records.model_s > 0
-            else None,
-        }
+        header = summary_header(seg, seg.provider, interrupted)
+        totals = summary_totals(records, counts["ignored"], wall)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:

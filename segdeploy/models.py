@@ -6,6 +6,7 @@ and is what the tests and the offline demo train.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -238,3 +239,68 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------
+# Weight and checkpoint files: corrupt ones are bad input, named before any work
+# ---------------------------------------------------------------------------
+
+
+def check_weight_file(path: str | os.PathLike) -> None:
+    """SegdeployError naming `path` unless it is a readable weight or checkpoint file.
+
+    Cheap enough to run before every export, validation and resume: safetensors
+    files by their header (safetensors itself checks that the data covers exactly
+    the rest of the file, so truncation shows), torch.save files (zip) by the CRC
+    of every member, JSON by parsing. Only legacy (non-zip) pickles are loaded, by
+    torch with weights_only=True, because nothing cheaper can read them.
+    """
+    path = Path(path)
+    try:
+        _WEIGHT_CHECKS.get(path.suffix, _check_torch_file)(path)
+    except SegdeployError:
+        raise
+    except OSError as err:
+        raise SegdeployError(path, f"cannot read: {err.strerror or err}") from None
+    except (
+        Exception
+    ) as err:  # each format raises its own types (SafetensorError, UnpicklingError...)
+        raise SegdeployError(path, f"corrupt or truncated: {_first_line(err)}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy"):
+        pass
+
+
+def _check_json(path: Path) -> None:
+    import json
+
+    json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_torch_file(path: Path) -> None:
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise SegdeployError(path, f"corrupt: member {bad} fails its CRC check")
+        return
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        raise SegdeployError(path, "truncated: a zip archive without its central directory")
+    if not head.startswith(b"\x80"):  # every pickle of protocol 2 or later starts so
+        raise SegdeployError(
+            path, "not a PyTorch weights file (neither a zip archive nor a pickle)"
+        )
+    import torch
+
+    torch.load(path, map_location="cpu", weights_only=True)
+
+
+_WEIGHT_CHECKS = {".safetensors": _check_safetensors, ".json": _check_json}

@@ -40,6 +40,7 @@ from segdeploy.errors import SegdeployError
 from segdeploy.metrics import MeanIoU
 from segdeploy.models import (
     check_model_source,
+    check_weight_file,
     hub_reachable,
     is_pretrained,
     load_model,
@@ -47,6 +48,7 @@ from segdeploy.models import (
     processor_image_size,
 )
 from segdeploy.plots import plot_training_curves
+from segdeploy.writable import check_writable, environment_errors_as_input
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,22 @@ CHECKPOINTS = "checkpoints"
 RUN_RECORD = "run.json"  # in checkpoints/: what the checkpoints were made with, for --resume
 FINAL_LAST = ("config.json", "metrics.json")  # moved in last, in this order
 SUMMARY_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy")
+#: TrainConfig fields recorded in run.json as they are given (besides model, dataset,
+#: image size and the resolved lr).
+RECORDED_CONFIG = ("epochs", "max_steps", "batch_size", "eval_steps", "seed", "augment")
+#: What run.json records that --resume must repeat, and the options that set it.
+RUN_OPTIONS = {
+    "model": "--model",
+    "dataset": "the dataset options (--dataset, --split, --eval-split, ...)",
+    "image_size": "--image-size",
+    "epochs": "--epochs",
+    "max_steps": "--max-steps",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "eval_steps": "--eval-steps",
+    "seed": "--seed",
+    "augment": "--augment/--no-augment",
+}
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,10 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     if config.push_to_hub:
         hub_repo = _check_can_push(config.hub_model_id or out.name)
     resume_from = _check_output_dir(out, config)
+    # Read-only, full, or under a file: found now, not at the first checkpoint.
+    check_writable(out, "--output-dir")
+    if resume_from is not None:
+        check_checkpoint(resume_from)
 
     import torch
     import transformers
@@ -171,8 +193,6 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     transformers.set_seed(config.seed)  # the scratch weights are drawn before the Trainer seeds
 
     with args.main_process_first(desc="loading the dataset"):
-        if args.process_index == 0 and config.overwrite:
-            _clear_previous_run(out)
         data = load_splits(config.dataset)
         if len(data.train) == 0 or len(data.eval) == 0:
             raise SegdeployError(
@@ -211,11 +231,19 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         "model": config.model,
         "dataset": data.spec.to_dict(),
         "image_size": image_size,
+        **{key: getattr(config, key) for key in RECORDED_CONFIG},
+        "lr": lr,
     }
     if resume_from is not None:
         _check_same_run(out, record)
-    elif args.process_index == 0:
-        write_json(out / CHECKPOINTS / RUN_RECORD, record)
+    else:
+        # Every check has passed: only now may --overwrite remove the old checkpoints
+        # (the old final files stay until complete new ones replace them).
+        with args.main_process_first(desc="clearing the previous run"):
+            if args.process_index == 0:
+                if config.overwrite:
+                    _clear_previous_run(out)
+                write_json(out / CHECKPOINTS / RUN_RECORD, record)
 
     trainer = Trainer(
         model=model,
@@ -230,7 +258,10 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     if done:
         trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        # A disk that fills up at a checkpoint: one line naming the file, exit 2; the
+        # checkpoints saved before it stay for --resume.
+        with environment_errors_as_input(out / CHECKPOINTS, "checkpoints saved before it are kept"):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if metric.last_result is None:
         trainer.evaluate()  # nothing was trained in this run: evaluate the checkpoint
     seconds = time.monotonic() - start
@@ -269,7 +300,8 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
             "segdeploy_version": __version__,
             "transformers_version": transformers.__version__,
         }
-        write_model_folder(out, trainer.model, processor, metrics, train_args, history)
+        with environment_errors_as_input(out, "the previous model files, if any, are kept"):
+            write_model_folder(out, trainer.model, processor, metrics, train_args, history)
         if config.push_to_hub:
             result.pushed_to = _push(out, hub_repo)
     _close_process_group()
@@ -507,6 +539,13 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
+def check_checkpoint(checkpoint: Path) -> None:
+    """SegdeployError naming the first corrupt file of the checkpoint --resume would load."""
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        if path.suffix in (".safetensors", ".json", ".bin", ".pt", ".pth"):
+            check_weight_file(path)
+
+
 def _check_numbers(c: TrainConfig) -> None:
     checks = [
         ("--batch-size", c.batch_size, c.batch_size >= 1, "a positive integer"),
@@ -570,18 +609,29 @@ def _clear_previous_run(out: Path) -> None:
 
 
 def _check_same_run(out: Path, record: dict[str, Any]) -> None:
+    """Refuse --resume with options that contradict the recorded run, naming each one.
+
+    Any contradiction is refused (none is allowed to change on resume): otherwise
+    train_args.json would record options the model was not trained with. Records
+    written before an option was recorded are not held to it.
+    """
     path = out / CHECKPOINTS / RUN_RECORD
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # checkpoints from elsewhere: the Trainer's own checks still apply
-    for key in ("model", "image_size", "dataset"):
-        if saved.get(key) != record[key]:
-            raise SegdeployError(
-                "--resume",
-                f"the checkpoints in {out / CHECKPOINTS} were made with {key}={saved.get(key)!r}, "
-                f"not {record[key]!r}; repeat the original options",
-            )
+    differ = [
+        f"{RUN_OPTIONS.get(key, key)} (made with {key}={saved[key]!r}, given {value!r})"
+        for key, value in record.items()
+        if key in saved and saved[key] != value
+    ]
+    if differ:
+        raise SegdeployError(
+            "--resume",
+            f"the checkpoints in {out / CHECKPOINTS} were made with other options: "
+            + "; ".join(differ)
+            + ". Repeat the original options, or start afresh with --overwrite",
+        )
 
 
 def _check_can_push(repo_id: str) -> str:

@@ -240,3 +240,43 @@ def test_camvid_fp32_export_matches_pytorch(camvid, tmp_path):
     assert len(report["per_class_iou"]) == 11
     assert report["timings"]["total_s"] < 120
     assert "mean IoU" in result.output and "pixel agreement" in result.output
+
+
+def test_swapped_rows_of_unpredicted_classes_fail_the_logit_rule(trained_dir, tmp_path):
+    """Mean IoU and pixel agreement cannot see a change to classes that are never
+    predicted; an fp32 graph must also match PyTorch's logits (issue 12)."""
+    from safetensors.torch import load_file, save_file
+
+    # The random tiny model predicts every class; push two out of reach.
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_dir, model_dir, ignore=shutil.ignore_patterns("onnx"))
+    weights = load_file(model_dir / "model.safetensors")
+    weights["decode_head.classifier.bias"][[3, 4]] = -5.0
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["export", str(model_dir)])
+    assert result.exit_code == 0, result.output  # the faithful export passes every rule
+    before = json.loads((model_dir / "onnx" / "validation.json").read_text())
+    assert [c["onnx"] for c in before["per_class_iou"][3:]] == [0.0, 0.0]  # never predicted
+
+    model = onnx.load(model_dir / "onnx" / "model.onnx")
+    for name in ("decode_head.classifier.weight", "decode_head.classifier.bias"):
+        init = next(i for i in model.graph.initializer if i.name == name)
+        rows = numpy_helper.to_array(init).copy()
+        rows[[3, 4]] = rows[[4, 3]]
+        init.CopyFrom(numpy_helper.from_array(rows, name))
+    onnx.save(model, model_dir / "onnx" / "model.onnx")
+
+    result = _validate(model_dir / "onnx")
+    assert result.exit_code == 1, result.output
+    report = json.loads((model_dir / "onnx" / "validation.json").read_text())
+    assert report["failed_rules"] == ["logits"]  # mean IoU and agreement alone would pass
+    assert report["mean_iou_drop"] == 0 and report["pixel_agreement"] == 1.0
+    assert report["max_abs_logit_diff"] > report["max_abs_logit_allowed"]
+    assert "failed: logits" in result.output
+
+
+def test_passing_reports_list_the_rules_they_were_held_to(trained_dir):
+    report = json.loads((trained_dir / "onnx" / "validation.json").read_text())
+    assert report["passed"] is True and report["failed_rules"] == []
+    assert set(report["rules"]) == {"mean_iou", "logits", "pixel_agreement"}
+    assert report["min_pixel_agreement"] == 0.9999

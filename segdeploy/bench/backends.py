@@ -182,9 +182,7 @@ class TorchRunner:
         self.threads = torch.get_num_threads()
 
     def _load(self, path: Path):
-        from transformers.image_utils import load_image
-
-        return load_image(str(path))  # EXIF orientation and RGB, as the pipeline does
+        return load_rgb(path)
 
     def end_to_end(self, items, out: Path, inputs: Sequence[str]) -> list[np.ndarray]:
         torch, F = self.torch, self.torch.nn.functional
@@ -261,7 +259,9 @@ class PipelineRunner:
         self.threads = torch.get_num_threads()
 
     def end_to_end(self, items, out: Path, inputs: Sequence[str]) -> list[np.ndarray]:
-        results = self.pipe([str(item.path) for item in items], batch_size=self.batch_size)
+        # Decoded by us, not from paths, so that every row sees the pixels infer sees.
+        images = [load_rgb(item.path) for item in items]
+        results = self.pipe(images, batch_size=self.batch_size)
         return [self._label_map(segments) for segments in results]
 
     def _label_map(self, segments) -> np.ndarray:
@@ -272,11 +272,9 @@ class PipelineRunner:
         return labels
 
     def model_inputs(self, items, count: int):
-        from transformers.image_utils import load_image
-
         return [
             self.pipe.image_processor(
-                images=[load_image(str(i.path)) for i in batch], return_tensors="pt"
+                images=[load_rgb(i.path) for i in batch], return_tensors="pt"
             )["pixel_values"]
             for batch in _model_batches(items, self.batch_size, count)
         ]
@@ -331,6 +329,18 @@ class SegdeployRunner:
 
     def forward(self, batch) -> None:
         self.segmenter.logits(batch)
+
+
+def load_rgb(path: Path):
+    """The image as `segdeploy infer` sees it: EXIF-upright, every mode converted to RGB.
+
+    The one conversion for every row (issue 12: grayscale images failed the torch
+    and hf-pipeline rows with "mean must have 1 elements"; 16-bit images would be
+    clipped by Pillow's own conversion), so that their masks compare with infer's.
+    """
+    from segdeploy.runtime.image_io import load_image
+
+    return load_image(path)
 
 
 def make_runner(

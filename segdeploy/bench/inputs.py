@@ -53,7 +53,7 @@ def read_reference(path: Path, *, num_labels: int, ignore_index: int) -> np.ndar
     )
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.symlink(src.resolve(), dst)
     except OSError:  # no symlinks here (some Windows setups): copy instead
@@ -92,7 +92,7 @@ def from_folders(
         for item in items[:max_images]:
             dst = subset.joinpath(*item.out.parts[1:]).with_suffix(item.path.suffix)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _link(item.path, dst)
+            link_or_copy(item.path, dst)
         source["subset"] = max_images
         images = subset
     return BenchInputs(images, Path(labels) if labels else None, ignore_index, source)
@@ -129,7 +129,7 @@ def from_dataset(spec, work: Path, *, num_labels: int, max_images: int | None = 
         if from_file:
             with Image.open(path) as im:
                 size = im.size
-            _link(path, images / f"{stem}{path.suffix}")
+            link_or_copy(path, images / f"{stem}{path.suffix}")
         else:
             image = datasets.Image(mode="RGB").decode_example(value)
             size = image.size

@@ -169,6 +169,10 @@ def markdown(report: dict[str, Any]) -> str:
     if not_ok:
         lines += ["", "## Not run here", ""]
         lines += [f"- `{r['backend']}` ({r['status']}): {r['reason']}" for r in not_ok]
+    bad = report.get("failed_images") or []
+    if bad:
+        lines += ["", "## Images that could not be decoded (left out of every row)", ""]
+        lines += [f"- `{b['path']}`: {b['reason']}" for b in bad]
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +271,8 @@ def print_report(report: dict[str, Any], console, output: str | os.PathLike) -> 
     console.print(rich_table(report))
     for r in _not_ok(report):
         console.print(f"  [dim]{r['backend']}: {escape(r['reason'])}[/]")
+    for b in report.get("failed_images") or []:
+        console.print(f"[red]failed image[/] {escape(b['path'])}: {escape(b['reason'])}")
     for t in report["targets"]:
         mark = "[green]met[/]" if t["met"] else "[red]not met[/]"
         console.print(

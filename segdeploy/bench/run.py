@@ -34,7 +34,12 @@ from segdeploy.bench.backends import (
     default_backends,
     parse_backend,
 )
-from segdeploy.bench.inputs import BenchInputs, read_reference, reference_label_path
+from segdeploy.bench.inputs import (
+    BenchInputs,
+    link_or_copy,
+    read_reference,
+    reference_label_path,
+)
 from segdeploy.errors import SegdeployError
 
 log = logging.getLogger(__name__)
@@ -462,7 +467,7 @@ def run_bench(
     started = time.time()
     try:
         inputs = inputs_factory(work, facts["num_labels"])
-        items = list_items(inputs.images)
+        inputs, items, bad_images = screen_images(inputs, list_items(inputs.images), work)
         rows = []
         for batch_size in settings.batch_sizes:
             rows += _measure_rows(
@@ -505,6 +510,7 @@ def run_bench(
                 "pass and its share of the forward calls), one row at a time, starting one "
                 "row later each round",
             },
+            "failed_images": bad_images,
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
             "targets": judge_targets(rows),
         }
@@ -517,6 +523,41 @@ def run_bench(
     if console is not None:
         rep.print_report(report, console, output)
     return report
+
+
+def screen_images(
+    inputs: BenchInputs, items: list, work: Path
+) -> tuple[BenchInputs, list, list[dict[str, str]]]:
+    """Decode every image once, as `segdeploy infer` does; bad ones become report entries.
+
+    A file that cannot be decoded (empty, truncated, not an image) is a failure of
+    the input, not of any backend: it is listed in the report and the rows run on
+    the other images (linked into a folder of their own, so that every backend
+    still takes one folder). Returns (inputs, items, [{"path", "reason"}]).
+    """
+    from dataclasses import replace
+
+    from segdeploy.bench.worker import list_items
+    from segdeploy.runtime.image_io import load_image
+
+    bad = []
+    for item in items:
+        try:
+            load_image(item.path)
+        except SegdeployError as err:
+            bad.append({"path": str(item.path), "reason": err.problem})
+    if not bad:
+        return inputs, items, []
+    good = [i for i in items if str(i.path) not in {b["path"] for b in bad}]
+    if not good:
+        raise SegdeployError(inputs.images, f"no image can be decoded ({bad[0]['reason']}, ...)")
+    folder = work / "decodable-images"
+    for item in good:
+        dst = folder.joinpath(*item.out.parts[1:]).with_suffix(item.path.suffix)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(item.path, dst)
+    inputs = replace(inputs, images=folder)
+    return inputs, list_items(folder), bad
 
 
 def _measure_rows(

@@ -171,7 +171,9 @@ def bench(
       segdeploy bench --model models/camvid --dataset ../data/camvid --split val --batch-sizes 1
 
     Prints a table and writes JSON (with machine, versions, date and command),
-    Markdown and a PNG bar chart. Exits with status 1 when a backend failed.
+    Markdown and a PNG bar chart. An image that cannot be decoded is listed in the
+    report ("failed_images") and left out of every row. Exits with status 1 when
+    a backend failed or an image could not be decoded.
     """
     from pathlib import Path
 
@@ -215,5 +217,5 @@ def bench(
         console=console,
         keep_work=keep_work,
     )
-    if any(r["status"] == "failed" for r in report["results"]):
+    if report["failed_images"] or any(r["status"] == "failed" for r in report["results"]):
         raise SystemExit(1)

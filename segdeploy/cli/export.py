@@ -87,7 +87,7 @@ def export(
     ORTModelForSemanticSegmentation load the folder as it is. Then validates each
     graph against the PyTorch model on the evaluation split recorded by `segdeploy
     train` (or --dataset/--split), writes validation.json, prints a table, and
-    exits with status 1 when the mean IoU changes by more than --tolerance.
+    exits with status 1 when a validation rule fails (see `segdeploy validate --help`).
 
     \b
     Examples:
@@ -99,6 +99,7 @@ def export(
     """
     from segdeploy.export import (
         check_opset,
+        check_output,
         check_provider,
         check_quantize,
         export_onnx,
@@ -108,6 +109,7 @@ def export(
     # All bad input is reported before the (possibly long) export starts.
     read_segformer_config(model_dir, need_weights=True)
     check_opset(opset)
+    check_output(model_dir, output if output is not None else model_dir / "onnx")
     if validate:
         check_provider(opts["provider"], opts["fallback"])
     if quantize is not None:

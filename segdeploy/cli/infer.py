@@ -23,7 +23,9 @@ from segdeploy.runtime.providers import PROVIDERS
     default="segdeploy-out",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...).",
+    help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...). It is "
+    "never read as input and must not hold the inputs: a run that would write over an input "
+    "file or outside OUTPUT exits with status 2 before writing anything.",
 )
 @click.option(
     "--provider",
@@ -91,6 +93,28 @@ from segdeploy.runtime.providers import PROVIDERS
     help="Refuse images larger than this many pixels (decompression-bomb guard)  "
     "[default: Pillow's, about 89 million].",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),  # the keys of ENGINES below
+    default="local",
+    show_default=True,
+    help="local: threads on this machine. ray: Ray Data on a Ray cluster (pip install "
+    "'segdeploy[ray]'); OUTPUT and the inputs must then be paths every node reaches.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="With --engine ray: the cluster to join (HOST:PORT of `ray start --head`)  "
+    "[default: $RAY_ADDRESS, else Ray starts here on this machine's cores].",
+)
+@click.option(
+    "--actors",
+    default=None,
+    metavar="N|MIN-MAX",
+    help="With --engine ray: model actors (one Segmenter each; one GPU each with --provider "
+    "cuda/tensorrt); MIN-MAX lets Ray scale the pool  [default: one per GPU, else one per node].",
+)
 def infer(
     inputs: tuple[str, ...],
     model_dir: str | None,
@@ -106,6 +130,9 @@ def infer(
     overlay: bool,
     skip_existing: bool,
     max_pixels: int | None,
+    engine: str,
+    ray_address: str | None,
+    actors: str | None,
 ) -> None:
     """Segment images with an exported SegFormer on ONNX Runtime; no torch needed.
 
@@ -120,6 +147,7 @@ def infer(
     Example:
       segdeploy infer --model models/segformer photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
+      segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
 
     A file that cannot be read (corrupt, not an image, empty, too large) is
     reported and skipped; the exit status is then 1. A missing model or
@@ -128,16 +156,27 @@ def infer(
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from segdeploy.infer import run_infer
+    from segdeploy.errors import SegdeployError
     from segdeploy.runtime.image_io import MAX_PIXELS
     from segdeploy.runtime.segmenter import newest_export
 
+    if engine == "local":
+        for name, value in (("--ray-address", ray_address), ("--actors", actors)):
+            if value is not None:
+                raise SegdeployError(name, "only with --engine ray")
+        engine_opts: dict = {"workers": workers}
+    else:
+        from segdeploy.infer_ray import parse_actors
+
+        engine_opts = {"address": ray_address, "actors": parse_actors(actors)}
+        if workers is not None:
+            raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
     if model_dir is None:
         model_dir = newest_export()
         click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
 
     with logging_redirect_tqdm():
-        result = run_infer(
+        result = _engine(engine)(
             inputs,
             model_dir,
             output,
@@ -146,12 +185,12 @@ def infer(
             fallback=fallback,
             batch_size=batch_size,
             threads=threads,
-            workers=workers,
             trt_cache=trt_cache,
             fp16=fp16,
             overlay=overlay,
             skip_existing=skip_existing,
             max_pixels=max_pixels or MAX_PIXELS,
+            **engine_opts,
         )
     t = result["totals"]
     click.echo(
@@ -162,3 +201,15 @@ def infer(
     )
     if t["failed"]:
         click.get_current_context().exit(1)
+
+
+#: `--engine` name -> "module:function" with run_infer's signature (imported on use,
+#: so that the local engine never imports Ray).
+ENGINES = {"local": "segdeploy.infer:run_infer", "ray": "segdeploy.infer_ray:run_infer_ray"}
+
+
+def _engine(name: str):
+    import importlib
+
+    module, func = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), func)

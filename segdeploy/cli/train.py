@@ -117,10 +117,17 @@ import click
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue from the newest checkpoint in <output-dir>/checkpoints (repeat the same options).",
+    help="Continue from the newest checkpoint in <output-dir>/checkpoints. Repeat the same "
+    "options: any that contradicts the recorded run (checkpoints/run.json: model, data, "
+    "--image-size, --epochs, --max-steps, --batch-size, --lr, --eval-steps, --seed, "
+    "--augment) is refused, each named, so that train_args.json stays true.",
 )
 @click.option(
-    "--overwrite", is_flag=True, help="Replace the model and checkpoints already in --output-dir."
+    "--overwrite",
+    is_flag=True,
+    help="Replace the model and checkpoints already in --output-dir. Nothing is removed "
+    "before the new run has passed its checks (data, model, options); the old model files "
+    "stay until complete new ones replace them.",
 )
 @click.option(
     "--push-to-hub",

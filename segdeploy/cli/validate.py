@@ -66,8 +66,9 @@ def validation_options(func):
             "--logit-tolerance",
             type=click.FloatRange(min=0),
             default=None,
-            help="Without labelled data only: largest max |logit difference|, relative to the "
-            "largest |logit| (at least 1). Default: 1e-3 fp32, 2e-2 fp16, 0.1 int8.",
+            help="Largest max |logit difference|, relative to the largest |logit| (at least 1), "
+            "for fp32 graphs always and for every graph without labelled data. "
+            "Default: 1e-3 fp32, 2e-2 fp16, 0.1 int8.",
         ),
         click.option(
             "--provider",
@@ -190,8 +191,11 @@ def validate(
     the label size the same way, and compares mean IoU against the ground truth,
     per-class IoU, pixel agreement and logit differences. The report is written
     beside the graph (validation.json for model.onnx, validation_fp16.json for
-    model_fp16.onnx, ...) and printed as a table. Exit status 1 when the mean IoU
-    changes by more than --tolerance.
+    model_fp16.onnx, ...) and printed as a table. Exit status 1 when a rule fails
+    (named in the last line and in the report's "failed_rules"): mean IoU changes by
+    more than --tolerance; label maps agree with PyTorch's on fewer pixels than the
+    precision's floor (fp32 99.99%, fp16 99.9%, int8 99%); an fp32 graph's logits
+    differ by more than --logit-tolerance.
 
     \b
     Examples:

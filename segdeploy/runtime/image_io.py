@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
         with warnings.catch_warnings():
             # Our own limit below replaces Pillow's warning at MAX_IMAGE_PIXELS.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_within(path, max_pixels) as im:
                 w, h = im.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise SegdeployError(
@@ -77,6 +79,38 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
         return to_rgb(image)
     except (ValueError, OSError) as err:
         raise SegdeployError(path, f"cannot convert mode {image.mode} to RGB: {err}") from None
+
+
+#: Serialises the moments when Pillow's process-wide limit is raised (see _open_within).
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _open_within(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
+    """Image.open, with Pillow's own bomb check no stricter than `max_pixels`.
+
+    Pillow refuses images above 2 x Image.MAX_IMAGE_PIXELS inside Image.open,
+    and offers no per-call limit, only that module global. So when the caller
+    allows more (--max-pixels above ~179 MP, or None), the global is raised for
+    the header read only, under a lock, and put back at once: no lasting change
+    that other Pillow users in the process would inherit. Our own check on the
+    header size (load_image) is then the one that applies. The common case
+    (max_pixels within Pillow's limit) takes no lock.
+    """
+    pillow = Image.MAX_IMAGE_PIXELS
+    if pillow is None or (max_pixels is not None and max_pixels <= 2 * pillow):
+        with Image.open(path) as im:
+            yield im
+        return
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            im = Image.open(path)  # reads the header only: the bomb check happens here
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with im:
+        yield im
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

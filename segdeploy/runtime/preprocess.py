@@ -12,6 +12,7 @@ so the result is bit-identical to the processor's and costs one gather.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,35 @@ CONFIG_NAME = "preprocessor_config.json"
 
 # HF PILImageResampling values are Pillow's.
 _RESAMPLE = {int(r): r for r in Image.Resampling}
+
+#: Bounds of a configured input side. Any positive side runs (the model pads
+#: small inputs), so the lower bound only refuses 0 and negatives. 16384 is far
+#: above any SegFormer checkpoint (512-1024) and keeps one float32 input at
+#: 3 GiB, where a typo like 100000 would ask for 120 GB per image and fail late.
+MIN_SIDE, MAX_SIDE = 1, 16384
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a size
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _side(v, name: str, where) -> int:
+    if not _is_int(v) or not MIN_SIDE <= v <= MAX_SIDE:
+        raise SegdeployError(
+            where, f"{name} must be a whole number {MIN_SIDE}..{MAX_SIDE}, got {v!r}"
+        )
+    return v
+
+
+def _flag(cfg: dict, name: str, where) -> bool:
+    v = cfg.get(name, True)
+    if not isinstance(v, bool):
+        raise SegdeployError(where, f"{name} must be true or false, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -65,32 +95,47 @@ class Preprocessor:
             raise SegdeployError(
                 where, f"unsupported image_processor_type {kind!r} (SegFormer only)"
             )
+        if not isinstance(cfg, dict):
+            raise SegdeployError(where, f"must hold a JSON object, got {type(cfg).__name__}")
         size = None
-        if cfg.get("do_resize", True):
+        if _flag(cfg, "do_resize", where):
             s = cfg.get("size", {"height": 512, "width": 512})
-            if isinstance(s, int):
+            if _is_int(s):
                 s = {"height": s, "width": s}
             if not (isinstance(s, dict) and {"height", "width"} <= set(s)):
                 raise SegdeployError(where, f"size must be {{'height', 'width'}}, got {s!r}")
-            size = (int(s["height"]), int(s["width"]))
+            size = (
+                _side(s["height"], "size.height", where),
+                _side(s["width"], "size.width", where),
+            )
         resample = cfg.get("resample", 2)
-        if int(resample) not in _RESAMPLE:
+        if not _is_int(resample) or int(resample) not in _RESAMPLE:
             raise SegdeployError(where, f"unknown resample {resample!r}")
 
         def triple(v, name):
-            v = [float(v)] * 3 if isinstance(v, int | float) else [float(x) for x in v]
-            if len(v) != 3:
-                raise SegdeployError(where, f"{name} needs 3 values, got {v}")
-            return tuple(v)
+            v = [v] * 3 if _is_number(v) else v
+            if not (isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v))):
+                raise SegdeployError(where, f"{name} needs 3 numbers, got {v!r}")
+            if not all(math.isfinite(x) for x in v):
+                raise SegdeployError(where, f"{name} must be finite, got {v!r}")
+            return tuple(float(x) for x in v)
 
+        rescale_factor = cfg.get("rescale_factor", 1 / 255)
+        if not (_is_number(rescale_factor) and 0 < rescale_factor < math.inf):
+            raise SegdeployError(
+                where, f"rescale_factor must be a positive number, got {rescale_factor!r}"
+            )
+        image_std = triple(cfg.get("image_std", cls.image_std), "image_std")
+        if not all(x > 0 for x in image_std):
+            raise SegdeployError(where, f"image_std must be positive, got {list(image_std)}")
         return cls(
             size=size,
             resample=_RESAMPLE[int(resample)],
-            do_rescale=bool(cfg.get("do_rescale", True)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-            do_normalize=bool(cfg.get("do_normalize", True)),
+            do_rescale=_flag(cfg, "do_rescale", where),
+            rescale_factor=float(rescale_factor),
+            do_normalize=_flag(cfg, "do_normalize", where),
             image_mean=triple(cfg.get("image_mean", cls.image_mean), "image_mean"),
-            image_std=triple(cfg.get("image_std", cls.image_std), "image_std"),
+            image_std=image_std,
         )
 
     def lut(self) -> np.ndarray:

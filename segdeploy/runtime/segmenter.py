@@ -203,6 +203,26 @@ class Segmenter:
             self.id2label = {i: str(i) for i in range(classes)}
         self.num_labels = len(self.id2label)
         self.label_dtype = label_dtype(self.num_labels)
+        if not self.fused:  # a fused graph outputs labels: no class axis to compare
+            self._check_classes(out.shape[1] if len(out.shape) == 4 else None)
+
+    def _check_classes(self, classes: Any) -> None:
+        """The graph must score exactly the classes config.json names, or labels would lie.
+
+        The class axis is read from the graph's output shape; when it is dynamic
+        (a name, not a number) one batch of a blank image is run now, so a
+        mismatch is refused before any image is read or any output written.
+        """
+        if not isinstance(classes, int):
+            h, w = self.preprocessor.size or (64, 64)
+            blank = np.zeros((1, 3, h, w), np.float32)
+            classes = int(_BatchOutput(self._run(blank, (h, w))).host().shape[1])
+        if classes != self.num_labels:
+            raise SegdeployError(
+                self.onnx_path,
+                f"the graph scores {classes} classes but {self.folder / 'config.json'} "
+                f"names {self.num_labels}: export the model again, or use its own config.json",
+            )
 
     # -- steps -----------------------------------------------------------------
     def load(self, image: ImageLike) -> Image.Image:
