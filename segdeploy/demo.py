@@ -11,16 +11,15 @@ owns: a rerun replaces its contents.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import ModelFolder
 
 DEFAULT_OUTPUT = "models/demo"
 
@@ -75,22 +74,6 @@ class DemoSettings:
         )
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` inside the block, restored after."""
-    if n is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class DemoResult:
     output_dir: Path
@@ -118,8 +101,9 @@ def run_demo(
     from segdeploy.data import DatasetSpec
     from segdeploy.export import export_onnx
     from segdeploy.infer import run_infer
+    from segdeploy.torch_ops import torch_threads
     from segdeploy.train import TrainConfig, train
-    from segdeploy.validation import load_validation_data
+    from segdeploy.validate import load_validation_data, validation_path
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -170,7 +154,7 @@ def run_demo(
     )
     seconds["train"] = time.perf_counter() - t
     paths["model"] = model_dir
-    paths["training curves"] = model_dir / "training_curves.png"
+    paths["training curves"] = ModelFolder(model_dir, {}).curves_path
     say(f"  {result.steps} steps, validation mean IoU {mean_iou:.3f} ({seconds['train']:.0f} s)")
 
     # 2. Export at opset 17 and validate against PyTorch on the same validation split.
@@ -183,7 +167,7 @@ def run_demo(
     validation = exported.reports["fp32"]
     seconds["export"] = time.perf_counter() - t
     paths["onnx graph"] = exported.graphs["fp32"]
-    paths["validation"] = onnx_dir / "validation.json"
+    paths["validation"] = validation_path(exported.graphs["fp32"])
     say(
         f"  mean IoU torch {validation['mean_iou_torch']:.4f}, onnx {validation['mean_iou_onnx']:.4f}: "
         f"{'passed' if validation['passed'] else 'FAILED'} ({seconds['export']:.0f} s)"

@@ -37,6 +37,8 @@ TRAIN_ARGS_FILE = "train_args.json"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
 CHECKPOINTS_DIR = "checkpoints"
+#: In checkpoints/: what the checkpoints were made with, for `train --resume`.
+RUN_RECORD_FILE = "run.json"
 #: Where `segdeploy export` puts a model folder's ONNX folder by default.
 ONNX_SUBDIR = "onnx"
 #: Files copied from the model folder into the ONNX folder, so that optimum's
@@ -58,6 +60,19 @@ OUTPUT_SIZE_INPUT = "output_size"
 QUANTIZATION_REPORT = "quantization_int8.json"
 #: Where every command looks for models when `--model` is not given.
 MODELS_ROOT = "models"
+#: The model family segdeploy trains and exports (config.json's model_type). The one
+#: place it is spelled: the family registry of a later issue replaces this check.
+SUPPORTED_MODEL_TYPE = "segformer"
+
+
+def supported_model_type(model_type: str | None) -> bool:
+    """Whether segdeploy can train and export a model of this config.json model_type."""
+    return model_type == SUPPORTED_MODEL_TYPE
+
+
+def variant_of(graph_file: str) -> str | None:
+    """The variant whose graph file is `graph_file` (model_fp16.onnx -> fp16), or None."""
+    return next((v for v, f in VARIANT_FILES.items() if f == graph_file), None)
 
 
 def variant_file(variant: str) -> str:
@@ -97,7 +112,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     """config.json of a Hugging Face model folder (or ONNX folder), as a dict."""
     if not folder.is_dir():
         raise SegdeployError(folder, "not a folder (expected a model folder)")
-    config = read_json(folder / CONFIG_FILE, missing="missing: not a Hugging Face model folder")
+    if not (folder / CONFIG_FILE).is_file():
+        raise SegdeployError(folder, f"no {CONFIG_FILE}: not a Hugging Face model folder")
+    config = read_json(folder / CONFIG_FILE)
     if not isinstance(config, dict):
         raise SegdeployError(folder / CONFIG_FILE, "is not a JSON object")
     return config
@@ -125,6 +142,21 @@ def image_size_of(preprocessor: dict[str, Any] | None) -> tuple[int, int] | None
     return None
 
 
+def default_onnx_dir(model_dir: str | os.PathLike) -> Path:
+    """Where `segdeploy export` writes a model folder's ONNX folder unless told otherwise."""
+    return Path(model_dir) / ONNX_SUBDIR
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether `folder` holds PyTorch weights: a trained model folder."""
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def is_trained_folder(folder: Path) -> bool:
+    """A complete model folder as `segdeploy train` leaves it (metrics and config written last)."""
+    return (folder / METRICS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+
+
 # -- the folders ---------------------------------------------------------------------------
 
 
@@ -139,15 +171,38 @@ class ModelFolder:
     def open(cls, path: str | os.PathLike, *, need_weights: bool = True) -> ModelFolder:
         path = Path(path)
         config = read_config(path)
-        if need_weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        folder = cls(path, config)
+        return folder.require_weights() if need_weights else folder
+
+    def require_weights(self) -> ModelFolder:
+        """Self, or SegdeployError when the folder holds no PyTorch weights."""
+        if not has_weights(self.path):
             raise SegdeployError(
-                path, f"no PyTorch weights ({WEIGHT_FILES[0]}): not a trained model folder"
+                self.path, f"no PyTorch weights ({WEIGHT_FILES[0]}): not a trained model folder"
             )
-        return cls(path, config)
+        return self
 
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
+
+    def require_supported(self) -> ModelFolder:
+        """Self, or SegdeployError naming config.json when segdeploy cannot handle the family."""
+        if not supported_model_type(self.model_type):
+            raise SegdeployError(
+                self.path / CONFIG_FILE,
+                f"model_type is {self.model_type!r}, not {SUPPORTED_MODEL_TYPE!r}",
+            )
+        return self
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """The weight files present (transformers' save_pretrained names)."""
+        return [self.path / name for name in WEIGHT_FILES if (self.path / name).is_file()]
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
 
     @cached_property
     def id2label(self) -> dict[int, str]:
@@ -196,7 +251,7 @@ class ModelFolder:
 
     @property
     def default_onnx_dir(self) -> Path:
-        return self.path / ONNX_SUBDIR
+        return default_onnx_dir(self.path)
 
 
 @dataclass(frozen=True)
@@ -257,7 +312,7 @@ class OnnxFolder:
     def model_folder(self) -> Path | None:
         """The trained model folder this export sits in (MODEL/onnx), if there is one."""
         parent = self.path.resolve().parent
-        return parent if any((parent / n).is_file() for n in WEIGHT_FILES) else None
+        return parent if has_weights(parent) else None
 
 
 def newest_export(root: str | os.PathLike = MODELS_ROOT) -> Path:

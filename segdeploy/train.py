@@ -37,7 +37,16 @@ from segdeploy.atomic import TMP_MARKER, default_mode, write_json
 from segdeploy.augment import AugmentParams, augment_pair, labels_to_image, resize_pair
 from segdeploy.data import DatasetSpec, check_dataset, label_array, load_splits
 from segdeploy.errors import SegdeployError
-from segdeploy.metrics import MeanIoU
+from segdeploy.folders import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    RUN_RECORD_FILE,
+    TRAIN_ARGS_FILE,
+    is_trained_folder,
+)
+from segdeploy.metrics import MeanIoU, finite
 from segdeploy.models import (
     check_model_source,
     check_weight_file,
@@ -48,6 +57,7 @@ from segdeploy.models import (
     processor_image_size,
 )
 from segdeploy.plots import plot_training_curves
+from segdeploy.torch_ops import upsample_bilinear
 from segdeploy.writable import check_writable, environment_errors_as_input
 
 log = logging.getLogger(__name__)
@@ -55,9 +65,9 @@ log = logging.getLogger(__name__)
 # The guide's learning rate, for pretrained encoders; random weights need far more.
 PRETRAINED_LR = 6e-5
 SCRATCH_LR = 2e-3
-CHECKPOINTS = "checkpoints"
-RUN_RECORD = "run.json"  # in checkpoints/: what the checkpoints were made with, for --resume
-FINAL_LAST = ("config.json", "metrics.json")  # moved in last, in this order
+CHECKPOINTS = CHECKPOINTS_DIR
+RUN_RECORD = RUN_RECORD_FILE  # in checkpoints/: what the checkpoints were made with, for --resume
+FINAL_LAST = (CONFIG_FILE, METRICS_FILE)  # moved in last, in this order
 SUMMARY_METRICS = ("mean_iou", "mean_accuracy", "overall_accuracy")
 #: TrainConfig fields recorded in run.json as they are given (besides model, dataset,
 #: image size and the resolved lr).
@@ -388,14 +398,9 @@ def upsample_argmax(logits, labels):
     Done on the device, per batch, before the Trainer gathers across processes,
     so only int class maps travel (bilinear, as in the guide and the runtime).
     """
-    import torch
-
     if isinstance(logits, tuple):
         logits = logits[0]
-    up = torch.nn.functional.interpolate(
-        logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
-    )
-    return up.argmax(dim=1)
+    return upsample_bilinear(logits, labels.shape[-2:]).argmax(dim=1)
 
 
 class StreamingMeanIoU:
@@ -450,8 +455,7 @@ def _numpy(x) -> np.ndarray:
 
 def is_finished_model(folder: str | os.PathLike) -> bool:
     """A folder that `segdeploy train` completed: metrics.json is written last."""
-    folder = Path(folder)
-    return (folder / "metrics.json").is_file() and (folder / "config.json").is_file()
+    return is_trained_folder(Path(folder))
 
 
 def newest_checkpoint(checkpoints: Path) -> Path | None:
@@ -486,9 +490,9 @@ def write_model_folder(
     try:
         model.save_pretrained(stage, safe_serialization=True)
         processor.save_pretrained(stage)
-        plot_training_curves(log_history, stage / "training_curves.png")
-        write_json(stage / "train_args.json", train_args)
-        write_json(stage / "metrics.json", metrics)
+        plot_training_curves(log_history, stage / CURVES_FILE)
+        write_json(stage / TRAIN_ARGS_FILE, train_args)
+        write_json(stage / METRICS_FILE, metrics)
         for name in reversed(FINAL_LAST):
             (out / name).unlink(missing_ok=True)
         names = sorted(p.name for p in stage.iterdir() if p.name not in FINAL_LAST)
@@ -507,23 +511,15 @@ def _final_metrics(metric: StreamingMeanIoU, history, data, step: int) -> dict[s
         None,
     )
     return {
-        **{k: _finite(result.get(k)) for k in SUMMARY_METRICS},
-        "per_category_iou": [_finite(v) for v in result.get("per_category_iou", [])],
-        "per_category_accuracy": [_finite(v) for v in result.get("per_category_accuracy", [])],
+        **{k: finite(result.get(k)) for k in SUMMARY_METRICS},
+        "per_category_iou": [finite(v) for v in result.get("per_category_iou", [])],
+        "per_category_accuracy": [finite(v) for v in result.get("per_category_accuracy", [])],
         "id2label": {str(k): v for k, v in data.id2label.items()},
         "eval_loss": eval_loss,
         "eval_split": data.spec.eval_split or f"{data.spec.test_size} of {data.spec.split}",
         "eval_samples": len(data.eval),
         "step": step,
     }
-
-
-def _finite(v):
-    """JSON has no NaN: a class absent from the eval set has no IoU (null)."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def _best(history) -> tuple[float | None, int | None]:

@@ -29,10 +29,21 @@ STAGES: list[tuple[str, int]] = [
     ("segdeploy.export", 5),
     ("segdeploy.validate", 4),
     ("segdeploy.train", 3),
+    ("segdeploy.models", 3),
+    ("segdeploy.metrics", 3),
+    ("segdeploy.metric_module", 3),
+    ("segdeploy.plots", 3),
+    ("segdeploy.augment", 3),
+    ("segdeploy.callbacks", 3),
+    ("segdeploy.torch_ops", 3),
+    # Torch-free runtime code that moves into segdeploy/runtime/ (issue 18).
+    ("segdeploy.infer", 3),
+    ("segdeploy.infer_ray", 3),
     ("segdeploy.runtime", 3),
     ("segdeploy.data", 3),
     ("segdeploy.folders", 2),
     ("segdeploy.atomic", 1),
+    ("segdeploy.writable", 1),
     ("segdeploy.errors", 0),
 ]
 #: The package root: imported by everyone for __version__, it imports nothing of

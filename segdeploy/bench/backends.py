@@ -39,7 +39,6 @@ from segdeploy.errors import SegdeployError
 
 ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt")
 REFERENCE = "torch"  # the backend every other one's masks are compared with
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -124,16 +123,16 @@ def check_backend(
 
     `available` is onnxruntime's list of provider names (get_available_providers()).
     """
+    from segdeploy.folders import has_weights, variant_file
     from segdeploy.runtime import providers as prov
-    from segdeploy.runtime.segmenter import variant_file
 
     if backend.kind in ("torch", "hf-pipeline"):
         if not _has_module("torch") or not _has_module("transformers"):
             return "torch and transformers are not installed"
-        if model_dir is None or not any((model_dir / f).is_file() for f in WEIGHT_FILES):
+        if model_dir is None or not has_weights(model_dir):
             return f"no PyTorch weights in {model_dir} (give --model a trained model folder)"
         return None
-    if onnx_dir is None or not (onnx_dir / "model.onnx").is_file():
+    if onnx_dir is None or not (onnx_dir / variant_file("fp32")).is_file():
         return f"no ONNX export at {onnx_dir} (run `segdeploy export` first)"
     if backend.kind == "optimum":
         if not _has_module("optimum.onnxruntime") or not _has_module("torch"):

@@ -41,6 +41,13 @@ from segdeploy.bench.inputs import (
     reference_label_path,
 )
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import (
+    CONFIG_FILE,
+    VARIANT_FILES,
+    default_onnx_dir,
+    id2label_of,
+    read_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +100,12 @@ def resolve_dirs(
         onnx_dir = Path(onnx)
         if not onnx_dir.is_dir():
             raise SegdeployError(onnx_dir, "--onnx folder not found")
-    elif (model / "onnx" / "model.onnx").is_file():
-        onnx_dir = model / "onnx"
-    elif (model / "model.onnx").is_file():
-        onnx_dir = model
     else:
-        onnx_dir = None
-    if not (model / "config.json").is_file() and onnx_dir is None:
+        onnx_dir = next(
+            (d for d in (default_onnx_dir(model), model) if (d / VARIANT_FILES["fp32"]).is_file()),
+            None,
+        )
+    if not (model / CONFIG_FILE).is_file() and onnx_dir is None:
         raise SegdeployError(model, "neither a model folder (config.json) nor an ONNX export")
     return model, onnx_dir
 
@@ -109,13 +115,13 @@ def model_facts(model_dir: Path | None, onnx_dir: Path | None) -> dict[str, Any]
     from segdeploy.runtime.providers import read_image_size
 
     for folder in (onnx_dir, model_dir):
-        if folder is None or not (folder / "config.json").is_file():
+        if folder is None or not (folder / CONFIG_FILE).is_file():
             continue
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+        cfg = read_config(folder)
+        id2label = id2label_of(cfg)
         size = read_image_size(folder)
         return {
-            "num_labels": len(id2label) or int(cfg.get("num_labels", 2)),
+            "num_labels": len(id2label),
             "id2label": {str(k): v for k, v in id2label.items()},
             "image_size": list(size) if size else None,
             "hidden_sizes": cfg.get("hidden_sizes"),
@@ -318,7 +324,7 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     from PIL import Image
 
     from segdeploy.infer import label_path
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.metrics import MeanIoU, finite
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
@@ -364,14 +370,9 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     for r in ok:
         if metrics:
             result = metrics[id(r)].compute()
-            r["mean_iou"] = _finite(result["mean_iou"])
-            r["per_category_iou"] = [_finite(v) for v in result["per_category_iou"]]
+            r["mean_iou"] = finite(result["mean_iou"])
+            r["per_category_iou"] = [finite(v) for v in result["per_category_iou"]]
         r["pixel_agreement_with_torch"] = agree[id(r)] / pixels if torch_out and pixels else None
-
-
-def _finite(x) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else x
 
 
 def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
