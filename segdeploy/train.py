@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,9 @@ class TrainConfig:
     hub_model_id: str | None = None
     save_total_limit: int = 3
     workers: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "dataset": self.dataset.to_dict()}
 
 
 @dataclass

@@ -25,6 +25,14 @@ PACKAGES = (
 )
 
 
+#: What the targets are, printed above them: figures to reach on a real model, not checks
+#: of every model (`segdeploy bench --no-targets` leaves them out).
+TARGETS_NOTE = (
+    "targets: segdeploy's goals for a trained SegFormer at its deployment size (set and "
+    "measured on CamVid b0, 512x512); on a tiny or untrained model they say little"
+)
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -157,6 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "## Targets",
             "",
+            TARGETS_NOTE,
+            "",
             "| target | batch | value | needs | met |",
             "|---|---:|---:|---:|:---:|",
         ]
@@ -273,6 +283,8 @@ def print_report(report: dict[str, Any], console, output: str | os.PathLike) -> 
         console.print(f"  [dim]{r['backend']}: {escape(r['reason'])}[/]")
     for b in report.get("failed_images") or []:
         console.print(f"[red]failed image[/] {escape(b['path'])}: {escape(b['reason'])}")
+    if report["targets"]:
+        console.print(f"  [dim]{TARGETS_NOTE}[/]")
     for t in report["targets"]:
         mark = "[green]met[/]" if t["met"] else "[red]not met[/]"
         console.print(

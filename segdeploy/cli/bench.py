@@ -6,6 +6,7 @@ import shlex
 
 import click
 
+from segdeploy.bench.run import BenchSettings
 from segdeploy.errors import SegdeployError
 
 
@@ -41,11 +42,11 @@ def command_line(ctx: click.Context) -> str:
 @click.command(context_settings={"max_content_width": 100})
 @click.option(
     "--model",
-    default="models/segformer",
-    show_default=True,
+    default=None,
     type=click.Path(file_okay=False),
     help="Trained model folder (PyTorch weights, its export in onnx/), or an ONNX folder alone "
-    "(then torch and hf-pipeline are skipped).",
+    "(then torch and hf-pipeline are skipped)  [default: the newest export under models/, "
+    "as for `segdeploy infer`, named on stderr].",
 )
 @click.option(
     "--onnx",
@@ -135,9 +136,16 @@ def command_line(ctx: click.Context) -> str:
     help="Report file (JSON); the Markdown table and PNG chart go beside it with .md and .png  "
     "[default: MODEL/bench.json].",
 )
+@click.option(
+    "--targets/--no-targets",
+    default=BenchSettings.targets,
+    show_default=True,
+    help="Judge segdeploy's speed and fidelity targets (set for a trained SegFormer at "
+    "512x512, e.g. CamVid b0); --no-targets for models they mean nothing for.",
+)
 @click.option("--keep-work", is_flag=True, help="Keep the work folder (label maps, worker logs).")
 def bench(
-    model: str,
+    model: str | None,
     onnx: str | None,
     images: str | None,
     labels: str | None,
@@ -153,6 +161,7 @@ def bench(
     threads: int | None,
     timeout: float | None,
     output: str | None,
+    targets: bool,
     keep_work: bool,
 ) -> None:
     """Compare segdeploy's ONNX Runtime inference with the pipelines users would pick instead.
@@ -166,7 +175,7 @@ def bench(
 
     \b
     Examples:
-      segdeploy bench --model models/segformer              # on the recorded eval split
+      segdeploy bench                                       # newest export, recorded eval split
       segdeploy bench --model models/segformer --images photos/ --backends torch,onnx-cpu
       segdeploy bench --model models/camvid --dataset ../data/camvid --split val --batch-sizes 1
 
@@ -181,6 +190,11 @@ def bench(
 
     from segdeploy.bench.inputs import inputs_factory
     from segdeploy.bench.run import BenchSettings, resolve_dirs, run_bench
+    from segdeploy.folders import newest_export
+
+    if model is None:
+        model = str(newest_export())
+        click.echo(f"model: {model} (the newest export under models/)", err=True)
 
     console = Console()
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
@@ -191,6 +205,7 @@ def bench(
         model_runs=model_runs,
         threads=threads,
         timeout_s=timeout,
+        targets=targets,
     )
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     if backends is not None and not names:

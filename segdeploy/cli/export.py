@@ -30,18 +30,21 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
 @click.option(
     "--fp16",
     is_flag=True,
+    default=_DEFAULTS.fp16,
     help="Also write model_fp16.onnx: fp16 weights and compute, fp32 inputs and outputs "
     "(for GPUs; validated on --provider when onnxruntime can run it there).",
 )
 @click.option(
     "--optimize",
     is_flag=True,
+    default=_DEFAULTS.optimize,
     help="Also write model_optimized.onnx: the graph after onnxruntime's optimisations "
     "(fusions, constant folding), so that sessions start faster.",
 )
 @click.option(
     "--fuse-argmax",
     is_flag=True,
+    default=_DEFAULTS.fuse_argmax,
     help="Also write model_fused.onnx (and model_fp16_fused.onnx with --fp16): bilinear "
     "upsampling and argmax inside the graph, so a GPU returns label maps instead of logits "
     "(`segdeploy infer --variant fused`). Validated by pixel agreement (>= 99.9%) and mean IoU.",
@@ -49,7 +52,7 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    default=None,
+    default=_DEFAULTS.quantize,
     help="Also write model_int8.onnx: static int8 quantization (QDQ, per-channel int8 weights, "
     "Softmax and LayerNorm kept in float) for CPUs, calibrated on images of the training split "
     "recorded by `segdeploy train`; validated like the others (default tolerance 0.01 mean IoU). "
