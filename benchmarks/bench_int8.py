@@ -73,7 +73,7 @@ def accuracy(onnx_path: Path, pre, rows, data, *, threads: int) -> tuple[dict, l
 
     from segdeploy import upsample_argmax
     from segdeploy.data import label_array
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

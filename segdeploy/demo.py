@@ -101,8 +101,8 @@ def run_demo(
     from segdeploy.data import DatasetSpec
     from segdeploy.export import export_onnx
     from segdeploy.infer import run_infer
-    from segdeploy.torch_ops import torch_threads
     from segdeploy.train import TrainConfig, train
+    from segdeploy.train.torch_ops import torch_threads
     from segdeploy.validate import load_validation_data, validation_path
 
     out = Path(output_dir)

@@ -109,7 +109,7 @@ def test_accuracy_figures_match_an_independent_evaluation(cli_run, tiny_model_di
     import torch
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU
 
     rows = _rows(json.loads(cli_run[0].read_text()))
     model = SegformerForSemanticSegmentation.from_pretrained(tiny_model_dir).eval()

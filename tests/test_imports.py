@@ -29,13 +29,6 @@ STAGES: list[tuple[str, int]] = [
     ("segdeploy.export", 5),
     ("segdeploy.validate", 4),
     ("segdeploy.train", 3),
-    ("segdeploy.models", 3),
-    ("segdeploy.metrics", 3),
-    ("segdeploy.metric_module", 3),
-    ("segdeploy.plots", 3),
-    ("segdeploy.augment", 3),
-    ("segdeploy.callbacks", 3),
-    ("segdeploy.torch_ops", 3),
     # Torch-free runtime code that moves into segdeploy/runtime/ (issue 18).
     ("segdeploy.infer", 3),
     ("segdeploy.infer_ray", 3),

@@ -30,7 +30,7 @@ from typing import Any
 from segdeploy.atomic import write_json
 from segdeploy.errors import SegdeployError
 from segdeploy.folders import ModelFolder, has_weights, variant_file
-from segdeploy.torch_ops import torch_threads
+from segdeploy.train.torch_ops import torch_threads
 from segdeploy.validate.compare import compare, open_sessions, upsample_argmax
 from segdeploy.validate.data import load_data_for, load_validation_data, resolve_dataset
 from segdeploy.validate.graphs import inspect, load_graph, open_model

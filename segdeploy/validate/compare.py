@@ -17,7 +17,7 @@ import numpy as np
 
 from segdeploy.errors import SegdeployError
 from segdeploy.folders import OUTPUT_SIZE_INPUT
-from segdeploy.torch_ops import upsample_bilinear
+from segdeploy.train.torch_ops import upsample_bilinear
 from segdeploy.validate.data import labelled_batches, random_batches
 from segdeploy.validate.report import skipped_report
 
@@ -83,7 +83,7 @@ class GraphStats:
 def make_metric(data, num_labels: int):
     if data is None:  # random inputs: nothing to score against
         return None
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU
 
     return MeanIoU(num_labels, ignore_index=data.spec.ignore_index)
 

@@ -25,7 +25,7 @@ def open_model(model_dir: str | os.PathLike, *, need_weights: bool = True) -> Mo
     With `need_weights`, every weight file is checked too: truncated or garbage
     weights are named now, not as a library error half-way through.
     """
-    from segdeploy.models import check_weight_file
+    from segdeploy.train.models import check_weight_file
 
     folder = ModelFolder.open(model_dir, need_weights=False).require_supported()
     if need_weights:

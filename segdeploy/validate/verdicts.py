@@ -11,7 +11,7 @@ labelled data) and fused_agreement (graphs that output labels).
 
 from __future__ import annotations
 
-from segdeploy.metrics import finite
+from segdeploy.train.metrics import finite
 
 #: Largest allowed change of mean IoU (absolute, either way), per graph precision.
 DEFAULT_TOLERANCE = {"fp32": 0.001, "fp16": 0.005, "int8": 0.01}
