@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from segdeploy.atomic import atomic_path, write_json, write_text
+from segdeploy.atomic import write_json, write_text
 
 PACKAGES = (
     "segdeploy",
@@ -204,18 +204,17 @@ def _target_threshold(t) -> str:
 
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Horizontal bars: end-to-end and model-only images/s per backend, one colour per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from segdeploy.train.plots import figure, save_png
 
     ok = _ok(report)
     backends = list(dict.fromkeys(r["backend"] for r in ok))
     batches = sorted({r["batch_size"] for r in ok})
     found = {(r["backend"], r["batch_size"]): r for r in ok}
     height = max(2.5, 0.45 * len(backends) * max(1, len(batches)) + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(12, height), sharey=True)
+    fig = figure((12, height))
+    axes = fig.subplots(1, 2, sharey=True)
     y = np.arange(len(backends))
     bar = 0.8 / max(1, len(batches))
     for ax, key, title in (
@@ -241,9 +240,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the panels
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def write_reports(report: dict[str, Any], output: str | os.PathLike) -> dict[str, Path]:
