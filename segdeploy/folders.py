@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from segdeploy.errors import SegdeployError
 
@@ -157,15 +157,58 @@ def is_trained_folder(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
 
 
+_F = TypeVar("_F", bound="_HfFolder")
+
+
 # -- the folders ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ModelFolder:
-    """A trained Hugging Face model folder: config.json, weights, preprocessor and records."""
+class _HfFolder:
+    """What both folders are: a Hugging Face folder, config.json and preprocessor beside it."""
 
     path: Path
     config: dict[str, Any] = field(repr=False)
+    #: The problem reported when preprocessor_config.json is missing; None: it may be.
+    preprocessor_missing: ClassVar[str | None] = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def require_supported(self: _F) -> _F:
+        """Self, or SegdeployError naming config.json when segdeploy cannot handle the family."""
+        if not supported_model_type(self.model_type):
+            raise SegdeployError(
+                self.config_path,
+                f"model_type is {self.model_type!r}, not {SUPPORTED_MODEL_TYPE!r}",
+            )
+        return self
+
+    @cached_property
+    def id2label(self) -> dict[int, str]:
+        return id2label_of(self.config)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @cached_property
+    def preprocessor(self) -> dict[str, Any] | None:
+        return read_json(self.path / PREPROCESSOR_FILE, missing=self.preprocessor_missing)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return image_size_of(self.preprocessor)
+
+
+@dataclass(frozen=True)
+class ModelFolder(_HfFolder):
+    """A trained Hugging Face model folder: config.json, weights, preprocessor and records."""
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, need_weights: bool = True) -> ModelFolder:
@@ -183,42 +226,9 @@ class ModelFolder:
         return self
 
     @property
-    def model_type(self) -> str | None:
-        return self.config.get("model_type")
-
-    def require_supported(self) -> ModelFolder:
-        """Self, or SegdeployError naming config.json when segdeploy cannot handle the family."""
-        if not supported_model_type(self.model_type):
-            raise SegdeployError(
-                self.path / CONFIG_FILE,
-                f"model_type is {self.model_type!r}, not {SUPPORTED_MODEL_TYPE!r}",
-            )
-        return self
-
-    @property
     def weight_files(self) -> list[Path]:
         """The weight files present (transformers' save_pretrained names)."""
         return [self.path / name for name in WEIGHT_FILES if (self.path / name).is_file()]
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @cached_property
-    def id2label(self) -> dict[int, str]:
-        return id2label_of(self.config)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @cached_property
-    def preprocessor(self) -> dict[str, Any] | None:
-        return read_json(self.path / PREPROCESSOR_FILE)
-
-    @property
-    def image_size(self) -> tuple[int, int] | None:
-        return image_size_of(self.preprocessor)
 
     @cached_property
     def train_args(self) -> dict[str, Any] | None:
@@ -255,11 +265,12 @@ class ModelFolder:
 
 
 @dataclass(frozen=True)
-class OnnxFolder:
+class OnnxFolder(_HfFolder):
     """An export: graphs (one per variant), config.json, preprocessor_config.json, reports."""
 
-    path: Path
-    config: dict[str, Any] = field(repr=False)
+    preprocessor_missing: ClassVar[str | None] = (
+        "missing: the export needs its preprocessor_config.json"
+    )
 
     @classmethod
     def open(cls, path: str | os.PathLike, variant: str = "fp32") -> OnnxFolder:
@@ -288,25 +299,6 @@ class OnnxFolder:
     @property
     def quantization_report(self) -> Path:
         return self.path / QUANTIZATION_REPORT
-
-    @cached_property
-    def id2label(self) -> dict[int, str]:
-        return id2label_of(self.config)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @cached_property
-    def preprocessor(self) -> dict[str, Any]:
-        return read_json(
-            self.path / PREPROCESSOR_FILE,
-            missing="missing: the export needs its preprocessor_config.json",
-        )
-
-    @property
-    def image_size(self) -> tuple[int, int] | None:
-        return image_size_of(self.preprocessor)
 
     @property
     def model_folder(self) -> Path | None:

@@ -7,6 +7,7 @@ import shlex
 import click
 
 from segdeploy.bench.run import BenchSettings
+from segdeploy.cli.options import threads_option
 from segdeploy.errors import SegdeployError
 
 
@@ -116,11 +117,9 @@ def command_line(ctx: click.Context) -> str:
     show_default=True,
     help="Timed forward calls for the model-only latency (after 2 warm-up calls).",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Threads for torch and onnxruntime  [default: each library's own, all cores].",
+@threads_option(
+    "Threads for torch and onnxruntime  [default: each library's own, all cores].",
+    default=BenchSettings.threads,
 )
 @click.option(
     "--timeout",
