@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -349,3 +350,19 @@ def test_a_new_backend_is_one_registered_class(monkeypatch, tiny_onnx_dir):
     for runner in bk.RUNNERS.values():
         assert runner.kind and runner.end_to_end_includes
         assert runner.describe(bk.Backend(runner.kind, runner.kind))
+
+
+def test_bench_model_defaults_to_the_newest_export(tmp_path, monkeypatch, tiny_onnx_dir):
+    """`segdeploy bench` without --model takes the newest export under models/, as infer does."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["bench", "--backends", "onnx-cpu"])
+    assert result.exit_code == 2 and "no exported model here" in result.output
+
+    for name in ("old", "new"):
+        shutil.copytree(tiny_onnx_dir, tmp_path / "models" / name / "onnx")
+    os.utime(tmp_path / "models" / "old" / "onnx" / "model.onnx", (1, 1))
+    # An ONNX folder records no dataset: the run stops at the inputs, after naming the model.
+    result = CliRunner().invoke(main, ["bench", "--backends", "onnx-cpu"])
+    assert "model: models/new (the newest export under models/)" in result.output

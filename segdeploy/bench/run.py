@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,20 @@ TARGETS = (
 
 
 @dataclass(frozen=True)
+class InputOptions:
+    """Which images a benchmark runs on: a folder (--images, --labels), else the evaluation
+    split of --dataset or of the dataset `segdeploy train` recorded."""
+
+    images: str | None = None
+    labels: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    reduce_labels: bool | None = None
+    ignore_index: int | None = None
+    max_images: int | None = None
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
     runs: int = 3  # rounds: each a timed end-to-end pass over all images per row
@@ -76,6 +90,7 @@ class BenchSettings:
     #: Judge TARGETS (set for a CamVid-trained b0 at 512x512, where the figures were
     #: measured); off for models they mean nothing for, such as the 64-px demo model.
     targets: bool = True
+    inputs: InputOptions = field(default_factory=InputOptions)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -429,6 +444,48 @@ def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ the whole run
+
+
+def bench_model(
+    model: str | os.PathLike | None,
+    settings: BenchSettings,
+    *,
+    onnx: str | os.PathLike | None = None,
+    backends: Sequence[str] | None = None,
+    output: str | os.PathLike | None = None,
+    command: str | None = None,
+    console=None,
+    keep_work: bool = False,
+    announce: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """`segdeploy bench`: the model (None: the newest export under models/, `announce`d),
+    its inputs checked now, then `run_bench`."""
+    from segdeploy.bench.inputs import inputs_factory
+    from segdeploy.folders import newest_export
+
+    if backends is not None and not backends:
+        raise SegdeployError("--backends", "name at least one backend")
+    if model is None:
+        model = newest_export()
+        announce(f"model: {model} (the newest export under models/)")
+    model_dir, _ = resolve_dirs(model, onnx)
+    factory = inputs_factory(Path(model_dir), **asdict(settings.inputs))
+    return run_bench(
+        model,
+        factory,
+        onnx=onnx,
+        backends=backends,
+        settings=settings,
+        output=output,
+        command=command,
+        console=console,
+        keep_work=keep_work,
+    )
+
+
+def failed(report: dict[str, Any]) -> bool:
+    """A backend failed, or an image could not be decoded: exit status 1."""
+    return bool(report["failed_images"]) or any(r["status"] == "failed" for r in report["results"])
 
 
 def run_bench(

@@ -183,17 +183,10 @@ def bench(
     report ("failed_images") and left out of every row. Exits with status 1 when
     a backend failed or an image could not be decoded.
     """
-    from pathlib import Path
 
     from rich.console import Console
 
-    from segdeploy.bench.inputs import inputs_factory
-    from segdeploy.bench.run import BenchSettings, resolve_dirs, run_bench
-    from segdeploy.folders import newest_export
-
-    if model is None:
-        model = str(newest_export())
-        click.echo(f"model: {model} (the newest export under models/)", err=True)
+    from segdeploy.bench.run import InputOptions, bench_model, failed
 
     console = Console()
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
@@ -205,31 +198,28 @@ def bench(
         threads=threads,
         timeout_s=timeout,
         targets=targets,
+        inputs=InputOptions(
+            images=images,
+            labels=labels,
+            dataset=dataset,
+            split=split,
+            reduce_labels=reduce_labels,
+            ignore_index=ignore_index,
+            max_images=max_images,
+        ),
     )
-    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
-    if backends is not None and not names:
-        raise SegdeployError("--backends", "name at least one backend")
-    model_dir, _ = resolve_dirs(model, onnx)
-    factory = inputs_factory(
-        Path(model_dir),
-        images=images,
-        labels=labels,
-        dataset=dataset,
-        split=split,
-        reduce_labels=reduce_labels,
-        ignore_index=ignore_index,
-        max_images=max_images,
-    )
-    report = run_bench(
+    report = bench_model(
         model,
-        factory,
+        settings,
         onnx=onnx,
-        backends=names,
-        settings=settings,
+        backends=None
+        if backends is None
+        else [b.strip() for b in backends.split(",") if b.strip()],
         output=output,
         command=command_line(click.get_current_context()),
         console=console,
         keep_work=keep_work,
+        announce=lambda line: click.echo(line, err=True),
     )
-    if report["failed_images"] or any(r["status"] == "failed" for r in report["results"]):
+    if failed(report):
         raise SystemExit(1)
