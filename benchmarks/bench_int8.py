@@ -1,7 +1,7 @@
 """int8 vs fp32 ONNX on the CPU: mean IoU on an evaluation split, and speed.
 
 For each quantization setting asked for, it quantizes the fp32 graph
-(segdeploy.quantize.quantize_int8, calibrated on training images), then measures
+(segdeploy.export.quantize.quantize_int8, calibrated on training images), then measures
 against the fp32 graph:
 
 - accuracy: mean IoU against the ground truth of the evaluation split, both
@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segdeploy.quantize import DEFAULT_FLOAT_OP_TYPES  # noqa: E402
+from segdeploy.export.quantize import DEFAULT_FLOAT_OP_TYPES  # noqa: E402
 
 # name -> keyword arguments of quantize_int8
 CONFIGS: dict[str, dict] = {
@@ -73,7 +73,7 @@ def accuracy(onnx_path: Path, pre, rows, data, *, threads: int) -> tuple[dict, l
 
     from segdeploy import upsample_argmax
     from segdeploy.data import label_array
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/int8_cpu.json")
     args = ap.parse_args(argv)
 
-    from segdeploy.quantize import quantize_int8, training_calibration_batches
+    from segdeploy.export.quantize import quantize_int8, training_calibration_batches
     from segdeploy.runtime.preprocess import Preprocessor
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]

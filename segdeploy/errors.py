@@ -19,3 +19,20 @@ class SegdeployError(Exception):
         self.where = None if where is None else str(where)
         self.problem = problem
         super().__init__(f"{self.where}: {problem}" if self.where else problem)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none).
+
+    Library errors (onnx, onnxruntime, transformers) carry pages of context; the
+    one-line SegdeployError keeps their first line, which names the problem.
+    """
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: message` with every line joined, cut at `limit` characters (network errors,
+    whose useful part is not on the first line)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}"

@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
     from segdeploy.data.synthetic import ID2LABEL
-    from segdeploy.models import scratch_config
+    from segdeploy.train.models import scratch_config
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_model")

@@ -6,14 +6,14 @@ import numpy as np
 from PIL import Image
 from transformers import SegformerImageProcessor
 
-from segdeploy.augment import (
+from segdeploy.train import make_transform
+from segdeploy.train.augment import (
     AugmentParams,
     augment_pair,
     color_jitter,
     labels_to_image,
     resize_pair,
 )
-from segdeploy.train import make_transform
 
 COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
 NO_COLOUR = AugmentParams(brightness=0, contrast=0, saturation=0, hue=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_accuracy_figures_match_an_independent_evaluation(cli_run, tiny_model_di
     import torch
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU
 
     rows = _rows(json.loads(cli_run[0].read_text()))
     model = SegformerForSemanticSegmentation.from_pretrained(tiny_model_dir).eval()
@@ -312,3 +313,56 @@ def test_optimum_backend_runs_with_a_thread_count(tiny_model_dir, tiny_onnx_dir,
     (row,) = json.loads(out.read_text())["results"]
     assert row["status"] == "ok", row.get("reason")
     assert row["threads"] == 1 and 0 <= row["mean_iou"] <= 1
+
+
+def test_a_new_backend_is_one_registered_class(monkeypatch, tiny_onnx_dir):
+    """Parsing, the default list, the availability check, the report's texts and the
+    worker's runner all come from the runner class: nothing else dispatches on names."""
+    from segdeploy.bench import backends as bk
+
+    made = []
+
+    class EchoRunner(bk.Runner):
+        kind = "echo"
+        description = "echo: a test backend"
+        end_to_end_includes = "nothing at all"
+
+        @classmethod
+        def unavailable(cls, backend, model_dir, onnx_dir, available):
+            return None if onnx_dir is not None else "needs an ONNX folder"
+
+        @classmethod
+        def create(cls, backend, model_dir, onnx_dir, batch_size, threads):
+            made.append((backend.name, batch_size))
+            return cls()
+
+    monkeypatch.setattr(bk, "RUNNERS", dict(bk.RUNNERS))
+    bk.register(EchoRunner)
+    backend = parse_backend("echo")
+    assert backend.kind == "echo" and backend.description == "echo: a test backend"
+    assert backend.end_to_end_includes == "nothing at all"
+    assert "echo" in default_backends(tiny_onnx_dir)
+    assert check_backend(backend, None, tiny_onnx_dir, []) is None
+    assert check_backend(backend, None, None, []) == "needs an ONNX folder"
+    assert isinstance(bk.make_runner(backend, None, tiny_onnx_dir, 3), EchoRunner)
+    assert made == [("echo", 3)]
+    # every built-in runner says what it is and what its end-to-end figure includes
+    for runner in bk.RUNNERS.values():
+        assert runner.kind and runner.end_to_end_includes
+        assert runner.describe(bk.Backend(runner.kind, runner.kind))
+
+
+def test_bench_model_defaults_to_the_newest_export(tmp_path, monkeypatch, tiny_onnx_dir):
+    """`segdeploy bench` without --model takes the newest export under models/, as infer does."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["bench", "--backends", "onnx-cpu"])
+    assert result.exit_code == 2 and "no exported model here" in result.output
+
+    for name in ("old", "new"):
+        shutil.copytree(tiny_onnx_dir, tmp_path / "models" / name / "onnx")
+    os.utime(tmp_path / "models" / "old" / "onnx" / "model.onnx", (1, 1))
+    # An ONNX folder records no dataset: the run stops at the inputs, after naming the model.
+    result = CliRunner().invoke(main, ["bench", "--backends", "onnx-cpu"])
+    assert "model: models/new (the newest export under models/)" in result.output

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from segdeploy.cli import main
 from segdeploy.data import DatasetSpec
 from segdeploy.export import export_onnx
-from segdeploy.validation import load_validation_data
+from segdeploy.validate import load_validation_data
 
 SMALL = DatasetSpec("synthetic:64", split="validation[:4]", eval_split="validation[:4]")
 

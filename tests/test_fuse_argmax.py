@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from segdeploy.errors import SegdeployError
-from segdeploy.fuse_argmax import fuse_argmax
+from segdeploy.export.fuse_argmax import fuse_argmax
 
 
 def _torch_labels(logits: np.ndarray, size) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_export_fuse_argmax_validates_and_infers_like_the_logits_graph(tiny_mode
     from segdeploy.data import DatasetSpec
     from segdeploy.data.synthetic import synthetic_samples
     from segdeploy.export import export_onnx
-    from segdeploy.validation import load_validation_data, validate_onnx
+    from segdeploy.validate import load_validation_data, validate_onnx
 
     data = load_validation_data(
         DatasetSpec("synthetic:64", split="validation[:3]", eval_split="validation[:3]"),
@@ -76,7 +76,7 @@ def test_export_fuse_argmax_validates_and_infers_like_the_logits_graph(tiny_mode
 
 
 def test_a_broken_fused_graph_fails_validation(tiny_model_dir, tiny_onnx_dir, tmp_path):
-    from segdeploy.validation import validate_onnx
+    from segdeploy.validate import validate_onnx
 
     model = onnx.load(tiny_onnx_dir / "model.onnx")
     # Flip the classifier's weights: the labels change almost everywhere.

@@ -437,7 +437,7 @@ def test_palettes():
 def test_fused_argmax_graph_gives_the_same_masks(tiny_onnx_dir, tmp_path, photos):
     """A graph with upsampling and argmax fused in (export --fuse-argmax) runs through the
     same API and equals the numpy path."""
-    fuse = pytest.importorskip("segdeploy.fuse_argmax")
+    fuse = pytest.importorskip("segdeploy.export.fuse_argmax")
     from segdeploy import Segmenter
 
     folder = tmp_path / "onnx"

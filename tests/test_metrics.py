@@ -1,11 +1,11 @@
-"""segdeploy.metrics.MeanIoU against a per-class numpy reference, and the evaluate module."""
+"""segdeploy.train.metrics.MeanIoU against a per-class numpy reference, and the evaluate module."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from segdeploy.metrics import EVALUATE_MODULE_PATH, MeanIoU
+from segdeploy.train.metrics import EVALUATE_MODULE_PATH, MeanIoU
 
 
 def reference_mean_iou(preds, refs, num_labels, ignore_index):

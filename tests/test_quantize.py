@@ -13,7 +13,7 @@ from PIL import Image
 
 from segdeploy.data.synthetic import synthetic_samples
 from segdeploy.errors import SegdeployError
-from segdeploy.quantize import (
+from segdeploy.export.quantize import (
     DEFAULT_FLOAT_OP_TYPES,
     calibration_batches,
     quantize_int8,
@@ -204,7 +204,7 @@ def _run(model, feeds):
 def test_attention_scale_fold_keeps_the_scores():
     from onnx import TensorProto, helper
 
-    from segdeploy.quantize import _fold_attention_scales
+    from segdeploy.export.quantize.edits import fold_attention_scales as _fold_attention_scales
 
     rng = np.random.default_rng(0)
     q = rng.integers(0, 256, (1, 2, 16, 8), dtype=np.uint8)
@@ -245,7 +245,9 @@ def test_attention_scale_fold_keeps_the_scores():
 def test_concat_inputs_quantized_once_to_the_output_parameters():
     from onnx import TensorProto, helper
 
-    from segdeploy.quantize import _concat_inputs_share_output_params
+    from segdeploy.export.quantize.edits import (
+        concat_inputs_share_output_params as _concat_inputs_share_output_params,
+    )
 
     rng = np.random.default_rng(0)
     a = rng.uniform(-1, 1, (1, 4, 8, 8)).astype(np.float32)

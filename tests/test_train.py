@@ -57,7 +57,7 @@ def small_config(out: Path, **overrides) -> TrainConfig:
 
 def evaluate_saved_model(folder: Path) -> float:
     """Mean IoU of a saved model folder on its recorded eval split, computed without
-    the Trainer or segdeploy.metrics: a per-class numpy count over every eval image."""
+    the Trainer or segdeploy.train.metrics: a per-class numpy count over every eval image."""
     import torch
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
@@ -263,7 +263,7 @@ def test_failed_final_write_keeps_the_previous_model(tmp_path, monkeypatch):
     def broken_plot(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("segdeploy.train.plot_training_curves", broken_plot)
+    monkeypatch.setattr("segdeploy.train.output.plot_training_curves", broken_plot)
     with pytest.raises(OSError, match="disk full"):
         train(small_config(out, max_steps=4, overwrite=True))
     assert {name: (out / name).read_bytes() for name in FINAL_FILES} == before
@@ -283,11 +283,12 @@ def test_write_model_folder_moves_config_and_metrics_last(tmp_path, monkeypatch)
     moved = []
     real_replace = os.replace
     monkeypatch.setattr(
-        "segdeploy.train.os.replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b))
+        "segdeploy.train.output.os.replace",
+        lambda a, b: (moved.append(Path(b).name), real_replace(a, b)),
     )
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
-    from segdeploy.models import scratch_config
+    from segdeploy.train.models import scratch_config
 
     model = SegformerForSemanticSegmentation(scratch_config("tiny", {0: "a", 1: "b"}))
     write_model_folder(

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from segdeploy.cli import main
 from segdeploy.data import DatasetSpec
 from segdeploy.errors import SegdeployError
-from segdeploy.validation import (
+from segdeploy.validate import (
     load_validation_data,
     resolve_dataset,
     upsample_argmax,

@@ -39,42 +39,38 @@ from segdeploy.errors import SegdeployError
 
 ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt")
 REFERENCE = "torch"  # the backend every other one's masks are compared with
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One `--backends` entry: the runner class that runs it (`kind`, a key of RUNNERS)
+    and, for segdeploy's own runner, the provider and graph variant."""
+
     name: str
-    kind: str  # "torch" | "hf-pipeline" | "optimum" | "segdeploy"
+    kind: str
     provider: str = "cpu"
     variant: str = "fp32"
 
     @property
+    def runner(self) -> type[Runner]:
+        return RUNNERS[self.kind]
+
+    @property
     def description(self) -> str:
-        if self.kind == "torch":
-            return "transformers model, eager: processor, forward, bilinear upsample, argmax"
-        if self.kind == "hf-pipeline":
-            return 'transformers pipeline("image-segmentation"), masks merged to a label map'
-        if self.kind == "optimum":
-            return 'optimum pipeline("image-segmentation", accelerator="ort"), ORTModelForSemanticSegmentation, CPU'
-        return f"segdeploy infer: {self.variant} graph on onnxruntime {self.provider}"
+        return self.runner.describe(self)
 
     @property
     def end_to_end_includes(self) -> str:
-        if self.kind == "segdeploy":
-            return "listing, decoding, preprocessing, model, upsampling, writing label PNGs and summary.json"
-        return "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
+        return self.runner.end_to_end_includes
 
 
 def parse_backend(name: str) -> Backend:
     """The Backend for a `--backends` entry; SegdeployError for an unknown name."""
     name = name.strip().lower()
-    if name in ("torch", "hf-pipeline", "optimum"):
-        return Backend(name, name)
-    if name.startswith("onnx-"):
-        provider, _, variant = name[len("onnx-") :].partition("-")
-        if provider in ONNX_PROVIDERS and (variant == "" or variant.replace("_", "").isalnum()):
-            return Backend(name, "segdeploy", provider, variant or "fp32")
+    for runner in RUNNERS.values():
+        backend = runner.parse(name)
+        if backend is not None:
+            return backend
     raise SegdeployError(
         "--backends",
         f"unknown backend {name!r}; choose torch, hf-pipeline, optimum, or onnx-<provider>"
@@ -98,13 +94,7 @@ def default_backends(onnx_dir: Path | None) -> list[str]:
     the fp32 graph (fp16 is a build flag), so the other graph variants mean nothing to it.
     """
     variants = onnx_variants(onnx_dir)
-    names = ["torch", "hf-pipeline", "optimum"]
-    for provider in ONNX_PROVIDERS:
-        names.append(f"onnx-{provider}")
-        for v in variants:
-            if provider != "tensorrt" or v == "fp16":
-                names.append(f"onnx-{provider}-{v}")
-    return names
+    return [name for runner in RUNNERS.values() for name in runner.default_names(variants)]
 
 
 def _has_module(name: str) -> bool:
@@ -124,26 +114,24 @@ def check_backend(
 
     `available` is onnxruntime's list of provider names (get_available_providers()).
     """
-    from segdeploy.runtime import providers as prov
-    from segdeploy.runtime.segmenter import variant_file
+    return backend.runner.unavailable(backend, model_dir, onnx_dir, available)
 
-    if backend.kind in ("torch", "hf-pipeline"):
-        if not _has_module("torch") or not _has_module("transformers"):
-            return "torch and transformers are not installed"
-        if model_dir is None or not any((model_dir / f).is_file() for f in WEIGHT_FILES):
-            return f"no PyTorch weights in {model_dir} (give --model a trained model folder)"
-        return None
-    if onnx_dir is None or not (onnx_dir / "model.onnx").is_file():
+
+def _torch_unavailable(model_dir: Path | None) -> str | None:
+    from segdeploy.folders import has_weights
+
+    if not _has_module("torch") or not _has_module("transformers"):
+        return "torch and transformers are not installed"
+    if model_dir is None or not has_weights(model_dir):
+        return f"no PyTorch weights in {model_dir} (give --model a trained model folder)"
+    return None
+
+
+def _export_missing(onnx_dir: Path | None) -> str | None:
+    from segdeploy.folders import variant_file
+
+    if onnx_dir is None or not (onnx_dir / variant_file("fp32")).is_file():
         return f"no ONNX export at {onnx_dir} (run `segdeploy export` first)"
-    if backend.kind == "optimum":
-        if not _has_module("optimum.onnxruntime") or not _has_module("torch"):
-            return "optimum's onnxruntime support (optimum-onnx) or torch is not installed"
-        return None
-    if prov.ORT_NAME[backend.provider] not in available:
-        return prov.missing_provider_message(backend.provider, available)
-    graph_variant = "fp32" if backend.provider == "tensorrt" else backend.variant
-    if not (onnx_dir / variant_file(graph_variant)).is_file():
-        return f"no {variant_file(graph_variant)} in {onnx_dir} (see `segdeploy export --help`)"
     return None
 
 
@@ -165,8 +153,75 @@ def _model_batches(items: Sequence[Any], batch_size: int, count: int) -> list[li
     return batches
 
 
-class TorchRunner:
+#: Runner classes by kind, in the order of the report's rows: a new backend is one class
+#: decorated with @register (as timm and segmentation_models_pytorch register models).
+RUNNERS: dict[str, type[Runner]] = {}
+
+
+def register(cls: type[Runner]) -> type[Runner]:
+    RUNNERS[cls.kind] = cls
+    return cls
+
+
+class Runner:
+    """A backend: what it is (for the report), whether it can run here (parent process,
+    cheap), and, built in the worker, the three calls the measurement drives."""
+
+    kind: str = ""
+    #: What the end-to-end figure includes, written under the report's table.
+    end_to_end_includes = (
+        "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
+    )
+    description = ""
+
+    @classmethod
+    def describe(cls, backend: Backend) -> str:
+        return cls.description
+
+    @classmethod
+    def parse(cls, name: str) -> Backend | None:
+        """The Backend `name` means for this runner, or None."""
+        return Backend(name, cls.kind) if name == cls.kind else None
+
+    @classmethod
+    def default_names(cls, variants: Sequence[str]) -> list[str]:
+        """Its `--backends` names in the default run, given the export's graph variants."""
+        return [cls.kind]
+
+    @classmethod
+    def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
+        """Why it cannot run here, or None."""
+        raise NotImplementedError
+
+    @classmethod
+    def create(cls, backend, model_dir, onnx_dir, batch_size: int, threads: int | None):
+        """The runner, built inside the worker process (imports its libraries)."""
+        raise NotImplementedError
+
+    def end_to_end(self, items, out: Path, inputs: Sequence[str]):
+        raise NotImplementedError
+
+    def model_inputs(self, items, count: int):
+        raise NotImplementedError
+
+    def forward(self, batch) -> None:
+        raise NotImplementedError
+
+
+@register
+class TorchRunner(Runner):
     """The Hugging Face guide's inference, written out: processor, model, upsample, argmax."""
+
+    kind = "torch"
+    description = "transformers model, eager: processor, forward, bilinear upsample, argmax"
+
+    @classmethod
+    def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
+        return _torch_unavailable(model_dir)
+
+    @classmethod
+    def create(cls, backend, model_dir, onnx_dir, batch_size, threads):
+        return cls(model_dir, batch_size, threads)
 
     def __init__(self, model_dir: Path, batch_size: int, threads: int | None):
         import torch
@@ -215,44 +270,28 @@ class TorchRunner:
             self.model(pixel_values=batch)
 
 
-class PipelineRunner:
+class PipelineRunner(Runner):
     """transformers' (or optimum's) image-segmentation pipeline on file paths.
 
     The pipeline returns one binary mask per class present; merging them into one
     label map is the user's last step, so it is timed too.
     """
 
-    def __init__(self, backend: Backend, model_dir: Path, onnx_dir: Path, batch_size: int, threads):
+    @classmethod
+    def create(cls, backend, model_dir, onnx_dir, batch_size, threads):
+        return cls(model_dir, onnx_dir, batch_size, threads)
+
+    def _pipeline(self, model_dir: Path, onnx_dir: Path, threads: int | None):
+        raise NotImplementedError
+
+    def __init__(self, model_dir: Path, onnx_dir: Path, batch_size: int, threads):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.batch_size = batch_size
-        if backend.kind == "hf-pipeline":
-            from transformers import pipeline
-
-            self.pipe = pipeline("image-segmentation", model=str(model_dir), device="cpu")
-        else:
-            import onnxruntime as ort
-            from optimum.onnxruntime import ORTModelForSemanticSegmentation
-            from optimum.pipelines import pipeline
-            from transformers import AutoImageProcessor
-
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            # The model is built here rather than through the pipeline's model_kwargs:
-            # the pipeline deep-copies those, and SessionOptions cannot be copied.
-            model = ORTModelForSemanticSegmentation.from_pretrained(
-                onnx_dir, provider="CPUExecutionProvider", session_options=opts
-            )
-            self.pipe = pipeline(
-                "image-segmentation",
-                model=model,
-                image_processor=AutoImageProcessor.from_pretrained(onnx_dir),
-                accelerator="ort",
-            )
+        self.pipe = self._pipeline(model_dir, onnx_dir, threads)
         config = self.pipe.model.config
         self.label2id = {str(k): int(v) for k, v in config.label2id.items()}
         self.dtype = _label_dtype(len(config.id2label))
@@ -286,8 +325,107 @@ class PipelineRunner:
             self.pipe.model(pixel_values=batch)
 
 
-class SegdeployRunner:
+@register
+class HfPipelineRunner(PipelineRunner):
+    kind = "hf-pipeline"
+    description = 'transformers pipeline("image-segmentation"), masks merged to a label map'
+
+    @classmethod
+    def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
+        return _torch_unavailable(model_dir)
+
+    def _pipeline(self, model_dir, onnx_dir, threads):
+        from transformers import pipeline
+
+        return pipeline("image-segmentation", model=str(model_dir), device="cpu")
+
+
+@register
+class OptimumRunner(PipelineRunner):
+    kind = "optimum"
+    description = 'optimum pipeline("image-segmentation", accelerator="ort"), ORTModelForSemanticSegmentation, CPU'
+
+    @classmethod
+    def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
+        missing = _export_missing(onnx_dir)
+        if missing is None and (not _has_module("optimum.onnxruntime") or not _has_module("torch")):
+            return "optimum's onnxruntime support (optimum-onnx) or torch is not installed"
+        return missing
+
+    def _pipeline(self, model_dir, onnx_dir, threads):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForSemanticSegmentation
+        from optimum.pipelines import pipeline
+        from transformers import AutoImageProcessor
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        # The model is built here rather than through the pipeline's model_kwargs:
+        # the pipeline deep-copies those, and SessionOptions cannot be copied.
+        model = ORTModelForSemanticSegmentation.from_pretrained(
+            onnx_dir, provider="CPUExecutionProvider", session_options=opts
+        )
+        return pipeline(
+            "image-segmentation",
+            model=model,
+            image_processor=AutoImageProcessor.from_pretrained(onnx_dir),
+            accelerator="ort",
+        )
+
+
+@register
+class SegdeployRunner(Runner):
     """`segdeploy infer` on the folder, exactly as the CLI runs it, around one Segmenter."""
+
+    kind = "segdeploy"
+    end_to_end_includes = (
+        "listing, decoding, preprocessing, model, upsampling, writing label PNGs and summary.json"
+    )
+
+    @classmethod
+    def describe(cls, backend: Backend) -> str:
+        return f"segdeploy infer: {backend.variant} graph on onnxruntime {backend.provider}"
+
+    @classmethod
+    def parse(cls, name: str) -> Backend | None:
+        if not name.startswith("onnx-"):
+            return None
+        provider, _, variant = name[len("onnx-") :].partition("-")
+        if provider in ONNX_PROVIDERS and (variant == "" or variant.replace("_", "").isalnum()):
+            return Backend(name, cls.kind, provider, variant or "fp32")
+        return None
+
+    @classmethod
+    def default_names(cls, variants: Sequence[str]) -> list[str]:
+        """Each provider on fp32, then on each variant. TensorRT gets fp16 only: it picks
+        its own kernels and precision from the fp32 graph (fp16 is a build flag)."""
+        names = []
+        for provider in ONNX_PROVIDERS:
+            names.append(f"onnx-{provider}")
+            names += [
+                f"onnx-{provider}-{v}" for v in variants if provider != "tensorrt" or v == "fp16"
+            ]
+        return names
+
+    @classmethod
+    def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
+        from segdeploy.folders import variant_file
+        from segdeploy.runtime import providers as prov
+
+        missing = _export_missing(onnx_dir)
+        if missing is not None:
+            return missing
+        if prov.ORT_NAME[backend.provider] not in available:
+            return prov.missing_provider_message(backend.provider, available)
+        graph_variant = "fp32" if backend.provider == "tensorrt" else backend.variant
+        if not (onnx_dir / variant_file(graph_variant)).is_file():
+            return f"no {variant_file(graph_variant)} in {onnx_dir} (see `segdeploy export --help`)"
+        return None
+
+    @classmethod
+    def create(cls, backend, model_dir, onnx_dir, batch_size, threads):
+        return cls(backend, onnx_dir, batch_size, threads)
 
     def __init__(self, backend: Backend, onnx_dir: Path, batch_size: int, threads: int | None):
         from segdeploy.runtime.segmenter import Segmenter
@@ -350,11 +488,7 @@ def make_runner(
     batch_size: int,
     threads: int | None = None,
 ):
-    if backend.kind == "torch":
-        return TorchRunner(model_dir, batch_size, threads)
-    if backend.kind in ("hf-pipeline", "optimum"):
-        return PipelineRunner(backend, model_dir, onnx_dir, batch_size, threads)
-    return SegdeployRunner(backend, onnx_dir, batch_size, threads)
+    return backend.runner.create(backend, model_dir, onnx_dir, batch_size, threads)
 
 
 def _label_dtype(num_labels: int) -> np.dtype:

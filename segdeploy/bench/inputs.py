@@ -102,7 +102,7 @@ def from_dataset(spec, work: Path, *, num_labels: int, max_images: int | None = 
     """The evaluation split of a DatasetSpec as images/ and labels/ folders under `work`."""
     from segdeploy.infer import save_labels
     from segdeploy.runtime.upsample import label_dtype
-    from segdeploy.validation import load_validation_data
+    from segdeploy.validate import load_validation_data
 
     data = load_validation_data(spec, num_labels=num_labels)
     rows = data.eval
@@ -196,7 +196,7 @@ def inputs_factory(
         return from_images
     if labels is not None:
         raise SegdeployError("--labels", "goes with --images (a dataset brings its own labels)")
-    from segdeploy.validation import resolve_dataset
+    from segdeploy.validate import resolve_dataset
 
     spec = resolve_dataset(
         model_dir,

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,13 @@ from segdeploy.bench.inputs import (
     reference_label_path,
 )
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import (
+    CONFIG_FILE,
+    VARIANT_FILES,
+    default_onnx_dir,
+    id2label_of,
+    read_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +67,33 @@ TARGETS = (
 
 
 @dataclass(frozen=True)
+class InputOptions:
+    """Which images a benchmark runs on: a folder (--images, --labels), else the evaluation
+    split of --dataset or of the dataset `segdeploy train` recorded."""
+
+    images: str | None = None
+    labels: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    reduce_labels: bool | None = None
+    ignore_index: int | None = None
+    max_images: int | None = None
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8)
     runs: int = 3  # rounds: each a timed end-to-end pass over all images per row
     model_runs: int = 20  # timed forward calls per row, spread over the rounds
     threads: int | None = None  # None: each library's default (all cores)
     timeout_s: float | None = None  # per worker
+    #: Judge TARGETS (set for a CamVid-trained b0 at 512x512, where the figures were
+    #: measured); off for models they mean nothing for, such as the 64-px demo model.
+    targets: bool = True
+    inputs: InputOptions = field(default_factory=InputOptions)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
     def check(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -93,13 +121,12 @@ def resolve_dirs(
         onnx_dir = Path(onnx)
         if not onnx_dir.is_dir():
             raise SegdeployError(onnx_dir, "--onnx folder not found")
-    elif (model / "onnx" / "model.onnx").is_file():
-        onnx_dir = model / "onnx"
-    elif (model / "model.onnx").is_file():
-        onnx_dir = model
     else:
-        onnx_dir = None
-    if not (model / "config.json").is_file() and onnx_dir is None:
+        onnx_dir = next(
+            (d for d in (default_onnx_dir(model), model) if (d / VARIANT_FILES["fp32"]).is_file()),
+            None,
+        )
+    if not (model / CONFIG_FILE).is_file() and onnx_dir is None:
         raise SegdeployError(model, "neither a model folder (config.json) nor an ONNX export")
     return model, onnx_dir
 
@@ -109,13 +136,13 @@ def model_facts(model_dir: Path | None, onnx_dir: Path | None) -> dict[str, Any]
     from segdeploy.runtime.providers import read_image_size
 
     for folder in (onnx_dir, model_dir):
-        if folder is None or not (folder / "config.json").is_file():
+        if folder is None or not (folder / CONFIG_FILE).is_file():
             continue
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+        cfg = read_config(folder)
+        id2label = id2label_of(cfg)
         size = read_image_size(folder)
         return {
-            "num_labels": len(id2label) or int(cfg.get("num_labels", 2)),
+            "num_labels": len(id2label),
             "id2label": {str(k): v for k, v in id2label.items()},
             "image_size": list(size) if size else None,
             "hidden_sizes": cfg.get("hidden_sizes"),
@@ -318,7 +345,7 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     from PIL import Image
 
     from segdeploy.infer import label_path
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU, finite
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
@@ -364,14 +391,9 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     for r in ok:
         if metrics:
             result = metrics[id(r)].compute()
-            r["mean_iou"] = _finite(result["mean_iou"])
-            r["per_category_iou"] = [_finite(v) for v in result["per_category_iou"]]
+            r["mean_iou"] = finite(result["mean_iou"])
+            r["per_category_iou"] = [finite(v) for v in result["per_category_iou"]]
         r["pixel_agreement_with_torch"] = agree[id(r)] / pixels if torch_out and pixels else None
-
-
-def _finite(x) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else x
 
 
 def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -422,6 +444,48 @@ def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ the whole run
+
+
+def bench_model(
+    model: str | os.PathLike | None,
+    settings: BenchSettings,
+    *,
+    onnx: str | os.PathLike | None = None,
+    backends: Sequence[str] | None = None,
+    output: str | os.PathLike | None = None,
+    command: str | None = None,
+    console=None,
+    keep_work: bool = False,
+    announce: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """`segdeploy bench`: the model (None: the newest export under models/, `announce`d),
+    its inputs checked now, then `run_bench`."""
+    from segdeploy.bench.inputs import inputs_factory
+    from segdeploy.folders import newest_export
+
+    if backends is not None and not backends:
+        raise SegdeployError("--backends", "name at least one backend")
+    if model is None:
+        model = newest_export()
+        announce(f"model: {model} (the newest export under models/)")
+    model_dir, _ = resolve_dirs(model, onnx)
+    factory = inputs_factory(Path(model_dir), **asdict(settings.inputs))
+    return run_bench(
+        model,
+        factory,
+        onnx=onnx,
+        backends=backends,
+        settings=settings,
+        output=output,
+        command=command,
+        console=console,
+        keep_work=keep_work,
+    )
+
+
+def failed(report: dict[str, Any]) -> bool:
+    """A backend failed, or an image could not be decoded: exit status 1."""
+    return bool(report["failed_images"]) or any(r["status"] == "failed" for r in report["results"])
 
 
 def run_bench(
@@ -504,6 +568,7 @@ def run_bench(
                 "runs": settings.runs,
                 "model_runs": settings.model_runs,
                 "threads": settings.threads,
+                "targets": settings.targets,
                 "warmup": "per row, before timing: one end-to-end pass over min(images, "
                 "2 x batch) images and 2 forward calls",
                 "order": "rows interleaved: each round runs every row once (one end-to-end "
@@ -512,7 +577,7 @@ def run_bench(
             },
             "failed_images": bad_images,
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-            "targets": judge_targets(rows),
+            "targets": judge_targets(rows) if settings.targets else [],
         }
         rep.write_reports(report, output)
     finally:

@@ -6,6 +6,8 @@ import shlex
 
 import click
 
+from segdeploy.bench.run import BenchSettings
+from segdeploy.cli.options import threads_option
 from segdeploy.errors import SegdeployError
 
 
@@ -41,11 +43,11 @@ def command_line(ctx: click.Context) -> str:
 @click.command(context_settings={"max_content_width": 100})
 @click.option(
     "--model",
-    default="models/segformer",
-    show_default=True,
+    default=None,
     type=click.Path(file_okay=False),
     help="Trained model folder (PyTorch weights, its export in onnx/), or an ONNX folder alone "
-    "(then torch and hf-pipeline are skipped).",
+    "(then torch and hf-pipeline are skipped)  [default: the newest export under models/, "
+    "as for `segdeploy infer`, named on stderr].",
 )
 @click.option(
     "--onnx",
@@ -115,11 +117,9 @@ def command_line(ctx: click.Context) -> str:
     show_default=True,
     help="Timed forward calls for the model-only latency (after 2 warm-up calls).",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Threads for torch and onnxruntime  [default: each library's own, all cores].",
+@threads_option(
+    "Threads for torch and onnxruntime  [default: each library's own, all cores].",
+    default=BenchSettings.threads,
 )
 @click.option(
     "--timeout",
@@ -135,9 +135,16 @@ def command_line(ctx: click.Context) -> str:
     help="Report file (JSON); the Markdown table and PNG chart go beside it with .md and .png  "
     "[default: MODEL/bench.json].",
 )
+@click.option(
+    "--targets/--no-targets",
+    default=BenchSettings.targets,
+    show_default=True,
+    help="Judge segdeploy's speed and fidelity targets (set for a trained SegFormer at "
+    "512x512, e.g. CamVid b0); --no-targets for models they mean nothing for.",
+)
 @click.option("--keep-work", is_flag=True, help="Keep the work folder (label maps, worker logs).")
 def bench(
-    model: str,
+    model: str | None,
     onnx: str | None,
     images: str | None,
     labels: str | None,
@@ -153,6 +160,7 @@ def bench(
     threads: int | None,
     timeout: float | None,
     output: str | None,
+    targets: bool,
     keep_work: bool,
 ) -> None:
     """Compare segdeploy's ONNX Runtime inference with the pipelines users would pick instead.
@@ -166,7 +174,7 @@ def bench(
 
     \b
     Examples:
-      segdeploy bench --model models/segformer              # on the recorded eval split
+      segdeploy bench                                       # newest export, recorded eval split
       segdeploy bench --model models/segformer --images photos/ --backends torch,onnx-cpu
       segdeploy bench --model models/camvid --dataset ../data/camvid --split val --batch-sizes 1
 
@@ -175,12 +183,10 @@ def bench(
     report ("failed_images") and left out of every row. Exits with status 1 when
     a backend failed or an image could not be decoded.
     """
-    from pathlib import Path
 
     from rich.console import Console
 
-    from segdeploy.bench.inputs import inputs_factory
-    from segdeploy.bench.run import BenchSettings, resolve_dirs, run_bench
+    from segdeploy.bench.run import InputOptions, bench_model, failed
 
     console = Console()
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
@@ -191,31 +197,29 @@ def bench(
         model_runs=model_runs,
         threads=threads,
         timeout_s=timeout,
+        targets=targets,
+        inputs=InputOptions(
+            images=images,
+            labels=labels,
+            dataset=dataset,
+            split=split,
+            reduce_labels=reduce_labels,
+            ignore_index=ignore_index,
+            max_images=max_images,
+        ),
     )
-    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
-    if backends is not None and not names:
-        raise SegdeployError("--backends", "name at least one backend")
-    model_dir, _ = resolve_dirs(model, onnx)
-    factory = inputs_factory(
-        Path(model_dir),
-        images=images,
-        labels=labels,
-        dataset=dataset,
-        split=split,
-        reduce_labels=reduce_labels,
-        ignore_index=ignore_index,
-        max_images=max_images,
-    )
-    report = run_bench(
+    report = bench_model(
         model,
-        factory,
+        settings,
         onnx=onnx,
-        backends=names,
-        settings=settings,
+        backends=None
+        if backends is None
+        else [b.strip() for b in backends.split(",") if b.strip()],
         output=output,
         command=command_line(click.get_current_context()),
         console=console,
         keep_work=keep_work,
+        announce=lambda line: click.echo(line, err=True),
     )
-    if report["failed_images"] or any(r["status"] == "failed" for r in report["results"]):
+    if failed(report):
         raise SystemExit(1)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
-from segdeploy.cli.validate import finish, load_data_for, validation_kwargs, validation_options
-from segdeploy.export import DEFAULT_OPSET
+from segdeploy.cli.options import validation_options
+from segdeploy.export import ExportSettings
+
+_DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only when run
 
 
 @click.command()
@@ -20,7 +22,7 @@ from segdeploy.export import DEFAULT_OPSET
 @click.option(
     "--opset",
     type=int,
-    default=DEFAULT_OPSET,
+    default=_DEFAULTS.opset,
     show_default=True,
     help="ONNX opset to write: 11 up to what both the installed onnx and torch's exporter "
     "write (23 with torch 2.13).",
@@ -28,18 +30,21 @@ from segdeploy.export import DEFAULT_OPSET
 @click.option(
     "--fp16",
     is_flag=True,
+    default=_DEFAULTS.fp16,
     help="Also write model_fp16.onnx: fp16 weights and compute, fp32 inputs and outputs "
     "(for GPUs; validated on --provider when onnxruntime can run it there).",
 )
 @click.option(
     "--optimize",
     is_flag=True,
+    default=_DEFAULTS.optimize,
     help="Also write model_optimized.onnx: the graph after onnxruntime's optimisations "
     "(fusions, constant folding), so that sessions start faster.",
 )
 @click.option(
     "--fuse-argmax",
     is_flag=True,
+    default=_DEFAULTS.fuse_argmax,
     help="Also write model_fused.onnx (and model_fp16_fused.onnx with --fp16): bilinear "
     "upsampling and argmax inside the graph, so a GPU returns label maps instead of logits "
     "(`segdeploy infer --variant fused`). Validated by pixel agreement (>= 99.9%) and mean IoU.",
@@ -47,7 +52,7 @@ from segdeploy.export import DEFAULT_OPSET
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    default=None,
+    default=_DEFAULTS.quantize,
     help="Also write model_int8.onnx: static int8 quantization (QDQ, per-channel int8 weights, "
     "Softmax and LayerNorm kept in float) for CPUs, calibrated on images of the training split "
     "recorded by `segdeploy train`; validated like the others (default tolerance 0.01 mean IoU). "
@@ -56,13 +61,13 @@ from segdeploy.export import DEFAULT_OPSET
 @click.option(
     "--calibration-images",
     type=click.IntRange(min=1),
-    default=64,
+    default=_DEFAULTS.calibration_images,
     show_default=True,
     help="Training images that set the int8 activation ranges (about 20 s for 64 at 512x512).",
 )
 @click.option(
     "--validate/--no-validate",
-    default=True,
+    default=_DEFAULTS.validate,
     show_default=True,
     help="Compare every graph written with the PyTorch model (mean IoU on the data, "
     "see `segdeploy validate --help`).",
@@ -97,27 +102,12 @@ def export(
       segdeploy export models/segformer --quantize int8            # for CPUs
       segdeploy export models/segformer --dataset ../data/camvid --split val
     """
-    from segdeploy.export import (
-        check_opset,
-        check_output,
-        check_provider,
-        check_quantize,
-        export_onnx,
-        read_segformer_config,
-    )
+    from segdeploy.cli.options import exit_if_failed, settings_from, warn
+    from segdeploy.export import export_model
+    from segdeploy.validate import ValidationSettings
+    from segdeploy.validate.tables import print_outcome
 
-    # All bad input is reported before the (possibly long) export starts.
-    read_segformer_config(model_dir, need_weights=True)
-    check_opset(opset)
-    check_output(model_dir, output if output is not None else model_dir / "onnx")
-    if validate:
-        check_provider(opts["provider"], opts["fallback"])
-    if quantize is not None:
-        check_quantize(model_dir, quantize, calibration_images)
-    data = load_data_for(model_dir, opts) if validate else None
-    result = export_onnx(
-        model_dir,
-        output,
+    settings = ExportSettings(
         opset=opset,
         fp16=fp16,
         optimize=optimize,
@@ -125,13 +115,14 @@ def export(
         quantize=quantize,
         calibration_images=calibration_images,
         validate=validate,
-        data=data,
-        progress=True,
-        **validation_kwargs(opts),
+        validation=settings_from(ValidationSettings, opts),
     )
+    result = export_model(model_dir, output, settings, warn=warn, progress=True)
     graphs = ", ".join(p.name for p in result.graphs.values())
     click.echo(
         f"export: {graphs} (opset {opset}) in {result.export_seconds:.1f} s -> {result.output}"
     )
     if validate:
-        finish(list(result.reports.values()), seconds=result.validation_seconds)
+        reports = list(result.reports.values())
+        print_outcome(reports, seconds=result.validation_seconds)
+        exit_if_failed(reports)

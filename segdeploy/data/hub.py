@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from segdeploy.data.columns import standard_columns
 from segdeploy.data.labels import read_id2label
 from segdeploy.data.splits import split_names
-from segdeploy.errors import SegdeployError
+from segdeploy.errors import SegdeployError, one_line
 
 PARQUET_REVISION = "refs/convert/parquet"
 # Config (subfolder of the Parquet conversion) to use when a name gives none.
@@ -82,7 +82,7 @@ def _load(repo: str, config: str | None, expr: str):
         err = second if scripted else first_err
     raise SegdeployError(
         repo,
-        f"not a local folder, and cannot load it from the Hugging Face Hub ({_one_line(err)}); "
+        f"not a local folder, and cannot load it from the Hugging Face Hub ({one_line(err)}); "
         f"{ALTERNATIVES}",
     )
 
@@ -105,8 +105,3 @@ def _fail_fast_if_unreachable(repo: str) -> None:
             f"not a local folder, and the Hugging Face Hub ({host}) is unreachable ({err}); "
             f"set HF_HUB_OFFLINE=1 to use a cached copy, or {ALTERNATIVES}",
         ) from None
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}"

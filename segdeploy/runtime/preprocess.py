@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import PREPROCESSOR_FILE
 
-CONFIG_NAME = "preprocessor_config.json"
+CONFIG_NAME = PREPROCESSOR_FILE
 
 # HF PILImageResampling values are Pillow's.
 _RESAMPLE = {int(r): r for r in Image.Resampling}

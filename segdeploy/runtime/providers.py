@@ -13,7 +13,6 @@ with `--fallback`, a logged warning that names the provider actually used.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segdeploy.errors import SegdeployError
+from segdeploy.errors import SegdeployError, first_line
+from segdeploy.folders import PREPROCESSOR_FILE, image_size_of, read_json
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,10 @@ def provider_options(
 
 def read_image_size(model_dir: str | os.PathLike) -> tuple[int, int] | None:
     """(height, width) the preprocessor resizes to, or None when there is no fixed size."""
-    cfg = Path(model_dir) / "preprocessor_config.json"
-    if not cfg.is_file():
-        return None
     try:
-        size = json.loads(cfg.read_text()).get("size") or {}
-    except (OSError, ValueError):
+        return image_size_of(read_json(Path(model_dir) / PREPROCESSOR_FILE))
+    except SegdeployError:  # unreadable: the caller goes on without a fixed size
         return None
-    if "height" in size and "width" in size:
-        return int(size["height"]), int(size["width"])
-    return None
 
 
 def session_options(threads: int | None, *, spin: bool = True):
@@ -291,9 +285,9 @@ def create_session(
         except Exception as err:  # ORT raises bare RuntimeError/Fail/InvalidGraph...
             if name == "cpu":
                 raise SegdeployError(
-                    onnx_path, f"onnxruntime cannot load the model: {_first_line(err)}"
+                    onnx_path, f"onnxruntime cannot load the model: {first_line(err)}"
                 ) from err
-            reason = _first_line(err)
+            reason = first_line(err)
         else:
             active = session.get_providers()[0]
             if SHORT_NAME.get(active) == name:
@@ -314,9 +308,11 @@ def create_session(
         name = nxt
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def check_provider(provider: str, fallback: bool = False) -> None:
+    """SegdeployError now if onnxruntime here lacks `provider`, rather than after a long run."""
+    import onnxruntime as ort
+
+    choose_provider(provider, ort.get_available_providers(), fallback=fallback)
 
 
 def _next_available(name: str, available: Sequence[str]) -> str:

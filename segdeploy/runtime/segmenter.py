@@ -20,6 +20,17 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
+
+# The folder contract's names, importable from here as before (segdeploy.infer and
+# segdeploy.infer_ray import them from this module until they move into runtime/).
+from segdeploy.folders import (  # noqa: F401
+    CONFIG_FILE,
+    OUTPUT_SIZE_INPUT,
+    VARIANT_FILES,
+    OnnxFolder,
+    newest_export,
+    variant_file,
+)
 from segdeploy.runtime import providers as prov
 from segdeploy.runtime.image_io import MAX_PIXELS, load_image, to_rgb
 from segdeploy.runtime.preprocess import Preprocessor
@@ -27,63 +38,18 @@ from segdeploy.runtime.upsample import label_dtype, upsample_argmax
 
 log = logging.getLogger(__name__)
 
-#: Graph file per variant, as `segdeploy export` names them; any other variant
-#: name `v` means `model_v.onnx`.
-VARIANT_FILES = {
-    "fp32": "model.onnx",
-    "fp16": "model_fp16.onnx",
-    "optimized": "model_optimized.onnx",
-    "int8": "model_int8.onnx",
-    # Bilinear upsampling and argmax inside the graph (export --fuse-argmax): outputs labels.
-    "fused": "model_fused.onnx",
-    "fp16_fused": "model_fp16_fused.onnx",
-}
-#: Input that a graph with argmax fused in (`segdeploy export --fuse-argmax`) takes.
-OUTPUT_SIZE_INPUT = "output_size"
-
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-
-
-def variant_file(variant: str) -> str:
-    if not variant or any(c in variant for c in "/\\") or variant.startswith("."):
-        raise SegdeployError("--variant", f"not a variant name: {variant!r}")
-    return VARIANT_FILES.get(variant, f"model_{variant}.onnx")
 
 
 def resolve_model_dir(model_dir: str | os.PathLike, variant: str = "fp32") -> tuple[Path, Path]:
     """(folder, graph file) for a model folder: an ONNX folder, or a trained
     model folder with its export in `onnx/`."""
-    model_dir = Path(model_dir)
-    name = variant_file(variant)
-    if not model_dir.is_dir():
-        raise SegdeployError(model_dir, "model folder not found")
-    for folder in (model_dir, model_dir / "onnx"):
-        if (folder / name).is_file():
-            return folder, folder / name
-    have = sorted(
-        p.name for d in (model_dir, model_dir / "onnx") if d.is_dir() for p in d.glob("*.onnx")
-    )
-    hint = f" (found: {', '.join(have)})" if have else " (run `segdeploy export` first)"
-    raise SegdeployError(model_dir, f"no {name} here or in onnx/ for variant {variant!r}{hint}")
-
-
-def newest_export(root: str | os.PathLike = "models") -> Path:
-    """The model folder under `root` whose ONNX export (onnx/model.onnx) is the newest.
-
-    The default of `--model`: after `segdeploy train` and `segdeploy export`, the
-    model just made is used without naming it again.
-    """
-    root = Path(root)
-    graphs = [p for p in root.glob(f"*/onnx/{VARIANT_FILES['fp32']}") if p.is_file()]
-    if not graphs:
-        raise SegdeployError(
-            root, "no exported model here: pass --model DIR, or run `segdeploy export` first"
-        )
-    return max(graphs, key=lambda p: p.stat().st_mtime).parent.parent
+    folder = OnnxFolder.open(model_dir, variant)
+    return folder.path, folder.graph(variant)
 
 
 def read_id2label(folder: Path) -> dict[int, str] | None:
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     if not path.is_file():
         return None
     try:
@@ -210,9 +176,7 @@ class Segmenter:
         if self.id2label is None:
             classes = out.shape[1] if not self.fused and len(out.shape) == 4 else None
             if not isinstance(classes, int):
-                raise SegdeployError(
-                    self.folder / "config.json", "missing: cannot tell the classes"
-                )
+                raise SegdeployError(self.folder / CONFIG_FILE, "missing: cannot tell the classes")
             self.id2label = {i: str(i) for i in range(classes)}
         self.num_labels = len(self.id2label)
         self.label_dtype = label_dtype(self.num_labels)

@@ -11,7 +11,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from segdeploy.errors import SegdeployError
+from segdeploy.errors import SegdeployError, first_line
+from segdeploy.folders import CONFIG_FILE, supported_model_type
 
 # (hidden_sizes, depths, decoder_hidden_size) per size; heads, sr ratios and MLP
 # ratios are shared by all MiT variants (Xie et al. 2021, table 6).
@@ -126,7 +127,7 @@ def load_model(model: str, id2label: dict[int, str], *, ignore_index: int = 255)
             local_files_only=not hub_reachable() if kind == "hub" else True,
         )
     except OSError as err:
-        raise SegdeployError(model, f"cannot load model weights: {_first_line(err)}") from None
+        raise SegdeployError(model, f"cannot load model weights: {first_line(err)}") from None
 
 
 def load_processor(model: str, image_size: int | None = None):
@@ -179,14 +180,14 @@ def _load_config(model: str, kind: str):
         path = Path(model).expanduser()
         if not path.is_dir():
             raise SegdeployError(model, f"no such model folder; {_ALTERNATIVES}")
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG_FILE).is_file():
             raise SegdeployError(
                 model, f"not a Hugging Face model folder (no config.json); {_ALTERNATIVES}"
             )
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
-            raise SegdeployError(path / "config.json", f"unreadable: {_first_line(err)}") from None
+            raise SegdeployError(path / CONFIG_FILE, f"unreadable: {first_line(err)}") from None
     else:
         online = hub_reachable()
         try:
@@ -199,9 +200,9 @@ def _load_config(model: str, kind: str):
                     f"cannot be reached (offline); {_ALTERNATIVES}",
                 ) from None
             raise SegdeployError(
-                model, f"cannot load from the Hugging Face Hub: {_first_line(err)}"
+                model, f"cannot load from the Hugging Face Hub: {first_line(err)}"
             ) from None
-    if config.model_type != "segformer":
+    if not supported_model_type(config.model_type):
         raise SegdeployError(
             model, f"is a {config.model_type!r} model; segdeploy trains SegFormer models only"
         )
@@ -212,7 +213,7 @@ def _in_hub_cache(model: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+        return isinstance(try_to_load_from_cache(model, CONFIG_FILE), str)
     except ValueError:  # not a valid repo id
         return False
 
@@ -234,11 +235,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +261,7 @@ def check_weight_file(path: str | os.PathLike) -> None:
     except (
         Exception
     ) as err:  # each format raises its own types (SafetensorError, UnpicklingError...)
-        raise SegdeployError(path, f"corrupt or truncated: {_first_line(err)}") from None
+        raise SegdeployError(path, f"corrupt or truncated: {first_line(err)}") from None
 
 
 def _check_safetensors(path: Path) -> None:

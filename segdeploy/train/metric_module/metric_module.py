@@ -1,12 +1,12 @@
 """segdeploy's mean IoU as an `evaluate` metric, loadable offline:
 
     import evaluate
-    from segdeploy.metrics import EVALUATE_MODULE_PATH
+    from segdeploy.train.metrics import EVALUATE_MODULE_PATH
     metric = evaluate.load(EVALUATE_MODULE_PATH)
     metric.compute(predictions=[...], references=[...], num_labels=5, ignore_index=255)
 
 Same inputs and outputs as evaluate's `mean_iou`, computed by
-`segdeploy.metrics.MeanIoU`. References must already be reduced (see
+`segdeploy.train.metrics.MeanIoU`. References must already be reduced (see
 `segdeploy.data.label_array`), so `reduce_labels=True` is refused rather than
 applied a second time. `evaluate` keeps every added map in its Arrow cache
 until compute(); for constant memory over a large set, use MeanIoU directly.
@@ -18,7 +18,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from segdeploy.metrics import MeanIoU
+from segdeploy.train.metrics import MeanIoU
 
 _DESCRIPTION = """Mean Intersection-over-Union over the classes present, from a streaming confusion
 matrix; equal to evaluate's mean_iou with reduce_labels=False."""

@@ -22,7 +22,8 @@ from onnx import TensorProto, helper
 
 from segdeploy.atomic import atomic_path
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime.segmenter import OUTPUT_SIZE_INPUT as OUTPUT_SIZE
+from segdeploy.folders import OUTPUT_SIZE_INPUT as OUTPUT_SIZE
+from segdeploy.validate.graphs import graph_opset, load_graph
 
 LABELS = "labels"
 
@@ -30,16 +31,13 @@ LABELS = "labels"
 def fuse_argmax(src: str | os.PathLike, dst: str | os.PathLike, num_labels: int) -> Path:
     """Write to `dst` a copy of the graph at `src` that outputs label maps instead of logits."""
     src, dst = Path(src), Path(dst)
-    try:
-        model = onnx.load(src)
-    except Exception as err:
-        raise SegdeployError(src, f"cannot read ONNX graph ({err})") from None
+    model = load_graph(src, check=False)
     graph = model.graph
     outputs = [o.name for o in graph.output]
     if outputs != ["logits"]:
         raise SegdeployError(src, f"expected one output 'logits', found {outputs}")
     logits = graph.output[0]
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    opset = graph_opset(model)
     if opset < 13:
         raise SegdeployError(src, f"opset {opset} is too old to fuse argmax (needs >= 13)")
 

@@ -89,3 +89,15 @@ class MeanIoU:
 def _bucket(values: np.ndarray, n: int) -> np.ndarray:
     values = values.astype(np.int64, copy=False).ravel()
     return np.where((values >= 0) & (values < n), values, n)
+
+
+def finite(x) -> float | None:
+    """`x` as a float, or None where it is missing or not finite.
+
+    JSON has no NaN: a class absent from both prediction and reference has no
+    IoU, and reports write null for it.
+    """
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None

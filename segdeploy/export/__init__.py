@@ -1,0 +1,211 @@
+"""`segdeploy export`: a SegFormer model folder to ONNX through Optimum, with its variants.
+
+The ONNX folder holds `model.onnx` (fp32, dynamic batch and spatial axes) plus
+`config.json` and `preprocessor_config.json`, so that optimum's
+`ORTModelForSemanticSegmentation` and `segdeploy infer` load it as it is.
+Variants sit beside it with the same input and output names and fp32 I/O:
+`model_fp16.onnx` and `model_optimized.onnx`. The whole folder, validation
+reports included, is built in a temporary folder and renamed into place, so a
+reader never meets a half-written export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from segdeploy.atomic import atomic_dir, remove_stale_temporaries, write_json
+from segdeploy.export.checks import DEFAULT_OPSET, check_opset, check_output, check_quantize
+from segdeploy.export.optimum import export_fp32
+from segdeploy.export.variants import convert_fp16, optimize_graph
+from segdeploy.folders import QUANTIZATION_REPORT, VARIANT_FILES, ModelFolder, default_onnx_dir
+from segdeploy.validate import ValidationSettings, load_data_for, open_model, validate_graphs
+from segdeploy.writable import environment_errors_as_input
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "ExportResult",
+    "ExportSettings",
+    "check_export",
+    "export_model",
+    "export_onnx",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What `segdeploy export` writes and how it validates it; the one source of its defaults."""
+
+    opset: int = DEFAULT_OPSET
+    #: Also write model_fp16.onnx.
+    fp16: bool = False
+    #: Also write model_optimized.onnx.
+    optimize: bool = False
+    #: Also write model_fused.onnx (and model_fp16_fused.onnx with fp16).
+    fuse_argmax: bool = False
+    #: "int8" also writes model_int8.onnx; None writes no quantized graph.
+    quantize: str | None = None
+    #: Training images that set the int8 activation ranges.
+    calibration_images: int = 64
+    #: Compare every graph written with the PyTorch model.
+    validate: bool = True
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_options(self, **options: Any) -> ExportSettings:
+        """A copy with `options` replaced; validation options (max_images, provider, ...)
+        go to `validation`."""
+        own = {f.name for f in fields(self)}
+        mine = {k: v for k, v in options.items() if k in own}
+        theirs = {k: v for k, v in options.items() if k not in own}
+        if theirs:
+            mine["validation"] = replace(mine.get("validation", self.validation), **theirs)
+        return replace(self, **mine)
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    graphs: dict[str, Path]  # variant -> graph file, final location
+    opset: int
+    export_seconds: float
+    validation_seconds: float | None = None
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> report
+
+    @property
+    def passed(self) -> bool | None:
+        """False if any validated graph failed; None when nothing was validated."""
+        verdicts = [r["passed"] for r in self.reports.values() if r.get("passed") is not None]
+        return all(verdicts) if verdicts else None
+
+
+def check_export(
+    model_dir: str | os.PathLike, output: Path, settings: ExportSettings
+) -> ModelFolder:
+    """Every pre-flight check of an export, once: bad input is refused before anything
+    is written or any (possibly long) work starts."""
+    from segdeploy.runtime.providers import check_provider
+
+    model = open_model(model_dir)
+    check_opset(settings.opset)
+    check_output(model.path, output)
+    if settings.validate:
+        settings.validation.check()
+        check_provider(settings.validation.provider, settings.validation.fallback)
+    if settings.quantize is not None:
+        check_quantize(model.path, settings.quantize, settings.calibration_images)
+    return model
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    settings: ExportSettings | None = None,
+    *,
+    data=None,
+    progress: bool = False,
+    **options: Any,
+) -> ExportResult:
+    """Export `model_dir` to `output` (default `model_dir/onnx`) and validate every graph made.
+
+    `options` replace fields of `settings` (`fp16=True`, `max_images=10`, ...).
+    `data` is the validation data (`segdeploy.validate.load_validation_data`), or
+    None to compare logits on random inputs only. Reports are written beside the
+    graphs (`validation.json`, `validation_fp16.json`, ...) before the folder is
+    moved into place. Bad input raises SegdeployError before anything is written.
+    """
+    settings = (settings or ExportSettings()).with_options(**options)
+    output = _output_of(model_dir, output)
+    model = check_export(model_dir, output, settings)
+    return _export(model, output, settings, data, progress)
+
+
+def export_model(
+    model_dir: str | os.PathLike,
+    output: str | os.PathLike | None,
+    settings: ExportSettings,
+    *,
+    warn: Callable[[str], None] = log.warning,
+    progress: bool = False,
+) -> ExportResult:
+    """`segdeploy export`: checks, then the validation data the settings name (or train
+    recorded; `warn` hears when there is none), then the export."""
+    output = _output_of(model_dir, output)
+    model = check_export(model_dir, output, settings)
+    data = load_data_for(model, settings.validation, warn) if settings.validate else None
+    return _export(model, output, settings, data, progress)
+
+
+def _output_of(model_dir: str | os.PathLike, output: str | os.PathLike | None) -> Path:
+    return Path(output) if output is not None else default_onnx_dir(model_dir)
+
+
+def _export(
+    model: ModelFolder, output: Path, settings: ExportSettings, data, progress: bool
+) -> ExportResult:
+    remove_stale_temporaries(output.parent)  # `.onnx.tmp-<pid>-*` folders of killed exports
+    graphs: dict[str, Path] = {}
+    result = ExportResult(output=output, graphs=graphs, opset=settings.opset, export_seconds=0.0)
+    # A disk that fills up mid-export is the user's environment, not a bug: one line,
+    # exit 2; atomic_dir has then removed the partial folder and `output` is unchanged.
+    with environment_errors_as_input(output, f"{output} is unchanged"), atomic_dir(output) as tmp:
+        start = time.perf_counter()
+        built = _build(model, tmp, output, settings)
+        result.export_seconds = time.perf_counter() - start
+        log.info(
+            "exported %s in %.1f s",
+            ", ".join(p.name for p in built.values()),
+            result.export_seconds,
+        )
+        if settings.validate:
+            start = time.perf_counter()
+            reports = validate_graphs(
+                list(built.values()),
+                model,
+                settings.validation,
+                data=data,
+                onnx_dir_name=output,
+                skip_unrunnable=("fp16",),
+                progress=progress,
+            )
+            result.reports = {variant: reports[path.name] for variant, path in built.items()}
+            result.validation_seconds = time.perf_counter() - start
+    graphs.update({variant: output / path.name for variant, path in built.items()})
+    return result
+
+
+def _build(
+    model: ModelFolder, tmp: Path, output: Path, settings: ExportSettings
+) -> dict[str, Path]:
+    """Every graph the settings ask for, written in `tmp`; {variant: graph}."""
+    built = {"fp32": export_fp32(model.path, tmp, settings.opset)}
+    if settings.fp16:
+        built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANT_FILES["fp16"])
+    if settings.optimize:
+        built["optimized"] = optimize_graph(built["fp32"], tmp / VARIANT_FILES["optimized"])
+    if settings.quantize == "int8":
+        from segdeploy.export.quantize import quantize_int8, training_calibration_batches
+
+        built["int8"] = tmp / VARIANT_FILES["int8"]
+        batches = training_calibration_batches(model.path, settings.calibration_images)
+        report = quantize_int8(built["fp32"], built["int8"], batches)
+        # Name the graphs where they will be, not in the temporary folder.
+        report["source"] = str(output / built["fp32"].name)
+        report["output"] = str(output / built["int8"].name)
+        write_json(tmp / QUANTIZATION_REPORT, report)
+    if settings.fuse_argmax:
+        from segdeploy.export.fuse_argmax import fuse_argmax as fuse
+
+        for variant in [v for v in ("fp32", "fp16") if v in built]:
+            fused = "fused" if variant == "fp32" else f"{variant}_fused"
+            built[fused] = fuse(built[variant], tmp / VARIANT_FILES[fused], model.num_labels)
+    return built

@@ -1,0 +1,63 @@
+"""Pre-flight checks of `segdeploy export`: all bad input is refused before the (possibly
+long) export starts, and before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segdeploy.errors import SegdeployError
+from segdeploy.writable import check_writable
+
+DEFAULT_OPSET = 17
+#: Below opset 11, ONNX's Resize cannot express PyTorch's bilinear interpolation,
+#: which SegFormer's decode head uses: such a graph would not be faithful.
+MIN_OPSET = 11
+
+
+def check_opset(opset: int) -> None:
+    """SegdeployError unless both onnx and torch's exporter can write `opset`."""
+    import onnx
+    import torch
+    from torch.onnx import _constants
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise SegdeployError(
+            "--opset",
+            f"{opset} is newer than the installed onnx {onnx.__version__} writes "
+            f"(<= {onnx.defs.onnx_opset_version()})",
+        )
+    # onnx may know opsets that torch's exporter cannot write yet (torch 2.13: <= 23);
+    # found out after the export started, it would fail with a page-long IR dump.
+    torch_max = getattr(_constants, "ONNX_MAX_OPSET", None)
+    if torch_max is not None and opset > torch_max:
+        raise SegdeployError(
+            "--opset",
+            f"{opset} is newer than torch {torch.__version__}'s ONNX exporter writes (<= {torch_max})",
+        )
+    if opset < MIN_OPSET:
+        raise SegdeployError(
+            "--opset",
+            f"{opset} is too old: SegFormer's bilinear resize needs opset >= {MIN_OPSET} to match PyTorch",
+        )
+
+
+def check_quantize(model_dir: Path, quantize: str, calibration_images: int) -> None:
+    """Refuse, before a long export, a quantization that cannot be calibrated."""
+    if quantize != "int8":
+        raise SegdeployError("--quantize", f"unknown {quantize!r}; choose int8")
+    if calibration_images < 1:
+        raise SegdeployError("--calibration-images", f"must be >= 1, got {calibration_images}")
+    from segdeploy.export.quantize.calibration import recorded_training_data
+
+    recorded_training_data(model_dir)  # calibration reads the recorded training split
+
+
+def check_output(model_dir: Path, output: Path) -> None:
+    # atomic_dir replaces `output` as a whole: it must never be the model folder or hold it.
+    model_dir, output = model_dir.resolve(), output.resolve()
+    if output == model_dir or output in model_dir.parents:
+        raise SegdeployError("--output", f"{output} would replace the model folder {model_dir}")
+    if output.exists() and not output.is_dir():
+        raise SegdeployError("--output", f"{output} exists and is not a folder")
+    # The new folder is built beside `output`: read-only, full, or under a file fails now.
+    check_writable(output.parent, "--output")

@@ -1,0 +1,80 @@
+"""The two sides of a comparison, opened and checked: the PyTorch model folder and ONNX graphs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from segdeploy.errors import SegdeployError, first_line
+from segdeploy.folders import ModelFolder
+
+INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+}
+
+
+def open_model(model_dir: str | os.PathLike, *, need_weights: bool = True) -> ModelFolder:
+    """A model folder segdeploy can export and compare with; SegdeployError otherwise.
+
+    With `need_weights`, every weight file is checked too: truncated or garbage
+    weights are named now, not as a library error half-way through.
+    """
+    from segdeploy.train.models import check_weight_file
+
+    folder = ModelFolder.open(model_dir, need_weights=False).require_supported()
+    if need_weights:
+        folder.require_weights()
+        for path in folder.weight_files:
+            check_weight_file(path)
+    return folder
+
+
+def load_graph(onnx_path: str | os.PathLike, *, check: bool = True, external_data: bool = True):
+    """The ONNX model, checked by onnx's checker; SegdeployError when missing or corrupt.
+
+    The one ONNX loader of export and validation. `check=False` skips onnx's
+    checker (for graphs segdeploy has just written itself); `external_data=False`
+    leaves large weights on disk when only the structure is read.
+    """
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise SegdeployError(
+            onnx_path, "missing: no such ONNX graph (run `segdeploy export` first)"
+        )
+    try:
+        model = onnx.load(os.fspath(onnx_path), load_external_data=external_data)
+        if check:
+            onnx.checker.check_model(model)
+    except Exception as err:  # onnx raises DecodeError, ValidationError, OSError...
+        problem = "not a valid ONNX graph" if check else "not a readable ONNX graph"
+        raise SegdeployError(onnx_path, f"{problem}: {first_line(err)}") from err
+    return model
+
+
+def graph_precision(model) -> str:
+    """'int8' when quantised, 'fp16' when it holds float16 weights, else 'fp32'."""
+    from onnx import TensorProto
+
+    if any(node.op_type in INT8_OPS for node in model.graph.node):
+        return "int8"
+    if any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def graph_opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def inspect(path: str | os.PathLike) -> tuple[Path, str, int]:
+    """(path, precision, opset) of a graph, which is loaded and checked."""
+    model = load_graph(path)
+    return Path(path), graph_precision(model), graph_opset(model)
