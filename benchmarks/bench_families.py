@@ -40,7 +40,7 @@ def measure(model_type: str, size: str, root: Path) -> dict:
     from PIL import Image
 
     from segdeploy.data.synthetic import synthetic_sample
-    from segdeploy.export_routes import export_model
+    from segdeploy.export.routes import export_model
     from segdeploy.families import FAMILIES
     from segdeploy.runtime.processors import processor_from_dir
     from segdeploy.runtime.upsample import upsample_argmax

@@ -2,7 +2,7 @@
 
 - model alone: ONNX Runtime on already-preprocessed batches (no decoding,
   upsampling or writing), with per-batch latency p50/p95;
-- pipeline: `segdeploy.infer.run_infer` on the folder with the same session
+- pipeline: `segdeploy.runtime.infer.run_infer` on the folder with the same session
   (decode, preprocess, model, upsample, write PNGs, summary.json);
 - command: the real `segdeploy infer` in a fresh process, start-up included.
 
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from segdeploy.atomic import write_json
-    from segdeploy.infer import run_infer
     from segdeploy.runtime.image_io import is_image_name
+    from segdeploy.runtime.infer import run_infer
     from segdeploy.runtime.segmenter import Segmenter
 
     files = sorted(p for p in args.images.rglob("*") if p.is_file() and is_image_name(p))[

@@ -60,7 +60,7 @@ def tiny_model(work: Path) -> Path:
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
     from segdeploy.data.synthetic import ID2LABEL
-    from segdeploy.models import scratch_config
+    from segdeploy.train.models import scratch_config
 
     torch.manual_seed(0)
     model_dir = work / "tiny"

@@ -99,7 +99,7 @@ def run_demo(
     """
     from segdeploy.bench import from_dataset
     from segdeploy.data import DatasetSpec
-    from segdeploy.infer import run_infer
+    from segdeploy.runtime.infer import run_infer
     from segdeploy.train import TrainConfig
     from segdeploy.validate import validation_path
 

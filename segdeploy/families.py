@@ -30,7 +30,7 @@ DYNAMO_OPSET = 18
 
 AUTO_CLASS = "AutoModelForSemanticSegmentation"
 ROUTES = ("optimum", "optimum-custom", "torch-dynamo")
-#: The op types that today's SegFormer int8 path keeps in float (segdeploy.quantize,
+#: The op types that today's SegFormer int8 path keeps in float (segdeploy.export.quantize,
 #: DEFAULT_FLOAT_OP_TYPES, measured there on SegFormer b0). Repeated here rather than
 #: imported because quantize.py imports onnx at module level.
 TRANSFORMER_FLOAT_OPS = ("Softmax", "LayerNormalization")
@@ -73,12 +73,30 @@ class Family:
 # ---------------------------------------------------------------------------
 
 
+# (hidden_sizes, depths, decoder_hidden_size) per MiT size; heads, sr ratios and MLP
+# ratios are shared by all MiT variants (Xie et al. 2021, table 6).
+MIT_SIZES = {
+    "b0": ([32, 64, 160, 256], [2, 2, 2, 2], 256),
+    "b1": ([64, 128, 320, 512], [2, 2, 2, 2], 256),
+    "b2": ([64, 128, 320, 512], [3, 4, 6, 3], 768),
+    "b3": ([64, 128, 320, 512], [3, 4, 18, 3], 768),
+    "b4": ([64, 128, 320, 512], [3, 8, 27, 3], 768),
+    "b5": ([64, 128, 320, 512], [3, 6, 40, 3], 768),
+    # Not in the paper: small enough to train in minutes on two CPU cores.
+    "tiny": ([16, 32, 64, 128], [1, 1, 1, 1], 64),
+}
+
+
 def _segformer(size: str) -> Callable[[], dict[str, Any]]:
     def kwargs() -> dict[str, Any]:
-        from segdeploy.models import scratch_config as segformer_config
-
-        # models.py owns the MiT sizes; reuse them rather than keep a twin table.
-        return segformer_config(size, {0: "x"}).to_diff_dict()
+        hidden, depths, decoder = MIT_SIZES[size]
+        return dict(
+            hidden_sizes=hidden,
+            depths=depths,
+            num_attention_heads=[1, 2, 5, 8] if size != "tiny" else [1, 2, 4, 8],
+            sr_ratios=[8, 4, 2, 1],
+            decoder_hidden_size=decoder,
+        )
 
     return kwargs
 
@@ -275,7 +293,7 @@ FAMILIES: dict[str, Family] = {
             square_only=False,
             fixed_size_why=None,
             logits_stride=4,
-            scratch={s: _segformer(s) for s in ("b0", "b1", "b2", "b3", "b4", "b5", "tiny")},
+            scratch={s: _segformer(s) for s in MIT_SIZES},
             real_sizes=("b0", "b1", "b2", "b3", "b4", "b5"),
             int8_measured=True,
         ),

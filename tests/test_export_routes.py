@@ -25,7 +25,7 @@ from PIL import Image
 
 from segdeploy.data.synthetic import synthetic_sample
 from segdeploy.errors import SegdeployError
-from segdeploy.export_routes import check_opset, export_model, export_size
+from segdeploy.export.routes import check_opset, export_model, export_size
 from segdeploy.families import FAMILIES
 from segdeploy.runtime.processors import processor_from_dir
 from segdeploy.runtime.upsample import upsample_argmax

@@ -12,7 +12,7 @@ import transformers
 from family_models import CASE_IDS, CASES, ID2LABEL, SIDE, build_model
 
 from segdeploy.errors import SegdeployError
-from segdeploy.export_routes import ROUTES
+from segdeploy.export.routes import ROUTES
 from segdeploy.families import (
     FAMILIES,
     LAYERNORM_OPSET,

@@ -29,12 +29,11 @@ STAGES: list[tuple[str, int]] = [
     ("segdeploy.export", 5),
     ("segdeploy.validate", 4),
     ("segdeploy.train", 3),
-    # Torch-free runtime code that moves into segdeploy/runtime/ (issue 18).
-    ("segdeploy.infer", 3),
-    ("segdeploy.infer_ray", 3),
     ("segdeploy.runtime", 3),
     ("segdeploy.data", 3),
     ("segdeploy.folders", 2),
+    # The model-family registry: torch-free data every stage reads, like the folders.
+    ("segdeploy.families", 2),
     ("segdeploy.atomic", 1),
     ("segdeploy.writable", 1),
     ("segdeploy.errors", 0),

@@ -222,7 +222,7 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tiny_onnx_dir, tmp_path, mo
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    caplog.set_level(logging.ERROR, logger="segdeploy.infer")
+    caplog.set_level(logging.ERROR, logger="segdeploy.runtime.infer")
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
@@ -328,7 +328,7 @@ def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
     """Ctrl-C during the 3rd model call, and again inside a file write: only complete
     files remain, summary.json says so, and --skip-existing finishes the job."""
     import segdeploy.runtime.pipeline as pipeline_mod
-    from segdeploy.infer import run_infer
+    from segdeploy.runtime.infer import run_infer
     from segdeploy.runtime.segmenter import Segmenter
 
     root = _folder_of(9, tmp_path / "in")
@@ -395,7 +395,7 @@ def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
 
 
 def test_sixteen_bit_labels_and_class_shares(tmp_path):
-    from segdeploy.infer import class_shares, save_labels
+    from segdeploy.runtime.infer import class_shares, save_labels
 
     labels = np.array([[0, 300], [300, 65535]], dtype=np.uint16)
     save_labels(tmp_path / "l16.png", labels)

@@ -140,7 +140,7 @@ def many_photos(tmp_path_factory) -> Path:
 
 
 def test_worker_processes_write_the_same_bytes_as_the_serial_path(tiny_onnx_dir, tmp_path):
-    from segdeploy.infer import run_infer
+    from segdeploy.runtime.infer import run_infer
 
     root = _photos(tmp_path / "photos", 14, size=(90, 130))
     Image.fromarray(synthetic_sample(9, size=(50, 70))[0]).convert("L").save(root / "gray.png")
@@ -211,7 +211,7 @@ def test_interrupt_leaves_complete_files_a_summary_and_no_process(
     how, tiny_onnx_dir, many_photos, tmp_path
 ):
     """Ctrl-C reaches the whole process group (workers too); `kill` only the parent."""
-    from segdeploy.infer import run_infer
+    from segdeploy.runtime.infer import run_infer
 
     out = tmp_path / "out"
     run = Watched(

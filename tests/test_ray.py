@@ -27,7 +27,7 @@ from PIL import Image
 from segdeploy.atomic import TMP_MARKER
 from segdeploy.cli import main
 from segdeploy.data.synthetic import synthetic_sample
-from segdeploy.infer_ray import LOOPBACK_ENV
+from segdeploy.runtime.ray_engine import LOOPBACK_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers")
@@ -219,7 +219,7 @@ def test_resume_after_the_driver_is_killed(ray_cluster, tiny_onnx_dir, tmp_path)
 def test_segment_batch_adds_label_maps_to_a_dataset(ray_cluster, tiny_onnx_dir, tmp_path):
     import ray
 
-    from segdeploy.infer_ray import SegmentBatch
+    from segdeploy.runtime.ray_engine import SegmentBatch
     from segdeploy.runtime.segmenter import Segmenter
 
     images = [synthetic_sample(i, seed=5, size=(40 + 8 * i, 56))[0] for i in range(5)]
@@ -267,7 +267,7 @@ def test_private_ray_is_on_the_loopback_and_torch_free(tiny_onnx_dir, tmp_path):
         f"""
         import json, sys
         from segdeploy.cli import main
-        from segdeploy.infer_ray import import_ray
+        from segdeploy.runtime.ray_engine import import_ray
 
         ray = import_ray(loopback=True)  # as the command imports it, to spy on its ray.init
 
@@ -279,7 +279,7 @@ def test_private_ray_is_on_the_loopback_and_torch_free(tiny_onnx_dir, tmp_path):
 
         @ray.remote
         def in_worker(model, image):
-            from segdeploy.infer_ray import SegmentBatch
+            from segdeploy.runtime.ray_engine import SegmentBatch
             out = SegmentBatch(model, provider="cpu")({{"image": [image]}})
             assert out["labels"][0].shape == (32, 48)
             return heavy()
@@ -372,7 +372,7 @@ def test_errors_raised_on_workers_reach_the_cli_as_one_line():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
     from segdeploy.errors import SegdeployError
-    from segdeploy.infer_ray import _segdeploy_error
+    from segdeploy.runtime.ray_engine import _segdeploy_error
 
     cause = SegdeployError("--provider", "CUDA is not installed on this node")
     wrapped = ray.exceptions.RayTaskError("MapWorker.submit", "Traceback ...", cause)

@@ -448,7 +448,7 @@ class SegdeployRunner(Runner):
         self.provider = self.segmenter.provider
 
     def end_to_end(self, items, out: Path, inputs: Sequence[str]) -> None:
-        from segdeploy.infer import run_infer
+        from segdeploy.runtime.infer import run_infer
 
         run_infer(
             inputs,

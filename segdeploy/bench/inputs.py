@@ -100,7 +100,7 @@ def from_folders(
 
 def from_dataset(spec, work: Path, *, num_labels: int, max_images: int | None = None):
     """The evaluation split of a DatasetSpec as images/ and labels/ folders under `work`."""
-    from segdeploy.infer import save_labels
+    from segdeploy.runtime.infer import save_labels
     from segdeploy.runtime.upsample import label_dtype
     from segdeploy.validate import load_validation_data
 

@@ -344,7 +344,7 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     """
     from PIL import Image
 
-    from segdeploy.infer import label_path
+    from segdeploy.runtime.infer import label_path
     from segdeploy.train.metrics import MeanIoU, finite
 
     ok = [r for r in rows if r["status"] == "ok"]

@@ -61,7 +61,7 @@ def peak_rss_mb() -> float | None:
 
 def list_items(images: Path, out: Path | None = None) -> list:
     """The images of a folder as `segdeploy infer` finds them (same order, same output names)."""
-    from segdeploy.infer import Failure, iter_inputs
+    from segdeploy.runtime.infer import Failure, iter_inputs
 
     items, failures = [], []
     for item in iter_inputs([images], exclude=out):
@@ -118,7 +118,7 @@ class Row:
         return {"event": "round", "end_to_end_s": e2e, "model_latency_s": latency}
 
     def finish(self) -> dict[str, Any]:
-        from segdeploy.infer import label_path, save_labels
+        from segdeploy.runtime.infer import label_path, save_labels
 
         peak = peak_rss_mb()
         if self.labels is not None:  # segdeploy wrote its own label PNGs; the others' alike

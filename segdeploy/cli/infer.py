@@ -1,4 +1,4 @@
-"""`segdeploy infer`: thin Click layer over segdeploy.infer.run_infer (torch-free)."""
+"""`segdeploy infer`: thin Click layer over segdeploy.runtime.infer.run_infer (torch-free)."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def infer(
                 raise SegdeployError(name, "only with --engine ray")
         engine_opts: dict = {"workers": workers}
     else:
-        from segdeploy.infer_ray import parse_actors
+        from segdeploy.runtime.ray_engine import parse_actors
 
         engine_opts = {"address": ray_address, "actors": parse_actors(actors)}
         if workers is not None:
@@ -214,7 +214,10 @@ def infer(
 
 #: `--engine` name -> "module:function" with run_infer's signature (imported on use,
 #: so that the local engine never imports Ray).
-ENGINES = {"local": "segdeploy.infer:run_infer", "ray": "segdeploy.infer_ray:run_infer_ray"}
+ENGINES = {
+    "local": "segdeploy.runtime.infer:run_infer",
+    "ray": "segdeploy.runtime.ray_engine:run_infer_ray",
+}
 
 
 def _engine(name: str):

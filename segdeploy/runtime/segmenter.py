@@ -21,8 +21,8 @@ from PIL import Image
 
 from segdeploy.errors import SegdeployError
 
-# The folder contract's names, importable from here as before (segdeploy.infer and
-# segdeploy.infer_ray import them from this module until they move into runtime/).
+# The folder contract's names, importable from here as before (segdeploy.runtime.infer and
+# segdeploy.runtime.ray_engine import them from this module until they move into runtime/).
 from segdeploy.folders import (  # noqa: F401
     CONFIG_FILE,
     OUTPUT_SIZE_INPUT,

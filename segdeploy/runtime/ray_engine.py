@@ -1,4 +1,4 @@
-"""`segdeploy infer --engine ray`: the same job as `segdeploy.infer.run_infer` on Ray Data.
+"""`segdeploy infer --engine ray`: the same job as `segdeploy.runtime.infer.run_infer` on Ray Data.
 
 The driver plans once, exactly as the local engine does (`check_plan` and
 `Planner`: the same file list, unique output names inside OUT, no input
@@ -45,7 +45,9 @@ import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError
-from segdeploy.infer import (
+from segdeploy.runtime import pipeline
+from segdeploy.runtime.image_io import MAX_PIXELS
+from segdeploy.runtime.infer import (
     SUMMARY_NAME,
     Failure,
     Item,
@@ -60,8 +62,6 @@ from segdeploy.infer import (
     summary_header,
     summary_totals,
 )
-from segdeploy.runtime import pipeline
-from segdeploy.runtime.image_io import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
