@@ -7,6 +7,7 @@ Backend names are what `--backends` takes:
     hf-pipeline     transformers' pipeline("image-segmentation"), the guide's inference path
     optimum         optimum's pipeline("image-segmentation", accelerator="ort"): the same
                     transformers pipeline around ORTModelForSemanticSegmentation
+    openvino[-int8] OpenVINO on the CPU, fp32 or NNCF int8 (segdeploy.bench.openvino)
     onnx-<p>[-<v>]  segdeploy's own path (`segdeploy infer`, `Segmenter`) on provider
                     p = cpu | cuda | tensorrt with graph variant v = fp16 | int8 | optimized | ...
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from segdeploy.bench.openvino import RUNNERS as OPENVINO_RUNNERS
 from segdeploy.errors import SegdeployError
 
 ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt")
@@ -45,12 +47,14 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 @dataclass(frozen=True)
 class Backend:
     name: str
-    kind: str  # "torch" | "hf-pipeline" | "optimum" | "segdeploy"
+    kind: str  # "torch" | "hf-pipeline" | "optimum" | "segdeploy" | "openvino"
     provider: str = "cpu"
     variant: str = "fp32"
 
     @property
     def description(self) -> str:
+        if self.kind == "openvino":
+            return OPENVINO_RUNNERS[self.name].description
         if self.kind == "torch":
             return "transformers model, eager: processor, forward, bilinear upsample, argmax"
         if self.kind == "hf-pipeline":
@@ -61,6 +65,8 @@ class Backend:
 
     @property
     def end_to_end_includes(self) -> str:
+        if self.kind == "openvino":
+            return OPENVINO_RUNNERS[self.name].end_to_end_includes
         if self.kind == "segdeploy":
             return "listing, decoding, preprocessing, model, upsampling, writing label PNGs and summary.json"
         return "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
@@ -71,13 +77,16 @@ def parse_backend(name: str) -> Backend:
     name = name.strip().lower()
     if name in ("torch", "hf-pipeline", "optimum"):
         return Backend(name, name)
+    if name in OPENVINO_RUNNERS:
+        return Backend(name, "openvino")
     if name.startswith("onnx-"):
         provider, _, variant = name[len("onnx-") :].partition("-")
         if provider in ONNX_PROVIDERS and (variant == "" or variant.replace("_", "").isalnum()):
             return Backend(name, "segdeploy", provider, variant or "fp32")
     raise SegdeployError(
         "--backends",
-        f"unknown backend {name!r}; choose torch, hf-pipeline, optimum, or onnx-<provider>"
+        f"unknown backend {name!r}; choose torch, hf-pipeline, optimum, openvino, "
+        "openvino-int8, or onnx-<provider>"
         f"[-<variant>] with provider {'|'.join(ONNX_PROVIDERS)} (e.g. onnx-cpu, onnx-cpu-int8)",
     )
 
@@ -127,6 +136,8 @@ def check_backend(
     from segdeploy.runtime import providers as prov
     from segdeploy.runtime.segmenter import variant_file
 
+    if backend.kind == "openvino":
+        return OPENVINO_RUNNERS[backend.name].unavailable(model_dir, onnx_dir)
     if backend.kind in ("torch", "hf-pipeline"):
         if not _has_module("torch") or not _has_module("transformers"):
             return "torch and transformers are not installed"
@@ -354,6 +365,8 @@ def make_runner(
         return TorchRunner(model_dir, batch_size, threads)
     if backend.kind in ("hf-pipeline", "optimum"):
         return PipelineRunner(backend, model_dir, onnx_dir, batch_size, threads)
+    if backend.kind == "openvino":
+        return OPENVINO_RUNNERS[backend.name](model_dir, onnx_dir, batch_size, threads)
     return SegdeployRunner(backend, onnx_dir, batch_size, threads)
 
 
