@@ -266,6 +266,7 @@ def export_onnx(
     fuse_argmax: bool = False,
     quantize: str | None = None,
     calibration_images: int = 64,
+    max_drop: float | None = None,
     validate: bool = True,
     data=None,
     max_images: int | None = None,
@@ -312,7 +313,14 @@ def export_onnx(
 
             built["int8"] = tmp / VARIANTS["int8"]
             batches = training_calibration_batches(model_dir, calibration_images)
-            report = quantize_int8(built["fp32"], built["int8"], batches)
+            if max_drop is None:
+                report = quantize_int8(built["fp32"], built["int8"], batches)
+            else:  # accuracy-aware: measured float exclusions (segdeploy.int8_search)
+                from segdeploy.int8_search import quantize_int8_within
+
+                report = quantize_int8_within(
+                    built["fp32"], built["int8"], model_dir, calibration_images, max_drop
+                )
             # Name the graphs where they will be, not in the temporary folder.
             report["source"] = str(output / built["fp32"].name)
             report["output"] = str(output / built["int8"].name)
