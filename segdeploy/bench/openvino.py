@@ -189,26 +189,37 @@ def nncf_int8(onnx_dir: Path, model_dir: Path, n_images: int | None = None) -> P
     xml = cache / f"model_nncf_int8-{model_digest(onnx_path)}-c{n_images}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
+    from segdeploy.quantize import training_calibration_batches
+
+    log.info("quantizing %s with NNCF on %d calibration images (once)", onnx_path, n_images)
+    batches = list(training_calibration_batches(model_dir, n_images))
+    return nncf_int8_model(onnx_path, batches, xml)
+
+
+def nncf_int8_model(onnx_path: Path, batches: Sequence[np.ndarray], xml: Path) -> Path:
+    """NNCF post-training int8 (transformer preset) of `onnx_path`, calibrated on
+    `batches` (preprocessed [N, 3, h, w] arrays), saved as OpenVINO IR `xml` (+ .bin).
+
+    Reused when `xml` exists (callers put what the model depends on in its name).
+    """
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
     # Imported only to quantize: nncf imports torch when it is installed, which a row
     # that reuses the cached model should not pay for.
     import nncf
     import openvino as ov
 
-    from segdeploy.quantize import training_calibration_batches
-
-    log.info("quantizing %s with NNCF on %d calibration images (once)", onnx_path, n_images)
     model = ov.Core().read_model(os.fspath(onnx_path))
-    batches = list(training_calibration_batches(model_dir, n_images))
     quantized = nncf.quantize(
         model,
-        nncf.Dataset(batches),
+        nncf.Dataset(list(batches)),
         model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(batches),
+        subset_size=sum(int(b.shape[0]) for b in batches),
     )
-    cache.mkdir(exist_ok=True)
+    xml.parent.mkdir(parents=True, exist_ok=True)
     # Written under temporary names and renamed, .bin before .xml: a reader that finds
     # the .xml finds a complete model.
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-") as tmp:
+    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".tmp-") as tmp:
         tmp_xml = Path(tmp) / xml.name
         ov.save_model(quantized, os.fspath(tmp_xml), compress_to_fp16=False)
         os.replace(tmp_xml.with_suffix(".bin"), xml.with_suffix(".bin"))
