@@ -121,8 +121,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/segdeploy-cpu-peers"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=3, help="timed calls per config per round")
+    # Many short rounds rather than few long ones: the load of a shared machine changes
+    # within seconds, and a paired ratio only cancels what both sides of a pair saw.
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--calls", type=int, default=1, help="timed calls per config per round")
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--calibration-images", type=int, default=32)
     ap.add_argument("--output", type=Path, default=RESULTS / "cpu_peers.json")
@@ -166,8 +168,12 @@ def main() -> int:
         for r in runners.values():
             r(x)  # warm-up
         times = {n: [] for n in runners}  # per round: median ms per image
-        for _ in range(args.rounds):
-            for name, r in runners.items():
+        names = list(runners)
+        for k in range(args.rounds):
+            # Each round starts one configuration later, so that none always runs
+            # right after the same neighbour (or first, after a pause).
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                r = runners[name]
                 calls = []
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
