@@ -73,8 +73,10 @@ def parse_backend(name: str) -> Backend:
             return backend
     raise SegdeployError(
         "--backends",
-        f"unknown backend {name!r}; choose torch, hf-pipeline, optimum, or onnx-<provider>"
-        f"[-<variant>] with provider {'|'.join(ONNX_PROVIDERS)} (e.g. onnx-cpu, onnx-cpu-int8)",
+        f"unknown backend {name!r}; choose "
+        + ", ".join(k for k in RUNNERS if k != SegdeployRunner.kind)
+        + f", or onnx-<provider>[-<variant>] with provider {'|'.join(ONNX_PROVIDERS)} "
+        "(e.g. onnx-cpu, onnx-cpu-int8)",
     )
 
 

@@ -94,8 +94,9 @@ def command_line(ctx: click.Context) -> str:
     "--backends",
     default=None,
     help="Comma-separated: torch, hf-pipeline, optimum, onnx-cpu, onnx-cuda, onnx-tensorrt, "
-    "onnx-<provider>-<variant> (e.g. onnx-cpu-int8)  [default: all of them, with every "
-    "variant in the ONNX folder].",
+    "onnx-<provider>-<variant> (e.g. onnx-cpu-int8), openvino, openvino-int8 (OpenVINO on "
+    "the CPU, fp32 or NNCF int8; needs the openvino extra)  [default: all but openvino, with "
+    "every variant in the ONNX folder].",
 )
 @click.option(
     "--batch-sizes",

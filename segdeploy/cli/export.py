@@ -66,6 +66,16 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     help="Training images that set the int8 activation ranges (about 20 s for 64 at 512x512).",
 )
 @click.option(
+    "--max-drop",
+    type=click.FloatRange(0.0, 1.0),
+    default=_DEFAULTS.max_drop,
+    help="With --quantize int8: accuracy-aware int8. Measure the int8 graph's disagreement "
+    "with the fp32 graph (1 - mean IoU) on held-out training images and, while it exceeds "
+    "this limit, keep in float the blocks of nodes measured to hurt most (bounded number of "
+    "re-quantizations; minutes on a large model). What stayed float, and each block's "
+    "measured effect, go to quantization_int8.json. Example: --max-drop 0.01.",
+)
+@click.option(
     "--validate/--no-validate",
     default=_DEFAULTS.validate,
     show_default=True,
@@ -82,6 +92,7 @@ def export(
     fuse_argmax: bool,
     quantize: str | None,
     calibration_images: int,
+    max_drop: float | None,
     validate: bool,
     **opts,
 ) -> None:
@@ -114,6 +125,7 @@ def export(
         fuse_argmax=fuse_argmax,
         quantize=quantize,
         calibration_images=calibration_images,
+        max_drop=max_drop,
         validate=validate,
         validation=settings_from(ValidationSettings, opts),
     )

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from segdeploy.atomic import atomic_dir, remove_stale_temporaries, write_json
-from segdeploy.export.checks import DEFAULT_OPSET, check_opset, check_output, check_quantize
+from segdeploy.export.checks import (
+    DEFAULT_OPSET,
+    check_max_drop,
+    check_opset,
+    check_output,
+    check_quantize,
+)
 from segdeploy.export.optimum import export_fp32
 from segdeploy.export.variants import convert_fp16, optimize_graph
 from segdeploy.folders import QUANTIZATION_REPORT, VARIANT_FILES, ModelFolder, default_onnx_dir
@@ -54,6 +60,9 @@ class ExportSettings:
     quantize: str | None = None
     #: Training images that set the int8 activation ranges.
     calibration_images: int = 64
+    #: Accuracy-aware int8: the largest disagreement (1 - mean IoU against the fp32
+    #: graph) allowed before measured-sensitive nodes are kept in float; None: off.
+    max_drop: float | None = None
     #: Compare every graph written with the PyTorch model.
     validate: bool = True
     validation: ValidationSettings = field(default_factory=ValidationSettings)
@@ -103,6 +112,8 @@ def check_export(
         check_provider(settings.validation.provider, settings.validation.fallback)
     if settings.quantize is not None:
         check_quantize(model.path, settings.quantize, settings.calibration_images)
+    if settings.max_drop is not None:
+        check_max_drop(settings.max_drop, settings.quantize)
     return model
 
 
@@ -196,8 +207,19 @@ def _build(
         from segdeploy.export.quantize import quantize_int8, training_calibration_batches
 
         built["int8"] = tmp / VARIANT_FILES["int8"]
-        batches = training_calibration_batches(model.path, settings.calibration_images)
-        report = quantize_int8(built["fp32"], built["int8"], batches)
+        if settings.max_drop is None:
+            batches = training_calibration_batches(model.path, settings.calibration_images)
+            report = quantize_int8(built["fp32"], built["int8"], batches)
+        else:  # accuracy-aware: float exclusions found by measured sensitivity
+            from segdeploy.export.quantize.search import quantize_int8_within
+
+            report = quantize_int8_within(
+                built["fp32"],
+                built["int8"],
+                model.path,
+                settings.calibration_images,
+                settings.max_drop,
+            )
         # Name the graphs where they will be, not in the temporary folder.
         report["source"] = str(output / built["fp32"].name)
         report["output"] = str(output / built["int8"].name)

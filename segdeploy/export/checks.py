@@ -52,6 +52,14 @@ def check_quantize(model_dir: Path, quantize: str, calibration_images: int) -> N
     recorded_training_data(model_dir)  # calibration reads the recorded training split
 
 
+def check_max_drop(max_drop: float, quantize: str | None) -> None:
+    """--max-drop is a limit for the int8 graph: refused without it, or out of [0, 1]."""
+    if quantize != "int8":
+        raise SegdeployError("--max-drop", "applies to int8 only: add --quantize int8")
+    if not 0.0 <= max_drop <= 1.0:
+        raise SegdeployError("--max-drop", f"must be between 0 and 1, got {max_drop}")
+
+
 def check_output(model_dir: Path, output: Path) -> None:
     # atomic_dir replaces `output` as a whole: it must never be the model folder or hold it.
     model_dir, output = model_dir.resolve(), output.resolve()
