@@ -1,4 +1,10 @@
-"""SegformerImageProcessor's resize, rescale and normalise, in numpy and Pillow.
+"""SegformerImageProcessor's resize, rescale and normalise, in numpy and Pillow, and the
+validators of preprocessor_config.json fields that every processor type shares.
+
+`Preprocessor` stays for the callers that need SegFormer's processor only
+(validate, int8 calibration, bench); infer (`Segmenter`, the worker pipeline)
+builds any family's processor with `segdeploy.runtime.processors.processor_from_dir`,
+which uses `Preprocessor` for its rescale and normalise lookup table.
 
 Reads the model folder's preprocessor_config.json and reproduces the Hugging
 Face image processor (transformers is not available on deployment machines):
