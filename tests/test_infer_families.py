@@ -266,3 +266,25 @@ def test_an_unknown_processor_type_names_the_supported_ones(tiny_onnx_dir, photo
     assert "unsupported image_processor_type 'ViTImageProcessor'" in line
     for name in ("Segformer", "Beit", "DPT", "MobileNetV2", "MobileViT"):
         assert f"{name}ImageProcessor" in line
+
+
+def test_a_cropping_family_runs_torch_free(exports, photos, tmp_path):
+    """MobileViT (shortest_edge, center crop, BGR) in a fresh interpreter: the command
+    imports neither torch nor transformers, and writes the in-process run's masks."""
+    from test_no_torch import REPORT, heavy_modules, run_python
+
+    _, onnx_dir = exports("mobilevit")
+    reference = tmp_path / "reference"
+    assert _infer(onnx_dir, "-o", str(reference), "--workers", "0", str(photos)).exit_code == 0
+    args = ["infer", "--model", str(onnx_dir), str(photos), "-o", str(tmp_path / "out")]
+    code = (
+        "import sys\n"
+        "from segdeploy.cli import main\n"
+        f"code = main({args!r}, standalone_mode=False)\n" + REPORT + "sys.exit(code or 0)\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert heavy_modules(proc.stdout) == []
+    for name, _, _ in PHOTOS:
+        photo = photos / name
+        assert np.array_equal(label_map(tmp_path / "out", photo), label_map(reference, photo))
