@@ -42,8 +42,9 @@ def make_b0(folder: Path) -> Path:
     """A random-init scratch:b0 (CamVid's 11 classes) at 512x512, exported at opset 17."""
     import torch
     from optimum.exporters.onnx import main_export
-    from segdeploy.models import scratch_config
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from segdeploy.train.models import scratch_config
 
     if (folder / "onnx" / "model.onnx").is_file():
         return folder

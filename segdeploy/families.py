@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import CONFIG_FILE, read_json
 
 #: LayerNormalization became an ONNX op in opset 17: below it, torch writes
 #: LayerNorm as ~9 primitive nodes (slower, and int8 cannot leave it in float as a unit).
@@ -494,15 +495,11 @@ def _model_type(obj: Any) -> str:
 
 def _read_config(path: str | os.PathLike) -> dict:
     """config.json of a model folder (or the file itself) as a dict."""
-    import json
     from pathlib import Path
 
     path = Path(path)
-    path = path / "config.json" if path.is_dir() else path
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SegdeployError(path, f"unreadable config: {err}") from None
+    path = path / CONFIG_FILE if path.is_dir() else path
+    config = read_json(path, missing="missing: not a Hugging Face model folder")
     if not isinstance(config, dict):
         raise SegdeployError(path, "not a JSON object")
     return config
@@ -570,7 +567,7 @@ def check_trainable(config) -> None:
     """SegdeployError for a config that a known upstream bug would break in training."""
     if config.model_type == "dpt" and not getattr(config, "use_auxiliary_head", True):
         raise SegdeployError(
-            "config.json",
+            CONFIG_FILE,
             "DPT with use_auxiliary_head=False cannot be trained: transformers' "
             "DPTForSemanticSegmentation loss then raises UnboundLocalError; set "
             "use_auxiliary_head=True",

@@ -129,7 +129,7 @@ def test_unsupported_folder_is_named(tmp_path):
     with pytest.raises(SegdeployError, match=f"^{tmp_path}: model_type 'vit' is not supported"):
         family_of(tmp_path)
     (tmp_path / "config.json").write_text("{")
-    with pytest.raises(SegdeployError, match="unreadable config"):
+    with pytest.raises(SegdeployError, match="config.json: unreadable"):
         family_of(tmp_path)
 
 

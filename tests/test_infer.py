@@ -455,7 +455,7 @@ def test_fused_argmax_graph_gives_the_same_masks(tiny_onnx_dir, tmp_path, photos
 
 
 def test_default_model_is_the_newest_export_under_models(tmp_path, tiny_onnx_dir, monkeypatch):
-    from segdeploy.runtime.segmenter import newest_export
+    from segdeploy.folders import newest_export
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["infer", str(tmp_path)])

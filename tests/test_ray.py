@@ -159,6 +159,23 @@ def test_engine_ray_gives_the_local_engines_outputs(ray_cluster, tiny_onnx_dir, 
     assert summary["interrupted"] is False and summary["totals"]["images_per_s"] > 0
 
 
+def test_engine_ray_runs_a_cropping_family(ray_cluster, tmp_path):
+    """MobileNetV2 (shortest_edge resize, center crop, a fixed-size graph): the Ray engine
+    shares the local engine's stages, hence its masks, at each photo's own size."""
+    from family_models import save_model_folder
+
+    from segdeploy.export.routes import export_model
+
+    model = save_model_folder(tmp_path / "model", "mobilenet_v2", "tiny")
+    export_model(model, tmp_path / "onnx")
+    root = tmp_path / "photos"
+    files = _photos(root, 2) + _photos(root, 2, size=(90, 41), start=2)
+    _bad_files(root)
+    summary = _same_as_local(tmp_path / "onnx", root, tmp_path, ray_cluster, "--provider", "cpu")
+    assert summary["totals"]["images"] == len(files)
+    assert {tuple(r["size"]) for r in summary["images"]} == {(48, 64), (90, 41)}
+
+
 @pytest.mark.slow
 def test_engine_ray_on_camvid_photos(ray_cluster, camvid, tiny_onnx_dir, tmp_path):
     root = tmp_path / "street"

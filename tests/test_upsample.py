@@ -106,7 +106,7 @@ def test_real_model_logits(tiny_onnx_dir):
 
     seg = Segmenter(tiny_onnx_dir, provider="cpu", threads=1)
     images = [Image.fromarray(synthetic_sample(i, size=64)[0]) for i in range(4)]
-    logits = seg.logits(seg.preprocessor(images))
+    logits = seg.logits(seg.preprocessor.batch(images)[0])
     assert logits.shape == (4, 5, 16, 16)
     for size in [(64, 64), (480, 640), (97, 131)]:
         assert_agrees(logits, size)

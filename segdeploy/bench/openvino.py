@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from segdeploy.bench.backends import Runner, _model_batches, load_rgb, register
+from segdeploy.folders import QUANTIZATION_REPORT, TRAIN_ARGS_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class OpenVINORunner(Runner):
         """Why this row cannot run here, or None (listed in the report, the row skipped)."""
         if not _has("openvino"):
             return f"openvino is not installed ({EXTRA_HINT})"
-        if onnx_dir is None or not (onnx_dir / "model.onnx").is_file():
+        if onnx_dir is None or not (onnx_dir / VARIANT_FILES["fp32"]).is_file():
             return f"no ONNX export at {onnx_dir} (run `segdeploy export` first)"
         return None
 
@@ -113,7 +114,7 @@ class OpenVINORunner(Runner):
 
     def graph(self, model_dir: Path | None):
         """What OpenVINO compiles: a path it reads, or an ov.Model."""
-        return self.onnx_dir / "model.onnx"
+        return self.onnx_dir / VARIANT_FILES["fp32"]
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         return self.request.infer({0: batch})[0]
@@ -157,9 +158,9 @@ class OpenVINOInt8Runner(OpenVINORunner):
             return reason
         if not _has("nncf"):
             return f"nncf is not installed ({EXTRA_HINT})"
-        if model_dir is None or not (model_dir / "train_args.json").is_file():
+        if model_dir is None or not (model_dir / TRAIN_ARGS_FILE).is_file():
             return (
-                f"no train_args.json in {model_dir}: NNCF calibrates on the training images "
+                f"no {TRAIN_ARGS_FILE} in {model_dir}: NNCF calibrates on the training images "
                 "recorded by `segdeploy train`, as segdeploy's int8 does"
             )
         return None
@@ -173,7 +174,7 @@ def calibration_images_of(onnx_dir: Path) -> int:
     from segdeploy.export.quantize import DEFAULT_CALIBRATION_IMAGES
 
     try:
-        report = json.loads((onnx_dir / "quantization_int8.json").read_text(encoding="utf-8"))
+        report = json.loads((onnx_dir / QUANTIZATION_REPORT).read_text(encoding="utf-8"))
         return int(report["calibration_images"])
     except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_CALIBRATION_IMAGES
@@ -188,7 +189,7 @@ def nncf_int8(onnx_dir: Path, model_dir: Path, n_images: int | None = None) -> P
     """
     from segdeploy.runtime.providers import model_digest
 
-    onnx_path = onnx_dir / "model.onnx"
+    onnx_path = onnx_dir / VARIANT_FILES["fp32"]
     n_images = n_images or calibration_images_of(onnx_dir)
     cache = onnx_dir / CACHE_DIR
     xml = cache / f"model_nncf_int8-{model_digest(onnx_path)}-c{n_images}.xml"

@@ -136,12 +136,15 @@ def infer(
     ray_address: str | None,
     actors: str | None,
 ) -> None:
-    """Segment images with an exported SegFormer on ONNX Runtime; no torch needed.
+    """Segment images with an exported model on ONNX Runtime; no torch needed.
 
-    INPUT is any mix of image files, folders (searched recursively; non-image
-    files are ignored) and quoted globs ('photos/**/*.jpg'). For each image a
-    label PNG at the image's own size (8-bit, 16-bit above 256 classes) is
-    written under OUTPUT, mirroring the inputs, with OUTPUT/summary.json
+    An ONNX folder of any family of the guide runs (SegFormer, DPT, BEiT, Data2VecVision,
+    MobileNetV2, MobileViT, MobileViTV2, UPerNet), with the image processor its
+    preprocessor_config.json names. INPUT is any mix of image files, folders
+    (searched recursively; non-image files are ignored) and quoted globs
+    ('photos/**/*.jpg'). For each image a label PNG at the image's own size
+    (8-bit, 16-bit above 256 classes; the logits are upsampled to the whole
+    photo even where the processor center-cropped it) is written under OUTPUT, mirroring the inputs, with OUTPUT/summary.json
     (per image: size, classes present and their pixel share, time; failures;
     totals and images/s).
 
@@ -160,8 +163,8 @@ def infer(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from segdeploy.errors import SegdeployError
+    from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
-    from segdeploy.runtime.segmenter import newest_export
 
     if engine == "local":
         for name, value in (("--ray-address", ray_address), ("--actors", actors)):

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from segdeploy.errors import SegdeployError
 from segdeploy.families import Family, family_of
+from segdeploy.folders import COPIED_FILES, PREPROCESSOR_FILE, VARIANT_FILES
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-COPIED_FILES = ("config.json", "preprocessor_config.json")
 
 
 def check_opset(family: Family, opset: int) -> None:
@@ -61,7 +61,7 @@ def _processor_output_size(model_dir: Path) -> tuple[int, int] | None:
     import json
 
     try:
-        cfg = json.loads((model_dir / "preprocessor_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((model_dir / PREPROCESSOR_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     size = cfg.get("crop_size") if cfg.get("do_center_crop") else cfg.get("size")
@@ -157,7 +157,7 @@ def export_optimum_custom(
     onnx_config = _segmentation_onnx_config(family, family.dynamic_spatial)(
         model.config, task=family.optimum_task
     )
-    path = out_dir / "model.onnx"
+    path = out_dir / VARIANT_FILES["fp32"]
     export(
         model,
         onnx_config,
@@ -181,7 +181,7 @@ def export_torch_dynamo(
     dims = {0: torch.export.Dim("batch_size", min=1, max=1024)}
     if family.dynamic_spatial:
         dims |= {2: torch.export.Dim("height", min=16), 3: torch.export.Dim("width", min=16)}
-    path = out_dir / "model.onnx"
+    path = out_dir / VARIANT_FILES["fp32"]
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -217,7 +217,7 @@ def _logits_only(model):
 
 
 def _graph(out_dir: Path) -> Path:
-    path = out_dir / "model.onnx"
+    path = out_dir / VARIANT_FILES["fp32"]
     if not path.is_file():
         raise RuntimeError(f"the exporter wrote no {path.name} in {out_dir}")
     return path

@@ -61,7 +61,7 @@ from segdeploy.atomic import atomic_path
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import MAX_PIXELS, load_image
 from segdeploy.runtime.palette import overlay as blend_overlay
-from segdeploy.runtime.preprocess import Preprocessor
+from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.upsample import upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def default_workers() -> int:
 class StageConfig:
     """What the host stages need, shipped once to each worker."""
 
-    preprocessor: Preprocessor
+    preprocessor: ImageProcessor  # any family's (segdeploy.runtime.processors)
     id2label: dict[int, str]
     max_pixels: int | None = MAX_PIXELS
     palette: np.ndarray | None = None  # set: write overlays with these colours

@@ -1,4 +1,10 @@
-"""SegformerImageProcessor's resize, rescale and normalise, in numpy and Pillow.
+"""SegformerImageProcessor's resize, rescale and normalise, in numpy and Pillow, and the
+validators of preprocessor_config.json fields that every processor type shares.
+
+`Preprocessor` stays for the callers that need SegFormer's processor only
+(validate, int8 calibration, bench); infer (`Segmenter`, the worker pipeline)
+builds any family's processor with `segdeploy.runtime.processors.processor_from_dir`,
+which uses `Preprocessor` for its rescale and normalise lookup table.
 
 Reads the model folder's preprocessor_config.json and reproduces the Hugging
 Face image processor (transformers is not available on deployment machines):
@@ -11,6 +17,7 @@ so the result is bit-identical to the processor's and costs one gather.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +52,12 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _side(v, name: str, where) -> int:
+# Validators of preprocessor_config.json fields, shared by every processor type
+# (segdeploy.runtime.processors): each raises one line naming the file and the field.
+
+
+def side(v, name: str, where) -> int:
+    """A configured length in pixels (a size, a crop, a multiple, a divisor)."""
     if not _is_int(v) or not MIN_SIDE <= v <= MAX_SIDE:
         raise SegdeployError(
             where, f"{name} must be a whole number {MIN_SIDE}..{MAX_SIDE}, got {v!r}"
@@ -53,11 +65,64 @@ def _side(v, name: str, where) -> int:
     return v
 
 
-def _flag(cfg: dict, name: str, where) -> bool:
-    v = cfg.get(name, True)
+def flag(cfg: dict, name: str, where, default: bool = True) -> bool:
+    v = cfg.get(name, default)
     if not isinstance(v, bool):
         raise SegdeployError(where, f"{name} must be true or false, got {v!r}")
     return v
+
+
+def height_width(s, name: str, where) -> tuple[int, int]:
+    """{'height', 'width'} (or one int for both) as (height, width), each a valid side."""
+    if _is_int(s):
+        s = {"height": s, "width": s}
+    if not (isinstance(s, dict) and {"height", "width"} <= set(s)):
+        raise SegdeployError(where, f"{name} must be {{'height', 'width'}}, got {s!r}")
+    return side(s["height"], f"{name}.height", where), side(s["width"], f"{name}.width", where)
+
+
+def resample_of(cfg: dict, where, default: int) -> Image.Resampling:
+    resample = cfg.get("resample", default)
+    if not _is_int(resample) or int(resample) not in _RESAMPLE:
+        raise SegdeployError(where, f"unknown resample {resample!r}")
+    return _RESAMPLE[int(resample)]
+
+
+def numbers3(v, name: str, where) -> tuple[float, float, float]:
+    """image_mean / image_std: 3 finite numbers (one number means the same for each)."""
+    v = [v] * 3 if _is_number(v) else v
+    if not (isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v))):
+        raise SegdeployError(where, f"{name} needs 3 numbers, got {v!r}")
+    if not all(math.isfinite(x) for x in v):
+        raise SegdeployError(where, f"{name} must be finite, got {v!r}")
+    return tuple(float(x) for x in v)
+
+
+def values_of(
+    cfg: dict, where, mean: Sequence[float], std: Sequence[float], *, normalize: bool = True
+) -> Preprocessor:
+    """Rescale + normalise of a config (no resize); `normalize=False` for processors that
+    have no normalise step (MobileViT), whose mean/std fields are then not read."""
+    rescale_factor = cfg.get("rescale_factor", 1 / 255)
+    if not (_is_number(rescale_factor) and 0 < rescale_factor < math.inf):
+        raise SegdeployError(
+            where, f"rescale_factor must be a positive number, got {rescale_factor!r}"
+        )
+    do_normalize = normalize and flag(cfg, "do_normalize", where)
+    image_mean, image_std = tuple(mean), tuple(std)
+    if normalize:
+        image_mean = numbers3(cfg.get("image_mean", image_mean), "image_mean", where)
+        image_std = numbers3(cfg.get("image_std", image_std), "image_std", where)
+        if not all(x > 0 for x in image_std):
+            raise SegdeployError(where, f"image_std must be positive, got {list(image_std)}")
+    return Preprocessor(
+        size=None,
+        do_rescale=flag(cfg, "do_rescale", where),
+        rescale_factor=float(rescale_factor),
+        do_normalize=do_normalize,
+        image_mean=image_mean,
+        image_std=image_std,
+    )
 
 
 @dataclass(frozen=True)
@@ -99,45 +164,10 @@ class Preprocessor:
         if not isinstance(cfg, dict):
             raise SegdeployError(where, f"must hold a JSON object, got {type(cfg).__name__}")
         size = None
-        if _flag(cfg, "do_resize", where):
-            s = cfg.get("size", {"height": 512, "width": 512})
-            if _is_int(s):
-                s = {"height": s, "width": s}
-            if not (isinstance(s, dict) and {"height", "width"} <= set(s)):
-                raise SegdeployError(where, f"size must be {{'height', 'width'}}, got {s!r}")
-            size = (
-                _side(s["height"], "size.height", where),
-                _side(s["width"], "size.width", where),
-            )
-        resample = cfg.get("resample", 2)
-        if not _is_int(resample) or int(resample) not in _RESAMPLE:
-            raise SegdeployError(where, f"unknown resample {resample!r}")
-
-        def triple(v, name):
-            v = [v] * 3 if _is_number(v) else v
-            if not (isinstance(v, list | tuple) and len(v) == 3 and all(map(_is_number, v))):
-                raise SegdeployError(where, f"{name} needs 3 numbers, got {v!r}")
-            if not all(math.isfinite(x) for x in v):
-                raise SegdeployError(where, f"{name} must be finite, got {v!r}")
-            return tuple(float(x) for x in v)
-
-        rescale_factor = cfg.get("rescale_factor", 1 / 255)
-        if not (_is_number(rescale_factor) and 0 < rescale_factor < math.inf):
-            raise SegdeployError(
-                where, f"rescale_factor must be a positive number, got {rescale_factor!r}"
-            )
-        image_std = triple(cfg.get("image_std", cls.image_std), "image_std")
-        if not all(x > 0 for x in image_std):
-            raise SegdeployError(where, f"image_std must be positive, got {list(image_std)}")
-        return cls(
-            size=size,
-            resample=_RESAMPLE[int(resample)],
-            do_rescale=_flag(cfg, "do_rescale", where),
-            rescale_factor=float(rescale_factor),
-            do_normalize=_flag(cfg, "do_normalize", where),
-            image_mean=triple(cfg.get("image_mean", cls.image_mean), "image_mean"),
-            image_std=image_std,
-        )
+        if flag(cfg, "do_resize", where):
+            size = height_width(cfg.get("size", {"height": 512, "width": 512}), "size", where)
+        values = values_of(cfg, where, cls.image_mean, cls.image_std)
+        return dataclasses.replace(values, size=size, resample=resample_of(cfg, where, 2))
 
     def lut(self) -> np.ndarray:
         """[3, 256] float32: the processor's value for each channel and byte, same operations."""

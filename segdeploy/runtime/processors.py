@@ -39,9 +39,16 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime.preprocess import CONFIG_NAME, Preprocessor
+from segdeploy.runtime.preprocess import (
+    CONFIG_NAME,
+    Preprocessor,
+    flag,
+    height_width,
+    resample_of,
+    side,
+    values_of,
+)
 
-_RESAMPLE = {int(r): r for r in Image.Resampling}
 IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # Segformer's defaults
 IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Beit, DPT, MobileNetV2 defaults
 
@@ -72,7 +79,7 @@ class ImageProcessor:
     """Callable: one PIL image -> (float32 [3, h, w], Geometry)."""
 
     kind: str  # image_processor_type it reproduces
-    resize: Callable[[int, int], tuple[int, int]] | None  # (h, w) -> resized (h, w)
+    resize: FixedSize | ShortestEdge | DPTSize | None  # (h, w) -> resized (h, w)
     resample: Image.Resampling
     values: Preprocessor  # rescale + normalise, as a byte lookup table
     crop: tuple[int, int] | None = None  # center crop (h, w)
@@ -100,6 +107,26 @@ class ImageProcessor:
         if self.pad_divisor:
             out, padded = pad_to_multiple(out, self.pad_divisor)
         return out, Geometry(original, resized, crop_box, padded)
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """float32 [3, h, w] for one RGB image (the model input alone, as
+        `Preprocessor.to_array`): masks follow the guide and are upsampled to the photo."""
+        return self(image)[0]
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) of every output whatever the photo, or None when it follows
+        each photo (no resize, shortest_edge without crop, DPT's keep_aspect_ratio)."""
+        if self.crop is not None:
+            size = self.crop
+        elif self.resize is not None:
+            size = self.resize.fixed
+        else:
+            size = None
+        if size is None or not self.pad_divisor:
+            return size
+        d = self.pad_divisor
+        return math.ceil(size[0] / d) * d, math.ceil(size[1] / d) * d
 
     def batch(self, images) -> tuple[np.ndarray, list[Geometry]]:
         results = [self(im) for im in images]
@@ -175,139 +202,139 @@ def pad_to_multiple(
 
 
 # ---------------------------------------------------------------------------
-# Resize rules
+# Resize rules: small dataclasses (not closures) so that a processor pickles into
+# infer's worker processes and Ray tasks, and can say whether its output size is fixed.
 # ---------------------------------------------------------------------------
 
 
-def fixed_size(height: int, width: int) -> Callable[[int, int], tuple[int, int]]:
-    return lambda h, w: (height, width)
+@dataclass(frozen=True)
+class FixedSize:
+    height: int
+    width: int
+
+    def __call__(self, h: int, w: int) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def fixed(self) -> tuple[int, int] | None:
+        return self.height, self.width
 
 
-def shortest_edge(size: int) -> Callable[[int, int], tuple[int, int]]:
+@dataclass(frozen=True)
+class ShortestEdge:
     """transformers' get_resize_output_image_size(default_to_square=False): the short
     side to `size`, the long side int()-truncated to keep the aspect ratio."""
 
-    def rule(h: int, w: int) -> tuple[int, int]:
+    size: int
+
+    def __call__(self, h: int, w: int) -> tuple[int, int]:
         short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        return (new_long, size) if w <= h else (size, new_long)
+        new_long = int(self.size * long / short)
+        return (new_long, self.size) if w <= h else (self.size, new_long)
 
-    return rule
+    fixed = None  # follows each photo's aspect ratio
 
 
-def dpt_size(
-    height: int, width: int, keep_aspect_ratio: bool, multiple: int
-) -> Callable[[int, int], tuple[int, int]]:
+@dataclass(frozen=True)
+class DPTSize:
     """DPT's get_resize_output_image_size: scale towards (height, width), optionally by the
     scale closer to 1 on both sides, rounded (Python's round) to a multiple."""
 
-    def constrain(val: float) -> int:
+    height: int
+    width: int
+    keep_aspect_ratio: bool
+    multiple: int
+
+    def constrain(self, val: float) -> int:
         # transformers' constrain_to_multiple_of without max_val; its min_val=0 branch can
         # never fire for a positive size.
-        return round(val / multiple) * multiple
+        return round(val / self.multiple) * self.multiple
 
-    def rule(h: int, w: int) -> tuple[int, int]:
-        scale_h, scale_w = height / h, width / w
-        if keep_aspect_ratio:
+    def __call__(self, h: int, w: int) -> tuple[int, int]:
+        scale_h, scale_w = self.height / h, self.width / w
+        if self.keep_aspect_ratio:
             if abs(1 - scale_w) < abs(1 - scale_h):
                 scale_h = scale_w
             else:
                 scale_w = scale_h
-        return constrain(scale_h * h), constrain(scale_w * w)
+        return self.constrain(scale_h * h), self.constrain(scale_w * w)
 
-    return rule
+    @property
+    def fixed(self) -> tuple[int, int] | None:
+        if self.keep_aspect_ratio:
+            return None
+        return self.constrain(self.height), self.constrain(self.width)
 
 
 # ---------------------------------------------------------------------------
-# Builders from preprocessor_config.json, one per image_processor_type
+# Builders from preprocessor_config.json, one per image_processor_type. Every field is
+# validated as it is read (segdeploy.runtime.preprocess's validators): one line naming
+# the file and the field, never a late failure on the first photo.
 # ---------------------------------------------------------------------------
 
 
-def _hw(size, where, default) -> tuple[int, int]:
-    size = default if size is None else size
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, Mapping) and {"height", "width"} <= set(size):
-        return int(size["height"]), int(size["width"])
-    raise SegdeployError(where, f"size must be {{'height', 'width'}}, got {size!r}")
+def _fixed_or_none(cfg: Mapping, where, default: int) -> FixedSize | None:
+    if not flag(cfg, "do_resize", where):
+        return None
+    return FixedSize(*height_width(cfg.get("size", default), "size", where))
 
 
-def _values(cfg: Mapping, where, mean_std, normalize: bool = True) -> Preprocessor:
-    def triple(v, name):
-        v = [float(v)] * 3 if isinstance(v, int | float) else [float(x) for x in v]
-        if len(v) != 3:
-            raise SegdeployError(where, f"{name} needs 3 values, got {v}")
-        return tuple(v)
-
-    return Preprocessor(
-        size=None,
-        do_rescale=bool(cfg.get("do_rescale", True)),
-        rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-        do_normalize=bool(cfg.get("do_normalize", True)) and normalize,
-        image_mean=triple(cfg.get("image_mean", mean_std[0]), "image_mean"),
-        image_std=triple(cfg.get("image_std", mean_std[1]), "image_std"),
-    )
-
-
-def _resample(cfg: Mapping, where, default: int) -> Image.Resampling:
-    value = cfg.get("resample", default)
-    if int(value) not in _RESAMPLE:
-        raise SegdeployError(where, f"unknown resample {value!r}")
-    return _RESAMPLE[int(value)]
-
-
-def _shortest_or_fixed(cfg: Mapping, where, default) -> Callable | None:
-    if not cfg.get("do_resize", True):
+def _shortest_or_fixed(cfg: Mapping, where, default) -> FixedSize | ShortestEdge | None:
+    if not flag(cfg, "do_resize", where):
         return None
     size = cfg.get("size", default)
-    if isinstance(size, int):  # legacy configs: transformers reads an int as shortest_edge here
-        return shortest_edge(size)
+    if isinstance(size, int) and not isinstance(size, bool):
+        # legacy configs: transformers reads an int as shortest_edge here
+        return ShortestEdge(side(size, "size", where))
     if isinstance(size, Mapping) and "shortest_edge" in size:
-        return shortest_edge(int(size["shortest_edge"]))
-    return fixed_size(*_hw(size, where, None))
+        return ShortestEdge(side(size["shortest_edge"], "size.shortest_edge", where))
+    return FixedSize(*height_width(size, "size", where))
 
 
-def _crop(cfg: Mapping, where, default_on: bool, default) -> tuple[int, int] | None:
-    if not cfg.get("do_center_crop", default_on):
+def _crop(cfg: Mapping, where, default: int) -> tuple[int, int] | None:
+    if not flag(cfg, "do_center_crop", where):
         return None
-    return _hw(cfg.get("crop_size"), where, default)
+    return height_width(cfg.get("crop_size", default), "crop_size", where)
 
 
 def build_segformer(cfg: Mapping, where) -> ImageProcessor:
-    resize = fixed_size(*_hw(cfg.get("size"), where, 512)) if cfg.get("do_resize", True) else None
     return ImageProcessor(
         kind="SegformerImageProcessor",
-        resize=resize,
-        resample=_resample(cfg, where, 2),
-        values=_values(cfg, where, IMAGENET_DEFAULT),
+        resize=_fixed_or_none(cfg, where, 512),
+        resample=resample_of(cfg, where, 2),
+        values=values_of(cfg, where, *IMAGENET_DEFAULT),
     )
 
 
 def build_beit(cfg: Mapping, where) -> ImageProcessor:
-    resize = fixed_size(*_hw(cfg.get("size"), where, 256)) if cfg.get("do_resize", True) else None
     return ImageProcessor(
         kind="BeitImageProcessor",
-        resize=resize,
-        resample=_resample(cfg, where, 3),
-        values=_values(cfg, where, IMAGENET_STANDARD),
-        crop=_crop(cfg, where, True, 224),
+        resize=_fixed_or_none(cfg, where, 256),
+        resample=resample_of(cfg, where, 3),
+        values=values_of(cfg, where, *IMAGENET_STANDARD),
+        crop=_crop(cfg, where, 224),
     )
 
 
 def build_dpt(cfg: Mapping, where) -> ImageProcessor:
     resize = None
-    if cfg.get("do_resize", True):
-        h, w = _hw(cfg.get("size"), where, 384)
-        resize = dpt_size(
-            h, w, bool(cfg.get("keep_aspect_ratio", False)), int(cfg.get("ensure_multiple_of", 1))
+    if flag(cfg, "do_resize", where):
+        h, w = height_width(cfg.get("size", 384), "size", where)
+        resize = DPTSize(
+            h,
+            w,
+            flag(cfg, "keep_aspect_ratio", where, default=False),
+            side(cfg.get("ensure_multiple_of", 1), "ensure_multiple_of", where),
         )
-    divisor = cfg.get("size_divisor") if cfg.get("do_pad", False) else None
+    divisor = None
+    if flag(cfg, "do_pad", where, default=False):  # transformers too needs a divisor then
+        divisor = side(cfg.get("size_divisor"), "size_divisor", where)
     return ImageProcessor(
         kind="DPTImageProcessor",
         resize=resize,
-        resample=_resample(cfg, where, 3),
-        values=_values(cfg, where, IMAGENET_STANDARD),
-        pad_divisor=int(divisor) if divisor else None,
+        resample=resample_of(cfg, where, 3),
+        values=values_of(cfg, where, *IMAGENET_STANDARD),
+        pad_divisor=divisor,
     )
 
 
@@ -315,9 +342,9 @@ def build_mobilenet_v2(cfg: Mapping, where) -> ImageProcessor:
     return ImageProcessor(
         kind="MobileNetV2ImageProcessor",
         resize=_shortest_or_fixed(cfg, where, {"shortest_edge": 256}),
-        resample=_resample(cfg, where, 2),
-        values=_values(cfg, where, IMAGENET_STANDARD),
-        crop=_crop(cfg, where, True, 224),
+        resample=resample_of(cfg, where, 2),
+        values=values_of(cfg, where, *IMAGENET_STANDARD),
+        crop=_crop(cfg, where, 224),
     )
 
 
@@ -325,11 +352,12 @@ def build_mobilevit(cfg: Mapping, where) -> ImageProcessor:
     return ImageProcessor(
         kind="MobileViTImageProcessor",
         resize=_shortest_or_fixed(cfg, where, {"shortest_edge": 224}),
-        resample=_resample(cfg, where, 2),
-        values=_values(cfg, where, IMAGENET_DEFAULT, normalize=False),  # it has no normalise
-        crop=_crop(cfg, where, True, 256),
+        resample=resample_of(cfg, where, 2),
+        # it has no normalise step: image_mean/image_std are not read
+        values=values_of(cfg, where, *IMAGENET_DEFAULT, normalize=False),
+        crop=_crop(cfg, where, 256),
         crop_after_rescale=True,
-        flip_bgr=bool(cfg.get("do_flip_channel_order", True)),
+        flip_bgr=flag(cfg, "do_flip_channel_order", where),
     )
 
 

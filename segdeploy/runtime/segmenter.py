@@ -1,4 +1,5 @@
-"""`Segmenter`: an exported SegFormer as a function from images to label maps, without torch.
+"""`Segmenter`: an exported model of any family (segdeploy.families) as a function from
+images to label maps, without torch.
 
 The work is split into three steps that `segdeploy infer` runs on different
 threads: `prepare` (decode + preprocess, per image), `forward` (the model, per
@@ -8,7 +9,6 @@ batch) and the pending masks it returns (upsample + argmax, per image).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -20,20 +20,12 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
-
-# The folder contract's names, importable from here as before (segdeploy.runtime.infer and
-# segdeploy.runtime.ray_engine import them from this module until they move into runtime/).
-from segdeploy.folders import (  # noqa: F401
-    CONFIG_FILE,
-    OUTPUT_SIZE_INPUT,
-    VARIANT_FILES,
-    OnnxFolder,
-    newest_export,
-    variant_file,
-)
+from segdeploy.families import FAMILIES, Family
+from segdeploy.folders import CONFIG_FILE, OUTPUT_SIZE_INPUT, OnnxFolder, read_json
 from segdeploy.runtime import providers as prov
 from segdeploy.runtime.image_io import MAX_PIXELS, load_image, to_rgb
-from segdeploy.runtime.preprocess import Preprocessor
+from segdeploy.runtime.preprocess import CONFIG_NAME
+from segdeploy.runtime.processors import ImageProcessor, processor_from_dir
 from segdeploy.runtime.upsample import label_dtype, upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -49,14 +41,55 @@ def resolve_model_dir(model_dir: str | os.PathLike, variant: str = "fp32") -> tu
 
 
 def read_id2label(folder: Path) -> dict[int, str] | None:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
+    """config.json's class names, or None when the folder has no config.json or names none."""
+    cfg = read_json(folder / CONFIG_FILE)
+    if cfg is None:
         return None
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
         return {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()} or None
-    except (OSError, ValueError, AttributeError) as err:
-        raise SegdeployError(path, f"unreadable: {err}") from None
+    except (AttributeError, TypeError, ValueError) as err:
+        raise SegdeployError(folder / CONFIG_FILE, f"unreadable id2label: {err}") from None
+
+
+def read_family(folder: Path) -> Family | None:
+    """The family config.json's model_type names, or None (no config.json, or a model_type
+    segdeploy does not register: such a folder still runs, without the family's checks)."""
+    cfg = read_json(folder / CONFIG_FILE)
+    return FAMILIES.get(cfg.get("model_type")) if isinstance(cfg, dict) else None
+
+
+def _sides(size: tuple[int, int] | None, processor: ImageProcessor) -> str:
+    if size is not None:
+        return f"{size[0]}x{size[1]}"
+    return f"inputs whose size follows each photo ({processor.kind} settings)"
+
+
+def check_input_size(
+    processor: ImageProcessor, graph_shape: Sequence[Any], family: Family | None, where: Path
+) -> None:
+    """Refuse at open a processor whose inputs the graph cannot take, one line naming both.
+
+    A graph exported with fixed spatial axes (BEiT, Data2VecVision, MobileNetV2, UPerNet)
+    runs only at that size; a square-only family (DPT) only on squares. Without this the
+    first photo would fail inside ONNX Runtime, or, worse, a size would be accepted that
+    the processor never makes for other photos.
+    """
+    made = processor.size
+    spatial = tuple(graph_shape[2:4]) if len(graph_shape) == 4 else ()
+    if len(spatial) == 2 and all(isinstance(d, int) and d > 0 for d in spatial):
+        if made != spatial:
+            raise SegdeployError(
+                where,
+                f"the image processor makes {_sides(made, processor)} inputs but the graph "
+                f"takes only {spatial[0]}x{spatial[1]}: set size/crop_size to that, or export "
+                "the model again at the processor's size",
+            )
+    elif family is not None and family.square_only and (made is None or made[0] != made[1]):
+        raise SegdeployError(
+            where,
+            f"{family.name} runs square inputs only, but the image processor makes "
+            f"{_sides(made, processor)}: set a square size and keep_aspect_ratio false",
+        )
 
 
 class _BatchOutput:
@@ -106,10 +139,12 @@ class PendingMask:
 
 
 class Segmenter:
-    """Semantic segmentation with an exported SegFormer on ONNX Runtime.
+    """Semantic segmentation with an exported model of any family on ONNX Runtime.
 
     `model_dir` is an ONNX folder (model.onnx, config.json,
-    preprocessor_config.json) or a trained model folder with it in `onnx/`.
+    preprocessor_config.json) or a trained model folder with it in `onnx/`; the
+    processor is the one preprocessor_config.json names (segdeploy.runtime.processors),
+    and masks are upsampled to each photo's own size, whatever it cropped or padded.
     `variant` picks the graph: fp32 (model.onnx), fp16, optimized, int8, or any
     `model_<variant>.onnx`. `provider`: auto | cpu | cuda | tensorrt; a missing
     one raises SegdeployError unless `fallback` (TensorRT -> CUDA -> CPU).
@@ -146,7 +181,10 @@ class Segmenter:
             )
         self.folder, self.onnx_path = resolve_model_dir(model_dir, variant)
         self.variant = variant
-        self.preprocessor = Preprocessor.from_dir(self.folder)
+        self.family = read_family(self.folder)
+        # A config that names no processor type: the family's, else SegFormer's (as before).
+        default_type = self.family.image_processor if self.family else "SegformerImageProcessor"
+        self.preprocessor = processor_from_dir(self.folder, default_type=default_type)
         if batch_size is None:
             batch_size = 4 if choice.name == "cpu" else 16
         self.batch_size = batch_size
@@ -170,6 +208,12 @@ class Segmenter:
         self.io_device: str | None = "cuda" if self.provider in ("cuda", "tensorrt") else None
         inputs = [i.name for i in self.session.get_inputs()]
         self.input_name = inputs[0]
+        check_input_size(
+            self.preprocessor,
+            self.session.get_inputs()[0].shape,
+            self.family,
+            self.folder / CONFIG_NAME,
+        )
         self.fused = OUTPUT_SIZE_INPUT in inputs
         out = self.session.get_outputs()[0]
         self.id2label = read_id2label(self.folder)
@@ -256,7 +300,8 @@ class Segmenter:
         return self.session.run([self.session.get_outputs()[0].name], feeds)[0]
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """The model alone: float32 [N, C, h/4, w/4] for preprocessed [N, 3, h, w] input."""
+        """The model alone: float32 [N, C, h/s, w/s] for preprocessed [N, 3, h, w] input
+        (s, the logits' stride, depends on the family: 1 to 16)."""
         if self.fused:
             raise SegdeployError(
                 self.onnx_path, "this graph has argmax fused in; it returns labels, not logits"

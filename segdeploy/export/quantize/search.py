@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import read_config
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def predictions(onnx_path: str | os.PathLike, batches: Sequence[np.ndarray]) -> 
 
 def drop_against(reference: Sequence[np.ndarray], preds: Sequence[np.ndarray], n: int) -> float:
     """1 - mean IoU of `preds` with `reference` taken as the labels (0 when identical)."""
-    from segdeploy.metrics import MeanIoU
+    from segdeploy.train.metrics import MeanIoU
 
     metric = MeanIoU(n, ignore_index=-1)
     for ref, pred in zip(reference, preds, strict=True):
@@ -285,7 +286,6 @@ def quantize_int8_within(
     Calibrates on the images plain `--quantize int8` calibrates on and measures on
     `held_out` other training images.
     """
-    import json
 
     from segdeploy.export.quantize import calibration_batches, training_images
     from segdeploy.runtime.preprocess import Preprocessor
@@ -297,7 +297,7 @@ def quantize_int8_within(
         raise SegdeployError(
             model_dir, "--max-drop needs training images beyond the calibration images"
         )
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(Path(model_dir))
     return search_exclusions(
         onnx_path,
         output_path,
