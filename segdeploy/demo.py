@@ -99,7 +99,6 @@ def run_demo(
     """
     from segdeploy.bench import from_dataset
     from segdeploy.data import DatasetSpec
-    from segdeploy.runtime.infer import run_infer
     from segdeploy.train import TrainConfig
     from segdeploy.validate import validation_path
 
@@ -159,16 +158,8 @@ def run_demo(
     # 4. segdeploy infer with overlays.
     say("[bold]4/5 infer[/] with overlays ...")
     t = time.perf_counter()
-    infer_dir = out / "infer"
-    shutil.rmtree(infer_dir, ignore_errors=True)
-    inferred = run_infer([inputs.images], onnx_dir, infer_dir, overlay=True, progress=False)
+    inferred = _infer(inputs.images, onnx_dir, out / "infer", paths, say)
     seconds["infer"] = time.perf_counter() - t
-    paths["label maps and overlays"] = infer_dir / inputs.images.name
-    paths["infer summary"] = Path(inferred["summary"])
-    totals = inferred["totals"]
-    say(
-        f"  {totals['images']} images, {totals['images_per_s']} images/s, {totals['failed']} failed"
-    )
 
     # 5. A short benchmark against the pipelines users would otherwise use.
     say("[bold]5/5 bench[/] ...")
@@ -190,6 +181,21 @@ def run_demo(
         paths=paths,
         seconds=seconds,
     )
+
+
+def _infer(images: Path, onnx_dir: Path, infer_dir: Path, paths: dict, say) -> dict[str, Any]:
+    """`segdeploy infer --overlay` on the images, into a fresh `infer_dir`."""
+    from segdeploy.runtime.infer import run_infer
+
+    shutil.rmtree(infer_dir, ignore_errors=True)
+    inferred = run_infer([images], onnx_dir, infer_dir, overlay=True, progress=False)
+    paths["label maps and overlays"] = infer_dir / images.name
+    paths["infer summary"] = Path(inferred["summary"])
+    totals = inferred["totals"]
+    say(
+        f"  {totals['images']} images, {totals['images_per_s']} images/s, {totals['failed']} failed"
+    )
+    return inferred
 
 
 def _train_until_learned(config, settings: DemoSettings, say):

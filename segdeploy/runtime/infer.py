@@ -566,26 +566,13 @@ def run_infer(
             raise pipeline.Stop(fatal) from None
         bar.update(1)
 
-    def entries() -> Iterator[pipeline.Job | dict[str, Any]]:
-        for item in planner.items(inputs, counts):
-            if isinstance(item, Failure):
-                yield {"input": item.path, "reason": item.reason}
-                continue
-            if skip_existing:
-                rec = _existing_record(out, item, overlay, seg.id2label)
-                if rec is not None:
-                    yield rec
-                    continue
-            yield pipeline.Job(
-                item.path, label_path(out, item), overlay_path(out, item) if overlay else None
-            )
-
     start = time.perf_counter()
     outcome = pipeline.Outcome(workers=workers)
     with pipeline.stop_signals() as signals:
         try:
+            jobs = _jobs(planner.items(inputs, counts), out, overlay, skip_existing, seg.id2label)
             outcome = pipeline.run(
-                entries(), seg, out, cfg=cfg, workers=workers, record=record, stop=signals
+                jobs, seg, out, cfg=cfg, workers=workers, record=record, stop=signals
             )
         finally:
             bar.close()
@@ -599,21 +586,42 @@ def run_infer(
             )
             totals = summary_totals(records, counts["ignored"], wall, outcome)
             summary_error = _write_summary(records, out / SUMMARY_NAME, header, totals)
+    _raise_if_stopped(outcome, records.done, out / SUMMARY_NAME, summary_error)
+    return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
+
+
+def _jobs(
+    items: Iterator[Item | Failure], out: Path, overlay: bool, skip_existing: bool, id2label
+) -> Iterator[pipeline.Job | dict[str, Any]]:
+    """The planned items as the engine's work: a Job per image to segment, a record for a
+    failure or (with --skip-existing) an image whose outputs are already complete."""
+    for item in items:
+        if isinstance(item, Failure):
+            yield {"input": item.path, "reason": item.reason}
+            continue
+        if skip_existing:
+            rec = _existing_record(out, item, overlay, id2label)
+            if rec is not None:
+                yield rec
+                continue
+        yield pipeline.Job(
+            item.path, label_path(out, item), overlay_path(out, item) if overlay else None
+        )
+
+
+def _raise_if_stopped(outcome, done: int, summary: Path, summary_error: str | None) -> None:
+    """After summary.json: a stopped run (disk full) exits 1 naming the path and what was
+    done; Ctrl-C or SIGTERM is re-raised as KeyboardInterrupt."""
     if outcome.stopped is not None:
+        where = f" (summary: {summary})" if summary_error is None else f"; {summary_error}"
         raise RunStopped(
             outcome.stopped.path,
-            f"{outcome.stopped.reason}; the run stopped after {records.done} images"
-            + (
-                f" (summary: {out / SUMMARY_NAME})"
-                if summary_error is None
-                else f"; {summary_error}"
-            ),
+            f"{outcome.stopped.reason}; the run stopped after {done} images{where}",
         )
     if summary_error is not None:
-        raise RunStopped(out / SUMMARY_NAME, summary_error)
+        raise RunStopped(summary, summary_error)
     if outcome.interrupted:
         raise KeyboardInterrupt
-    return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
 
 
 class RunStopped(SegdeployError):

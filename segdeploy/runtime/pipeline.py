@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import multiprocessing
 import os
@@ -491,118 +490,136 @@ def run(
     masks the model has already computed be written, and returns with
     `interrupted` set; a full disk likewise with `stopped`.
     """
-    outcome = Outcome(workers=workers)
-    size = seg.batch_size
-    window = max(workers, 1) + 2  # chunks in flight on each side of the model
-    pool = _Pool(workers, cfg, stop)
-    ordered = _InOrder(record)
-    chunk: list[tuple[int, Job]] = []
-    decoding: deque[tuple[list, tuple]] = deque()
-    waiting: list[tuple[int, Job, Prepared]] = []
-    writing: deque[tuple[list, list, tuple]] = deque()
-    counter = itertools.count()
+    engine = _Engine(seg, output, cfg, workers, record, stop)
+    try:
+        try:
+            engine.feed(entries)
+        except (KeyboardInterrupt, Stop) as reason:
+            engine.wind_down(reason)
+    finally:
+        engine.close()
+    return engine.outcome
 
-    def submit_chunk() -> None:
-        if chunk:
-            part = list(chunk)
-            chunk.clear()
-            decoding.append((part, pool.submit(_prepare_chunk, [j.path for _, j in part])))
 
-    def take_decoded() -> None:
-        part, handle = decoding[0]
-        results = pool.result(handle, _prepare_chunk, [j.path for _, j in part])
-        decoding.popleft()  # only now: Ctrl-C while waiting leaves it to be cancelled
+class _Engine:
+    """One run's bounded queues around the model: chunks of images go to the workers to
+    decode, come back to the model in batches, and go out again to be written."""
+
+    def __init__(self, seg, output: Path, cfg, workers: int, record, stop):
+        self.seg, self.output = seg, output
+        self.outcome = Outcome(workers=workers)
+        self.size = seg.batch_size
+        self.window = max(workers, 1) + 2  # chunks in flight on each side of the model
+        self.pool = _Pool(workers, cfg, stop)
+        self.ordered = _InOrder(record)
+        self.chunk: list[tuple[int, Job]] = []
+        self.decoding: deque[tuple[list, tuple]] = deque()
+        self.waiting: list[tuple[int, Job, Prepared]] = []
+        self.writing: deque[tuple[list, list, tuple]] = deque()
+
+    def feed(self, entries: Iterable[Job | dict]) -> None:
+        """Every entry through the stages, then everything in flight to its end."""
+        for seq, entry in enumerate(entries):
+            self.pool.checkpoint()
+            if isinstance(entry, dict):
+                self.ordered.put(seq, entry)
+                continue
+            self.chunk.append((seq, entry))
+            if len(self.chunk) >= self.size:
+                self.submit_chunk()
+            while len(self.decoding) > self.window:
+                self.take_decoded()
+        self.submit_chunk()
+        while self.decoding:
+            self.pool.checkpoint()
+            self.take_decoded()
+        if self.waiting:
+            self.run_model(len(self.waiting))
+        while self.writing:
+            self.take_written()
+
+    def wind_down(self, reason: KeyboardInterrupt | Stop) -> None:
+        """After Ctrl-C, SIGTERM or a full disk: queued decodes are dropped; masks the model
+        has already computed are still written (cheap, and saves the model time on resume).
+        Every file is written atomically, so whatever the moment, no partial file stays."""
+        if isinstance(reason, KeyboardInterrupt):
+            self.outcome.interrupted = True
+            log.warning("interrupted: finishing the images being written, then stopping")
+        else:
+            self.outcome.stopped = reason.fatal
+            log.error("%s; stopping the run", reason)
+        self.pool.stopping = True
+        self.pool.cancel(h for _, h in self.decoding)
+        self.decoding.clear()
+        while self.writing:
+            with contextlib.suppress(Stop):
+                self.take_written()
+
+    def close(self) -> None:
+        self.pool.close()
+        try:
+            self.ordered.drain()
+        except Stop as stop:  # the records cannot be stored either
+            self.outcome.stopped = self.outcome.stopped or stop.fatal
+
+    def submit_chunk(self) -> None:
+        if self.chunk:
+            part = list(self.chunk)
+            self.chunk.clear()
+            paths = [j.path for _, j in part]
+            self.decoding.append((part, self.pool.submit(_prepare_chunk, paths)))
+
+    def take_decoded(self) -> None:
+        part, handle = self.decoding[0]
+        results = self.pool.result(handle, _prepare_chunk, [j.path for _, j in part])
+        self.decoding.popleft()  # only now: Ctrl-C while waiting leaves it to be cancelled
         results += [None] * (len(part) - len(results))  # a worker stopped by SIGTERM
         for (seq, job), res in zip(part, results, strict=True):
             if res is None:
-                ordered.skip(seq)
+                self.ordered.skip(seq)
             elif isinstance(res, str):
-                ordered.put(seq, {"input": str(job.path), "reason": res})
+                self.ordered.put(seq, {"input": str(job.path), "reason": res})
             else:
-                waiting.append((seq, job, res))
-        while len(waiting) >= size:
-            run_model(size)
+                self.waiting.append((seq, job, res))
+        while len(self.waiting) >= self.size:
+            self.run_model(self.size)
 
-    def run_model(n: int) -> None:
-        batch = waiting[:n]
-        del waiting[:n]
+    def run_model(self, n: int) -> None:
+        batch = self.waiting[:n]
+        del self.waiting[:n]
         t = time.perf_counter()
-        raws = model_batch(seg, [p.x for _, _, p in batch], [p.size for _, _, p in batch])
+        raws = model_batch(self.seg, [p.x for _, _, p in batch], [p.size for _, _, p in batch])
         model_s = time.perf_counter() - t
-        outcome.model_s += model_s
+        self.outcome.model_s += model_s
         tasks = [
-            (raw, p.size, job.label, job.overlay, p.image, seg.fused)
+            (raw, p.size, job.label, job.overlay, p.image, self.seg.fused)
             for (_, job, p), raw in zip(batch, raws, strict=True)
         ]
         part = [(seq, job, p, model_s / len(batch)) for seq, job, p in batch]
-        writing.append((part, tasks, pool.submit(_finish_chunk, tasks)))
-        while len(writing) > window:
-            take_written()
+        self.writing.append((part, tasks, self.pool.submit(_finish_chunk, tasks)))
+        while len(self.writing) > self.window:
+            self.take_written()
 
-    def take_written() -> None:
-        part, tasks, handle = writing[0]
-        results = pool.result(handle, _finish_chunk, tasks)
-        writing.popleft()  # only now: Ctrl-C while waiting leaves it to be recorded
+    def take_written(self) -> None:
+        part, tasks, handle = self.writing[0]
+        results = self.pool.result(handle, _finish_chunk, tasks)
+        self.writing.popleft()  # only now: Ctrl-C while waiting leaves it to be recorded
         results += [None] * (len(part) - len(results))  # not attempted: after a Fatal, SIGTERM
         stop: Fatal | None = None
         for (seq, job, p, model_s), res in zip(part, results, strict=True):
             if isinstance(res, Finished):
-                outcome.add(p.cpu, model_s, res.cpu)
-                ordered.put(seq, image_record(output, job, p.wall, model_s, res))
+                self.outcome.add(p.cpu, model_s, res.cpu)
+                self.ordered.put(seq, image_record(self.output, job, p.wall, model_s, res))
             elif isinstance(res, str):
-                ordered.put(seq, {"input": str(job.path), "reason": res})
-            elif isinstance(res, Fatal) and outcome.stopped is None and stop is None:
+                self.ordered.put(seq, {"input": str(job.path), "reason": res})
+            elif isinstance(res, Fatal) and self.outcome.stopped is None and stop is None:
                 stop = res
-                ordered.put(seq, {"input": str(job.path), "reason": f"{res.path}: {res.reason}"})
+                reason = f"{res.path}: {res.reason}"
+                self.ordered.put(seq, {"input": str(job.path), "reason": reason})
             else:  # not written because the run stopped: no record, as if interrupted
-                ordered.skip(seq)
+                self.ordered.skip(seq)
         if stop is not None:
             raise Stop(stop)
-
-    try:
-        try:
-            for entry in entries:
-                pool.checkpoint()
-                seq = next(counter)
-                if isinstance(entry, dict):
-                    ordered.put(seq, entry)
-                    continue
-                chunk.append((seq, entry))
-                if len(chunk) >= size:
-                    submit_chunk()
-                while len(decoding) > window:
-                    take_decoded()
-            submit_chunk()
-            while decoding:
-                pool.checkpoint()
-                take_decoded()
-            if waiting:
-                run_model(len(waiting))
-            while writing:
-                take_written()
-        except (KeyboardInterrupt, Stop) as stop:
-            if isinstance(stop, KeyboardInterrupt):
-                outcome.interrupted = True
-                log.warning("interrupted: finishing the images being written, then stopping")
-            else:
-                outcome.stopped = stop.fatal
-                log.error("%s; stopping the run", stop)
-            # Queued decodes are dropped; masks the model has already computed are still
-            # written (cheap, and saves the model time on resume). Every file is written
-            # atomically, so whatever the moment, no partial file stays.
-            pool.stopping = True
-            pool.cancel(h for _, h in decoding)
-            decoding.clear()
-            while writing:
-                with contextlib.suppress(Stop):
-                    take_written()
-    finally:
-        pool.close()
-        try:
-            ordered.drain()
-        except Stop as stop:  # the records cannot be stored either
-            outcome.stopped = outcome.stopped or stop.fatal
-    return outcome
 
 
 def image_record(
