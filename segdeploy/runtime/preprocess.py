@@ -18,7 +18,6 @@ so the result is bit-identical to the processor's and costs one gather.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -30,9 +29,10 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
-from segdeploy.folders import PREPROCESSOR_FILE
+from segdeploy.folders import PREPROCESSOR_FILE, read_json
 
 CONFIG_NAME = PREPROCESSOR_FILE
+MISSING_PREPROCESSOR = f"missing: the model folder needs its {PREPROCESSOR_FILE}"
 
 # HF PILImageResampling values are Pillow's.
 _RESAMPLE = {int(r): r for r in Image.Resampling}
@@ -140,15 +140,7 @@ class Preprocessor:
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> Preprocessor:
         path = Path(model_dir) / CONFIG_NAME
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SegdeployError(
-                path, "missing: the model folder needs its preprocessor_config.json"
-            ) from None
-        except (OSError, ValueError) as err:
-            raise SegdeployError(path, f"unreadable: {err}") from None
-        return cls.from_dict(cfg, where=path)
+        return cls.from_dict(read_json(path, missing=MISSING_PREPROCESSOR), where=path)
 
     @classmethod
     def from_dict(cls, cfg: dict, *, where: str | os.PathLike = CONFIG_NAME) -> Preprocessor:

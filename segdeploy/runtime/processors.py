@@ -27,7 +27,6 @@ torch), or place the mask on the region it saw (`Geometry.crop_in_original`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -39,8 +38,10 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import read_json
 from segdeploy.runtime.preprocess import (
     CONFIG_NAME,
+    MISSING_PREPROCESSOR,
     Preprocessor,
     flag,
     height_width,
@@ -393,14 +394,7 @@ def processor_from_dir(
     model_dir: str | os.PathLike, default_type: str | None = None
 ) -> ImageProcessor:
     path = Path(model_dir) / CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SegdeployError(
-            path, "missing: the model folder needs its preprocessor_config.json"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise SegdeployError(path, f"unreadable: {err}") from None
+    cfg = read_json(path, missing=MISSING_PREPROCESSOR)
     if not isinstance(cfg, dict):
         raise SegdeployError(path, "not a JSON object")
     return processor_from_dict(cfg, where=path, default_type=default_type)
