@@ -1,6 +1,6 @@
 """ONNX Runtime against OpenVINO on the CPU, model only, on one exported SegFormer graph.
 
-    flock /tmp/segdeploy-heavy.lock .venv/bin/python benchmarks/bench_cpu_peers.py
+    .venv/bin/python benchmarks/bench_cpu_peers.py
 
 Speed does not depend on the weights, so by default the graph is a random-init
 `scratch:b0` at 512x512 (made once in --work). Every configuration holds its
@@ -193,8 +193,7 @@ def main() -> int:
         }
 
     report = {
-        "command": "flock /tmp/segdeploy-heavy.lock .venv/bin/python benchmarks/bench_cpu_peers.py "
-        + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python benchmarks/bench_cpu_peers.py " + " ".join(sys.argv[1:]),
         "model": "scratch:b0, random init, 512x512, opset 17",
         "threads": t,
         "rounds": args.rounds,

@@ -8,7 +8,7 @@ the masks (runtime upsample_argmax vs torch bilinear + argmax) at a photo size;
 and the same for the whole torch-free path (our processor, ONNX Runtime,
 upsample_argmax) against the guide's torch path on three photos.
 
-    flock /tmp/segdeploy-heavy.lock .venv/bin/python benchmarks/bench_families.py [--only upernet]
+    .venv/bin/python benchmarks/bench_families.py [--only upernet]
 
 Tiny models are built by tests/family_models.py (He-normal re-initialised).
 Writes benchmarks/results/families.json.
