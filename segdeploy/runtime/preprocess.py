@@ -188,7 +188,10 @@ class Preprocessor:
         """float32 [3, h, w] for one RGB image."""
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
-        pixels = np.asarray(self.resize(image))  # h, w, 3 uint8
+        return self.rescale_normalize(np.asarray(self.resize(image)))
+
+    def rescale_normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """h x w x 3 uint8 -> float32 [3, h, w], rescaled and normalised (the lookup table)."""
         lut = self._lut
         out = np.empty((3, *pixels.shape[:2]), np.float32)
         for c in range(3):

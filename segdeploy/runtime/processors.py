@@ -31,7 +31,6 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,7 @@ class ImageProcessor:
         crop_box = None
         if self.crop is not None and not self.crop_after_rescale:
             pixels, crop_box = center_crop(pixels, self.crop, channel_axis=-1)
-        out = self._lut_apply(pixels)
+        out = self.values.rescale_normalize(pixels)
         if self.crop is not None and self.crop_after_rescale:
             out, crop_box = center_crop(out, self.crop, channel_axis=0)
         if self.flip_bgr:
@@ -135,17 +134,6 @@ class ImageProcessor:
         if len(shapes) > 1:
             raise ValueError(f"images of different sizes cannot share a batch: {sorted(shapes)}")
         return np.stack([a for a, _ in results]), [g for _, g in results]
-
-    def _lut_apply(self, pixels: np.ndarray) -> np.ndarray:
-        lut = self._lut
-        out = np.empty((3, *pixels.shape[:2]), np.float32)
-        for c in range(3):
-            np.take(lut[c], np.ascontiguousarray(pixels[..., c]), out=out[c])
-        return out
-
-    @cached_property
-    def _lut(self) -> np.ndarray:
-        return self.values.lut()
 
 
 def center_crop(
