@@ -40,22 +40,11 @@ CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 
 def make_b0(folder: Path) -> Path:
     """A random-init scratch:b0 (CamVid's 11 classes) at 512x512, exported at opset 17."""
-    import torch
-    from optimum.exporters.onnx import main_export
-    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+    from random_segformer import random_segformer
 
-    from segdeploy.train.models import scratch_config
-
-    if (folder / "onnx" / "model.onnx").is_file():
-        return folder
-    torch.manual_seed(0)
-    id2label = {i: f"class{i}" for i in range(11)}
-    model = SegformerForSemanticSegmentation(scratch_config("b0", id2label)).eval()
-    model.save_pretrained(folder)
-    SegformerImageProcessor(
-        size={"height": 512, "width": 512}, do_reduce_labels=False
-    ).save_pretrained(folder)
-    main_export(str(folder), output=folder / "onnx", task="semantic-segmentation", opset=17)
+    if not (folder / "onnx" / "model.onnx").is_file():
+        id2label = {i: f"class{i}" for i in range(11)}
+        random_segformer(folder, folder / "onnx", "b0", id2label, 512)
     return folder
 
 

@@ -55,22 +55,11 @@ STAGE_ROWS = [
 
 def tiny_model(work: Path) -> Path:
     """scratch:tiny, random init (seed 0), exported at opset 17, as tests/conftest.py does."""
-    import torch
-    from optimum.exporters.onnx import main_export
-    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+    from random_segformer import random_segformer
 
     from segdeploy.data.synthetic import ID2LABEL
-    from segdeploy.train.models import scratch_config
 
-    torch.manual_seed(0)
-    model_dir = work / "tiny"
-    model = SegformerForSemanticSegmentation(scratch_config("tiny", ID2LABEL)).eval()
-    model.save_pretrained(model_dir)
-    SegformerImageProcessor(
-        size={"height": 64, "width": 64}, do_reduce_labels=False
-    ).save_pretrained(model_dir)
-    main_export(str(model_dir), output=work / "onnx", task="semantic-segmentation", opset=17)
-    return work / "onnx"
+    return random_segformer(work / "tiny", work / "onnx", "tiny", ID2LABEL, 64)
 
 
 def photos(work: Path, n_generated: int = 466) -> tuple[Path, str]:

@@ -1,0 +1,27 @@
+"""A random-init SegFormer model folder exported by Optimum: the benchmarks' model when
+speed, not accuracy, is measured (the weights do not change the time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def random_segformer(
+    model_dir: Path, onnx_dir: Path, size: str, id2label: dict[int, str], image_size: int
+) -> Path:
+    """`scratch:<size>` with seed-0 weights saved in `model_dir`, its processor at
+    `image_size`, exported at opset 17 into `onnx_dir` (returned)."""
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from segdeploy.train.models import scratch_config
+
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(scratch_config(size, id2label)).eval()
+    model.save_pretrained(model_dir)
+    SegformerImageProcessor(
+        size={"height": image_size, "width": image_size}, do_reduce_labels=False
+    ).save_pretrained(model_dir)
+    main_export(str(model_dir), output=onnx_dir, task="semantic-segmentation", opset=17)
+    return onnx_dir
