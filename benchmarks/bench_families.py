@@ -40,7 +40,7 @@ def measure(model_type: str, size: str, root: Path) -> dict:
     from PIL import Image
 
     from segdeploy.data.synthetic import synthetic_sample
-    from segdeploy.export.routes import export_model
+    from segdeploy.export.routes import export_fp32
     from segdeploy.families import FAMILIES
     from segdeploy.runtime.processors import processor_from_dir
     from segdeploy.runtime.upsample import upsample_argmax
@@ -48,7 +48,7 @@ def measure(model_type: str, size: str, root: Path) -> dict:
     family = FAMILIES[model_type]
     model_dir = save_model_folder(root / "model", model_type, size)
     start = time.perf_counter()
-    path = export_model(model_dir, root / "onnx")
+    path = export_fp32(model_dir, root / "onnx")
     seconds = time.perf_counter() - start
     model = transformers.AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -1,4 +1,5 @@
-"""segdeploy: SegFormer from fine-tuning to fast ONNX Runtime deployment.
+"""segdeploy: semantic-segmentation models (the eight families of the Hugging Face guide) from
+fine-tuning to fast ONNX Runtime deployment.
 
 `import segdeploy` must stay free of torch and transformers: deployment
 machines run only the ONNX Runtime path.

@@ -64,6 +64,11 @@ class Family:
     # onnxruntime's quant_pre_process fails on the graph ("Incomplete symbolic shape
     # inference") unless called with skip_symbolic_shape=True (measured, tiny models).
     int8_skip_symbolic_shape: bool = False
+    #: The model itself runs only at config.image_size (its position tables are sized for
+    #: it): train keeps a pretrained one at that size, and a scratch one is built at --image-size.
+    size_bound: bool = False
+    #: The config field its loss reads the ignored label from.
+    loss_ignore_attr: str = "semantic_loss_ignore_index"
 
 
 # ---------------------------------------------------------------------------
@@ -345,6 +350,7 @@ FAMILIES: dict[str, Family] = {
             logits_stride=4,
             scratch={"base": _beit_base, "tiny": _beit_tiny},
             real_sizes=("base",),
+            size_bound=True,
         ),
         Family(
             model_type="data2vec-vision",
@@ -365,6 +371,7 @@ FAMILIES: dict[str, Family] = {
             logits_stride=4,
             scratch={"base": _data2vec_base, "tiny": _beit_tiny},
             real_sizes=("base",),
+            size_bound=True,
         ),
         Family(
             model_type="mobilenet_v2",
@@ -460,6 +467,7 @@ FAMILIES: dict[str, Family] = {
             },
             real_sizes=("convnext-tiny", "swin-tiny"),
             int8_float_op_types=TRANSFORMER_FLOAT_OPS,
+            loss_ignore_attr="loss_ignore_index",
         ),
     )
 }
@@ -469,8 +477,9 @@ def supported() -> str:
     return ", ".join(FAMILIES)
 
 
-def family_of(config_or_model_type: Any) -> Family:
-    """The entry for a model_type, a config object, a config.json dict or a model folder."""
+def family_of(config_or_model_type: Any, *, where: str | os.PathLike | None = None) -> Family:
+    """The entry for a model_type, a config object, a config.json dict or a model folder;
+    SegdeployError naming `where` (else the folder given) for any other model_type."""
     obj = config_or_model_type
     model_type = _model_type(obj)
     try:
@@ -478,7 +487,7 @@ def family_of(config_or_model_type: Any) -> Family:
     except KeyError:
         is_path = isinstance(obj, os.PathLike) or (isinstance(obj, str) and os.path.exists(obj))
         raise SegdeployError(
-            os.fspath(obj) if is_path else None,
+            where if where is not None else os.fspath(obj) if is_path else None,
             f"model_type {model_type!r} is not supported; segdeploy supports {supported()}",
         ) from None
 
@@ -572,3 +581,26 @@ def check_trainable(config) -> None:
             "DPTForSemanticSegmentation loss then raises UnboundLocalError; set "
             "use_auxiliary_head=True",
         )
+
+
+# The processor settings that make each processor give `side` x `side` from any photo,
+# keyed by processor class: the crop processors resize the shortest edge and crop the
+# square, BEiT's is told not to crop (its default crops 224 out of 256).
+_SQUARE_KWARGS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "SegformerImageProcessor": lambda s: {"size": {"height": s, "width": s}},
+    "DPTImageProcessor": lambda s: {"size": {"height": s, "width": s}},
+    "BeitImageProcessor": lambda s: {"size": {"height": s, "width": s}, "do_center_crop": False},
+    "MobileNetV2ImageProcessor": lambda s: {
+        "size": {"shortest_edge": s},
+        "crop_size": {"height": s, "width": s},
+    },
+    "MobileViTImageProcessor": lambda s: {
+        "size": {"shortest_edge": s},
+        "crop_size": {"height": s, "width": s},
+    },
+}
+
+
+def square_processor_kwargs(family: Family, side: int) -> dict[str, Any]:
+    """Keyword arguments of the family's image processor that make it output side x side."""
+    return _SQUARE_KWARGS[family.image_processor](side)

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from segdeploy.errors import SegdeployError
 
@@ -60,14 +60,6 @@ OUTPUT_SIZE_INPUT = "output_size"
 QUANTIZATION_REPORT = "quantization_int8.json"
 #: Where every command looks for models when `--model` is not given.
 MODELS_ROOT = "models"
-#: The model family segdeploy trains and exports (config.json's model_type). The one
-#: place it is spelled: the family registry of a later issue replaces this check.
-SUPPORTED_MODEL_TYPE = "segformer"
-
-
-def supported_model_type(model_type: str | None) -> bool:
-    """Whether segdeploy can train and export a model of this config.json model_type."""
-    return model_type == SUPPORTED_MODEL_TYPE
 
 
 def variant_of(graph_file: str) -> str | None:
@@ -157,9 +149,6 @@ def is_trained_folder(folder: Path) -> bool:
     return (folder / METRICS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
 
 
-_F = TypeVar("_F", bound="_HfFolder")
-
-
 # -- the folders ---------------------------------------------------------------------------
 
 
@@ -179,15 +168,6 @@ class _HfFolder:
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
-
-    def require_supported(self: _F) -> _F:
-        """Self, or SegdeployError naming config.json when segdeploy cannot handle the family."""
-        if not supported_model_type(self.model_type):
-            raise SegdeployError(
-                self.config_path,
-                f"model_type is {self.model_type!r}, not {SUPPORTED_MODEL_TYPE!r}",
-            )
-        return self
 
     @cached_property
     def id2label(self) -> dict[int, str]:

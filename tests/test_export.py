@@ -136,7 +136,7 @@ def test_failed_export_keeps_the_previous_folder(tiny_model_dir, tmp_path, monke
     out.mkdir()
     (out / "model.onnx").write_bytes(b"previous export")
 
-    def half_export(model_dir, out_dir, opset):
+    def half_export(model_dir, out_dir, *, opset):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
@@ -162,13 +162,15 @@ def _one_line_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_not_a_segformer_folder(tmp_path, tiny_model_dir):
+def test_not_a_model_folder_of_a_known_family(tmp_path, tiny_model_dir):
     _one_line_error(_invoke(tmp_path / "missing"), "not a folder")
     _one_line_error(_invoke(tmp_path), "no config.json")
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    _one_line_error(_invoke(other), "'bert'", "not 'segformer'")
+    _one_line_error(
+        _invoke(other), "bert/config.json", "'bert' is not supported", "segformer, dpt, beit"
+    )
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     shutil.copy(tiny_model_dir / "config.json", weightless)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from segdeploy.data.synthetic import synthetic_sample
 from segdeploy.errors import SegdeployError
-from segdeploy.export.routes import check_opset, export_model, export_size
+from segdeploy.export.routes import check_opset, export_fp32, export_size
 from segdeploy.families import FAMILIES
 from segdeploy.runtime.processors import processor_from_dir
 from segdeploy.runtime.upsample import upsample_argmax
@@ -57,7 +57,7 @@ def exported(request, tmp_path_factory) -> tuple[str, Exported]:
     root = tmp_path_factory.mktemp(f"{model_type}-{size}")
     model_dir = save_model_folder(root / "model", model_type, size)
     start = time.perf_counter()
-    onnx_path = export_model(model_dir, root / "onnx")
+    onnx_path = export_fp32(model_dir, root / "onnx")
     return model_type, Exported(model_dir, onnx_path, time.perf_counter() - start)
 
 
@@ -166,7 +166,7 @@ def test_too_low_opset_is_refused_saying_why(model_type):
 def test_export_refuses_a_low_opset_before_any_work(tmp_path):
     save_model_folder(tmp_path / "model", "mobilevitv2", "tiny")
     with pytest.raises(SegdeployError, match="Col2Im"):
-        export_model(tmp_path / "model", tmp_path / "onnx", opset=17)
+        export_fp32(tmp_path / "model", tmp_path / "onnx", opset=17)
     assert not (tmp_path / "onnx").exists()
 
 
@@ -176,11 +176,11 @@ def test_export_refuses_an_unsupported_folder(tmp_path):
     with pytest.raises(
         SegdeployError, match="'vit' is not supported; segdeploy supports segformer"
     ):
-        export_model(tmp_path / "model", tmp_path / "onnx")
+        export_fp32(tmp_path / "model", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 
 
-def test_export_size_comes_from_the_config_then_the_processor(tmp_path):
+def test_export_size_comes_from_the_processor_then_the_config(tmp_path):
     from segdeploy.families import scratch_config
 
     beit = scratch_config("beit", "tiny", {0: "a"})
@@ -192,6 +192,11 @@ def test_export_size_comes_from_the_config_then_the_processor(tmp_path):
         '"size": {"shortest_edge": 64}}'
     )
     assert export_size(upernet, tmp_path) == (48, 80)
+    # A MobileNetV2 fine-tuned at 48x80 from a 513 checkpoint is traced at what it is fed;
+    # BEiT, which runs only at its image_size, keeps it.
+    mobilenet = scratch_config("mobilenet_v2", "1.0-513", {0: "a"})
+    assert export_size(mobilenet, tmp_path) == (48, 80)
+    assert export_size(beit, tmp_path) == (SIDE, SIDE)
 
 
 def test_int8_preprocessing_needs_what_the_registry_says(exported, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from PIL import Image
 
 from segdeploy.cli import main
 from segdeploy.data.synthetic import synthetic_sample
-from segdeploy.export.routes import export_model
+from segdeploy.export.routes import export_fp32
 from segdeploy.runtime.image_io import load_image
 
 SLOW = {"data2vec-vision-tiny", "mobilevitv2-tiny", "upernet-tiny", "upernet-tiny-swin"}
@@ -59,7 +59,7 @@ def exports(tmp_path_factory):
         if (model_type, size) not in done:
             root = tmp_path_factory.mktemp(f"{model_type}-{size}")
             model_dir = save_model_folder(root / "model", model_type, size)
-            export_model(model_dir, root / "onnx")
+            export_fp32(model_dir, root / "onnx")
             done[model_type, size] = model_dir, root / "onnx"
         return done[model_type, size]
 

@@ -164,10 +164,10 @@ def test_engine_ray_runs_a_cropping_family(ray_cluster, tmp_path):
     shares the local engine's stages, hence its masks, at each photo's own size."""
     from family_models import save_model_folder
 
-    from segdeploy.export.routes import export_model
+    from segdeploy.export.routes import export_fp32
 
     model = save_model_folder(tmp_path / "model", "mobilenet_v2", "tiny")
-    export_model(model, tmp_path / "onnx")
+    export_fp32(model, tmp_path / "onnx")
     root = tmp_path / "photos"
     files = _photos(root, 2) + _photos(root, 2, size=(90, 41), start=2)
     _bad_files(root)

@@ -2,7 +2,7 @@
 
 Backend names are what `--backends` takes:
 
-    torch           transformers' SegformerForSemanticSegmentation, eager: the image
+    torch           transformers' AutoModelForSemanticSegmentation, eager: the image
                     processor, forward, bilinear upsampling to the image size, argmax
     hf-pipeline     transformers' pipeline("image-segmentation"), the guide's inference path
     optimum         optimum's pipeline("image-segmentation", accelerator="ort"): the same
@@ -227,14 +227,16 @@ class TorchRunner(Runner):
 
     def __init__(self, model_dir: Path, batch_size: int, threads: int | None):
         import torch
-        from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+        from transformers import AutoModelForSemanticSegmentation
+
+        from segdeploy.families import family_of, processor_class
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.batch_size = batch_size
-        self.model = SegformerForSemanticSegmentation.from_pretrained(model_dir).eval()
-        self.processor = SegformerImageProcessor.from_pretrained(model_dir)
+        self.model = AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
+        self.processor = processor_class(family_of(model_dir)).from_pretrained(model_dir)
         self.dtype = _label_dtype(self.model.config.num_labels)
         self.threads = torch.get_num_threads()
 

@@ -9,7 +9,7 @@
 Both are runner classes of `segdeploy.bench.backends`' registry (one class per
 backend, `@register`) and have the same end-to-end definition as
 the other peers: files to label maps, decoded by `load_rgb`, preprocessed by
-segdeploy's own `Preprocessor` and upsampled by the exact `upsample_argmax`, so
+segdeploy's own processor (`model_processor`) and upsampled by the exact `upsample_argmax`, so
 that only the model runtime differs from segdeploy's row. Each class says what it
 is (`description`, `end_to_end_includes`) and why it cannot run here
 (`unavailable`). openvino and nncf come with the `openvino` extra
@@ -104,10 +104,10 @@ class OpenVINORunner(Runner):
         return cls(model_dir, onnx_dir, batch_size, threads)
 
     def __init__(self, model_dir: Path | None, onnx_dir: Path, batch_size: int, threads):
-        from segdeploy.runtime.preprocess import Preprocessor
+        from segdeploy.runtime.processors import model_processor
 
         self.onnx_dir, self.batch_size = Path(onnx_dir), batch_size
-        self.preprocess = Preprocessor.from_dir(self.onnx_dir)
+        self.preprocess = model_processor(self.onnx_dir).pixel_values
         self.compiled = compile_onnx(self.graph(model_dir), threads)
         self.request = self.compiled.create_infer_request()
         self.threads = threads or _compiled_threads(self.compiled)

@@ -57,7 +57,8 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", count=True, help="Less log output (warnings and errors only).")
 def main(verbose: int, quiet: int) -> None:
-    """Fine-tune SegFormer, export it to ONNX, prove the export faithful, deploy it fast.
+    """Fine-tune a segmentation model (any of the guide's eight families), export it to ONNX,
+    prove the export faithful, deploy it fast.
 
     \b
     The usual path:

@@ -1,4 +1,4 @@
-"""`segdeploy export`: Optimum ONNX export of a trained SegFormer, validated against PyTorch."""
+"""`segdeploy export`: ONNX export of a trained model of any family, validated against PyTorch."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     "--opset",
     type=int,
     default=_DEFAULTS.opset,
-    show_default=True,
-    help="ONNX opset to write: 11 up to what both the installed onnx and torch's exporter "
-    "write (23 with torch 2.13).",
+    help="ONNX opset to write, up to what both the installed onnx and torch's exporter write "
+    "(23 with torch 2.13)  [default: the lowest the model's family needs that keeps LayerNorm "
+    "one node: 17 for SegFormer, DPT, MobileNetV2, MobileViT; 18 for BEiT, Data2VecVision, "
+    "MobileViTV2, UPerNet, which torch's dynamo exporter writes]. A lower opset than the "
+    "family needs is refused, saying why.",
 )
 @click.option(
     "--fp16",
@@ -54,7 +56,8 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     type=click.Choice(["int8"]),
     default=_DEFAULTS.quantize,
     help="Also write model_int8.onnx: static int8 quantization (QDQ, per-channel int8 weights, "
-    "Softmax and LayerNorm kept in float) for CPUs, calibrated on images of the training split "
+    "the family's float op types kept in float: Softmax and LayerNorm for the transformers, "
+    "none for MobileNetV2) for CPUs, calibrated on images of the training split "
     "recorded by `segdeploy train`; validated like the others (default tolerance 0.01 mean IoU). "
     "The settings and what stayed in float go to quantization_int8.json.",
 )
@@ -86,7 +89,7 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
 def export(
     model_dir: Path,
     output: Path | None,
-    opset: int,
+    opset: int | None,
     fp16: bool,
     optimize: bool,
     fuse_argmax: bool,
@@ -96,11 +99,15 @@ def export(
     validate: bool,
     **opts,
 ) -> None:
-    """Export a trained SegFormer folder to ONNX through Optimum, and prove it faithful.
+    """Export a trained model folder to ONNX and prove it faithful.
 
-    Writes model.onnx (dynamic batch, height and width) with config.json and
-    preprocessor_config.json beside it, so that `segdeploy infer` and optimum's
-    ORTModelForSemanticSegmentation load the folder as it is. Then validates each
+    Every family of the Hugging Face segmentation guide: SegFormer, DPT and MobileViT
+    through Optimum, MobileNetV2 through Optimum's custom OnnxConfig, BEiT,
+    Data2VecVision, MobileViTV2 and UPerNet through torch's dynamo exporter (opset 18).
+    Writes model.onnx (dynamic batch; dynamic height and width where the family's graph
+    is right at every size, else fixed at the size the model was trained at) with
+    config.json and preprocessor_config.json beside it, so that `segdeploy infer` and
+    optimum's ORTModelForSemanticSegmentation load the folder as it is. Then validates each
     graph against the PyTorch model on the evaluation split recorded by `segdeploy
     train` (or --dataset/--split), writes validation.json, prints a table, and
     exits with status 1 when a validation rule fails (see `segdeploy validate --help`).
@@ -132,7 +139,7 @@ def export(
     result = export_model(model_dir, output, settings, warn=warn, progress=True)
     graphs = ", ".join(p.name for p in result.graphs.values())
     click.echo(
-        f"export: {graphs} (opset {opset}) in {result.export_seconds:.1f} s -> {result.output}"
+        f"export: {graphs} (opset {result.opset}) in {result.export_seconds:.1f} s -> {result.output}"
     )
     if validate:
         reports = list(result.reports.values())

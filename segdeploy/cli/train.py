@@ -10,8 +10,12 @@ import click
     "--model",
     default="nvidia/mit-b0",
     show_default=True,
-    help="Hub id, local Hugging Face model folder, or scratch:tiny / scratch:b0..b5 "
-    "(random weights, works offline).",
+    help="Hub id or local Hugging Face model folder of any family of the guide (SegFormer, "
+    "BEiT, Data2VecVision, DPT, MobileNetV2, MobileViT, MobileViTV2, UPerNet), or "
+    "scratch:<family>-<size> for random weights, offline: scratch:tiny and scratch:b0..b5 "
+    "(SegFormer), scratch:dpt-large, scratch:beit-base, scratch:data2vec-vision-base, "
+    "scratch:mobilenet-v2-1.0-513, scratch:mobilevit-small, scratch:mobilevitv2-1.0, "
+    "scratch:upernet-convnext-tiny, scratch:upernet-swin-tiny, and <family>-tiny of each.",
 )
 @click.option(
     "--dataset",
@@ -79,7 +83,9 @@ import click
     "--image-size",
     type=int,
     default=None,
-    help="Train and evaluate at SIZE x SIZE pixels  [default: the model's processor, 512].",
+    help="Train and evaluate at SIZE x SIZE pixels  [default: the model's processor, 512 for "
+    "SegFormer; BEiT and Data2VecVision run only at their config's image_size, which a "
+    "pretrained one keeps].",
 )
 @click.option(
     "--reduce-labels/--no-reduce-labels",
@@ -166,7 +172,7 @@ def train(
     hub_model_id: str | None,
     workers: int,
 ) -> None:
-    """Fine-tune SegFormer on a segmentation dataset with the Hugging Face Trainer.
+    """Fine-tune a segmentation model (any family of the guide) on a segmentation dataset with the Hugging Face Trainer.
 
     The defaults are the Hugging Face semantic-segmentation guide: nvidia/mit-b0
     on scene_parse_150 train[:50] with 20% held out, reduced labels, learning

@@ -1,6 +1,9 @@
-"""`segdeploy export`: a SegFormer model folder to ONNX through Optimum, with its variants.
+"""`segdeploy export`: a model folder of any registered family to ONNX, with its variants.
 
-The ONNX folder holds `model.onnx` (fp32, dynamic batch and spatial axes) plus
+The fp32 graph goes by the family's route (segdeploy.export.routes: Optimum where it
+supports the family, Optimum's custom OnnxConfig or torch's dynamo exporter otherwise).
+The ONNX folder holds `model.onnx` (fp32, dynamic batch; dynamic spatial axes where
+the family's graph is right at every size, else fixed at the trained size) plus
 `config.json` and `preprocessor_config.json`, so that optimum's
 `ORTModelForSemanticSegmentation` and `segdeploy infer` load it as it is.
 Variants sit beside it with the same input and output names and fp32 I/O:
@@ -27,8 +30,9 @@ from segdeploy.export.checks import (
     check_output,
     check_quantize,
 )
-from segdeploy.export.optimum import export_fp32
+from segdeploy.export.routes import export_fp32
 from segdeploy.export.variants import convert_fp16, optimize_graph
+from segdeploy.families import Family, family_of
 from segdeploy.folders import QUANTIZATION_REPORT, VARIANT_FILES, ModelFolder, default_onnx_dir
 from segdeploy.validate import ValidationSettings, load_data_for, open_model, validate_graphs
 from segdeploy.writable import environment_errors_as_input
@@ -49,7 +53,9 @@ log = logging.getLogger(__name__)
 class ExportSettings:
     """What `segdeploy export` writes and how it validates it; the one source of its defaults."""
 
-    opset: int = DEFAULT_OPSET
+    #: None: the family's default opset (17 for SegFormer, DPT, MobileNetV2, MobileViT;
+    #: 18 for BEiT, Data2VecVision, MobileViTV2, UPerNet: segdeploy.families).
+    opset: int | None = DEFAULT_OPSET
     #: Also write model_fp16.onnx.
     fp16: bool = False
     #: Also write model_optimized.onnx.
@@ -99,13 +105,16 @@ class ExportResult:
 
 def check_export(
     model_dir: str | os.PathLike, output: Path, settings: ExportSettings
-) -> ModelFolder:
+) -> tuple[ModelFolder, ExportSettings]:
     """Every pre-flight check of an export, once: bad input is refused before anything
-    is written or any (possibly long) work starts."""
+    is written or any (possibly long) work starts. Returns the model folder and the
+    settings with the opset resolved (the family's default when None)."""
     from segdeploy.runtime.providers import check_provider
 
     model = open_model(model_dir)
-    check_opset(settings.opset)
+    family = family_of(model.config)
+    settings = replace(settings, opset=resolve_opset(settings.opset, family))
+    check_opset(settings.opset, family)
     check_output(model.path, output)
     if settings.validate:
         settings.validation.check()
@@ -114,7 +123,11 @@ def check_export(
         check_quantize(model.path, settings.quantize, settings.calibration_images)
     if settings.max_drop is not None:
         check_max_drop(settings.max_drop, settings.quantize)
-    return model
+    return model, settings
+
+
+def resolve_opset(opset: int | None, family: Family) -> int:
+    return family.default_opset if opset is None else opset
 
 
 def export_onnx(
@@ -136,7 +149,7 @@ def export_onnx(
     """
     settings = (settings or ExportSettings()).with_options(**options)
     output = _output_of(model_dir, output)
-    model = check_export(model_dir, output, settings)
+    model, settings = check_export(model_dir, output, settings)
     return _export(model, output, settings, data, progress)
 
 
@@ -151,7 +164,7 @@ def export_model(
     """`segdeploy export`: checks, then the validation data the settings name (or train
     recorded; `warn` hears when there is none), then the export."""
     output = _output_of(model_dir, output)
-    model = check_export(model_dir, output, settings)
+    model, settings = check_export(model_dir, output, settings)
     data = load_data_for(model, settings.validation, warn) if settings.validate else None
     return _export(model, output, settings, data, progress)
 
@@ -198,7 +211,8 @@ def _build(
     model: ModelFolder, tmp: Path, output: Path, settings: ExportSettings
 ) -> dict[str, Path]:
     """Every graph the settings ask for, written in `tmp`; {variant: graph}."""
-    built = {"fp32": export_fp32(model.path, tmp, settings.opset)}
+    family = family_of(model.config)
+    built = {"fp32": export_fp32(model.path, tmp, opset=settings.opset)}
     if settings.fp16:
         built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANT_FILES["fp16"])
     if settings.optimize:
@@ -209,7 +223,13 @@ def _build(
         built["int8"] = tmp / VARIANT_FILES["int8"]
         if settings.max_drop is None:
             batches = training_calibration_batches(model.path, settings.calibration_images)
-            report = quantize_int8(built["fp32"], built["int8"], batches)
+            report = quantize_int8(
+                built["fp32"],
+                built["int8"],
+                batches,
+                exclude_op_types=family.int8_float_op_types,
+                skip_symbolic_shape=family.int8_skip_symbolic_shape,
+            )
         else:  # accuracy-aware: float exclusions found by measured sensitivity
             from segdeploy.export.quantize.search import quantize_int8_within
 
@@ -219,6 +239,8 @@ def _build(
                 model.path,
                 settings.calibration_images,
                 settings.max_drop,
+                start_op_types=family.int8_float_op_types,
+                skip_symbolic_shape=family.int8_skip_symbolic_shape,
             )
         # Name the graphs where they will be, not in the temporary folder.
         report["source"] = str(output / built["fp32"].name)

@@ -6,16 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from segdeploy.errors import SegdeployError
+from segdeploy.export.routes import check_opset as check_family_opset
+from segdeploy.families import Family
 from segdeploy.writable import check_writable
 
-DEFAULT_OPSET = 17
-#: Below opset 11, ONNX's Resize cannot express PyTorch's bilinear interpolation,
-#: which SegFormer's decode head uses: such a graph would not be faithful.
-MIN_OPSET = 11
+#: The opset `segdeploy export` writes without --opset: None means the family's own
+#: default (segdeploy.families: the lowest it needs that keeps LayerNorm one node).
+DEFAULT_OPSET = None
 
 
-def check_opset(opset: int) -> None:
-    """SegdeployError unless both onnx and torch's exporter can write `opset`."""
+def check_opset(opset: int, family: Family) -> None:
+    """SegdeployError unless both onnx and torch's exporter can write `opset`, and the
+    family's graph is right at it (segdeploy.export.routes.check_opset says why not)."""
     import onnx
     import torch
     from torch.onnx import _constants
@@ -34,11 +36,7 @@ def check_opset(opset: int) -> None:
             "--opset",
             f"{opset} is newer than torch {torch.__version__}'s ONNX exporter writes (<= {torch_max})",
         )
-    if opset < MIN_OPSET:
-        raise SegdeployError(
-            "--opset",
-            f"{opset} is too old: SegFormer's bilinear resize needs opset >= {MIN_OPSET} to match PyTorch",
-        )
+    check_family_opset(family, opset)
 
 
 def check_quantize(model_dir: Path, quantize: str, calibration_images: int) -> None:

@@ -18,9 +18,12 @@ graph is right at every size (otherwise they are fixed at `export_size()`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from segdeploy.errors import SegdeployError
@@ -29,6 +32,37 @@ from segdeploy.folders import COPIED_FILES, PREPROCESSOR_FILE, VARIANT_FILES
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
+
+
+class _DropOpsetAdvice(logging.Filter):
+    # Optimum advises opset >= 18 for SegFormer at every export; 17 is our documented
+    # default and validates exactly, so the advice is noise for the user.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "lower than the recommended minimum opset" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporters' advice that does not apply to the user's run.
+
+    Optimum loads the model through transformers' auto classes, which warn about
+    deprecated arguments and slow image processors that the user did not choose.
+    """
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("optimum.exporters.onnx.convert")
+    flt = _DropOpsetAdvice()
+    logger.addFilter(flt)
+    verbosity = hf_logging.get_verbosity()
+    if verbosity >= hf_logging.WARNING:  # leave -vv (debug) untouched
+        hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        logger.removeFilter(flt)
 
 
 def check_opset(family: Family, opset: int) -> None:
@@ -42,19 +76,26 @@ def check_opset(family: Family, opset: int) -> None:
 
 
 def export_size(config, model_dir: str | os.PathLike | None = None) -> tuple[int, int]:
-    """The (height, width) a graph is traced at: the config's image_size, else the size the
-    folder's image processor produces, else 512.
+    """The (height, width) a graph is traced at: the size the folder's image processor
+    produces (what the model was trained and will be fed at), else the config's
+    image_size, else 512. A family that runs only at config.image_size (BEiT,
+    Data2VecVision) is traced at that size whatever its processor says.
 
     For a family whose spatial axes are fixed this is the only size the graph accepts,
-    and the size infer must resize to (BEiT/Data2VecVision run only at image_size).
+    and the size infer must resize to.
     """
-    size = getattr(config, "image_size", None)
-    if size:
-        if isinstance(size, list | tuple):
-            return int(size[0]), int(size[-1])
-        return int(size), int(size)
+    native = _config_size(config)
+    if native is not None and family_of(config).size_bound:
+        return native
     processed = _processor_output_size(Path(model_dir)) if model_dir is not None else None
-    return processed or (512, 512)
+    return processed or native or (512, 512)
+
+
+def _config_size(config) -> tuple[int, int] | None:
+    size = getattr(config, "image_size", None)
+    if isinstance(size, list | tuple):
+        return int(size[0]), int(size[-1])
+    return (int(size), int(size)) if size else None
 
 
 def _processor_output_size(model_dir: Path) -> tuple[int, int] | None:
@@ -72,7 +113,7 @@ def _processor_output_size(model_dir: Path) -> tuple[int, int] | None:
     return None
 
 
-def export_model(
+def export_fp32(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -89,9 +130,10 @@ def export_model(
     check_opset(family, opset)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = ROUTES[family.route](
-        model_dir, out_dir, family, opset, size or export_size(config, model_dir)
-    )
+    with _quiet_exporter():
+        path = ROUTES[family.route](
+            model_dir, out_dir, family, opset, size or export_size(config, model_dir)
+        )
     for name in COPIED_FILES:
         if not (out_dir / name).is_file() and (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)

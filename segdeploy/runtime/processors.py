@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.errors import SegdeployError
-from segdeploy.folders import read_json
+from segdeploy.families import FAMILIES
+from segdeploy.folders import CONFIG_FILE, read_json
 from segdeploy.runtime.preprocess import (
     CONFIG_NAME,
     MISSING_PREPROCESSOR,
@@ -127,6 +128,10 @@ class ImageProcessor:
             return size
         d = self.pad_divisor
         return math.ceil(size[0] / d) * d, math.ceil(size[1] / d) * d
+
+    def pixel_values(self, images) -> np.ndarray:
+        """float32 [N, 3, h, w] for a list of RGB images (calibration, benchmarks)."""
+        return self.batch(images)[0]
 
     def batch(self, images) -> tuple[np.ndarray, list[Geometry]]:
         results = [self(im) for im in images]
@@ -386,3 +391,12 @@ def processor_from_dir(
     if not isinstance(cfg, dict):
         raise SegdeployError(path, "not a JSON object")
     return processor_from_dict(cfg, where=path, default_type=default_type)
+
+
+def model_processor(model_dir: str | os.PathLike) -> ImageProcessor:
+    """The processor of a model or ONNX folder: its preprocessor_config.json, read as its
+    family's processor when the file names no type (else SegFormer's, as before families)."""
+    config = read_json(Path(model_dir) / CONFIG_FILE)
+    family = FAMILIES.get(config.get("model_type")) if isinstance(config, dict) else None
+    default_type = family.image_processor if family else "SegformerImageProcessor"
+    return processor_from_dir(model_dir, default_type=default_type)

@@ -25,7 +25,7 @@ from segdeploy.folders import CONFIG_FILE, OUTPUT_SIZE_INPUT, OnnxFolder, read_j
 from segdeploy.runtime import providers as prov
 from segdeploy.runtime.image_io import MAX_PIXELS, load_image, to_rgb
 from segdeploy.runtime.preprocess import CONFIG_NAME
-from segdeploy.runtime.processors import ImageProcessor, processor_from_dir
+from segdeploy.runtime.processors import ImageProcessor, model_processor
 from segdeploy.runtime.upsample import label_dtype, upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,7 @@ class Segmenter:
         self.folder, self.onnx_path = resolve_model_dir(model_dir, variant)
         self.variant = variant
         self.family = read_family(self.folder)
-        # A config that names no processor type: the family's, else SegFormer's (as before).
-        default_type = self.family.image_processor if self.family else "SegformerImageProcessor"
-        self.preprocessor = processor_from_dir(self.folder, default_type=default_type)
+        self.preprocessor = model_processor(self.folder)
         if batch_size is None:
             batch_size = 4 if choice.name == "cpu" else 16
         self.batch_size = batch_size

@@ -1,4 +1,4 @@
-"""Fine-tune a SegFormer with the Hugging Face Trainer: the library behind `segdeploy train`.
+"""Fine-tune a segmentation model with the Hugging Face Trainer: the library behind `segdeploy train`.
 
 The recipe is the Hugging Face semantic-segmentation guide's (SegFormer, AdamW,
 linear decay, evaluation and checkpoints every N steps, colour jitter on the

@@ -39,7 +39,7 @@ class TrainConfig:
     """Everything `segdeploy train` does, as explicit values (the CLI options one to one).
 
     lr=None picks PRETRAINED_LR for a Hub or local model and SCRATCH_LR for
-    scratch:*; image_size=None takes the processor's (512 for SegFormer);
+    scratch:*; image_size=None takes the processor's (512 for SegFormer, a BEiT's config size);
     max_steps=None trains for `epochs`. output_dir=None is
     models/<model-name>-<dataset-name>.
     """

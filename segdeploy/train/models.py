@@ -1,7 +1,9 @@
-"""SegFormer architectures: the MiT sizes of the SegFormer paper, plus a tiny one.
+"""`--model` of `segdeploy train`: any family of the registry, from a Hub id, a local
+folder or `scratch:` (random weights, no hub: what the tests and the offline demo train).
 
-`scratch:<size>` builds one of these with random weights, which needs no hub
-and is what the tests and the offline demo train.
+Scratch ids are `scratch:<family>-<size>` (`segdeploy.families.scratch_ids()`, e.g.
+scratch:mobilevit-small, scratch:upernet-tiny-swin); `scratch:tiny` and
+`scratch:b0`..`b5` are SegFormer's, the names segdeploy has always taken.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from urllib.parse import urlparse
 
 from segdeploy import families
 from segdeploy.errors import SegdeployError, first_line
-from segdeploy.families import MIT_SIZES
-from segdeploy.folders import CONFIG_FILE, supported_model_type
+from segdeploy.families import MIT_SIZES, Family, family_of
+from segdeploy.folders import CONFIG_FILE
 
+#: scratch:<size> alone means SegFormer (the ids of the first releases).
 SCRATCH_SIZES = tuple(MIT_SIZES)
 
 
@@ -33,8 +36,8 @@ def scratch_config(size: str, id2label: dict[int, str]):
 
 SCRATCH_PREFIX = "scratch:"
 _ALTERNATIVES = (
-    "use a local model folder (config.json + weights), or scratch:tiny / scratch:b0..b5 "
-    "to train from random weights"
+    "use a local model folder (config.json + weights), or scratch:<family>-<size> "
+    "(e.g. scratch:tiny, scratch:b0, scratch:mobilevit-small) to train from random weights"
 )
 
 
@@ -58,47 +61,87 @@ def is_pretrained(model: str) -> bool:
     return model_kind(model) != "scratch"
 
 
-def check_model_source(model: str) -> None:
-    """Fail fast, before any data is read, if `--model` cannot be loaded.
+def parse_scratch(model: str) -> tuple[Family, str]:
+    """scratch:<family>-<size> (or SegFormer's scratch:<size>) -> (family, size)."""
+    name = model[len(SCRATCH_PREFIX) :]
+    if name in MIT_SIZES:
+        return families.FAMILIES["segformer"], name
+    try:
+        return families.parse_scratch(name)
+    except SegdeployError:
+        raise SegdeployError(
+            "--model",
+            f"unknown scratch architecture {model!r}; choose one of "
+            + ", ".join(SCRATCH_PREFIX + s for s in (*SCRATCH_SIZES, *families.scratch_ids())),
+        ) from None
 
-    Scratch sizes and local folders are checked on disk; a Hub id is checked by
+
+def check_model_source(model: str) -> Family:
+    """Fail fast, before any data is read, if `--model` cannot be loaded; its family.
+
+    Scratch ids and local folders are checked on disk; a Hub id is checked by
     fetching its config (cheap), or from the local cache when the Hub cannot be
     reached. Raises SegdeployError naming the alternatives.
     """
     kind = model_kind(model)
     if kind == "scratch":
-        size = model[len(SCRATCH_PREFIX) :]
-        if size not in MIT_SIZES:
-            raise SegdeployError(
-                "--model",
-                f"unknown scratch size {size!r}; choose one of "
-                + ", ".join(SCRATCH_PREFIX + s for s in SCRATCH_SIZES),
-            )
-        return
-    _load_config(model, kind)
+        return parse_scratch(model)[0]
+    return family_of(_load_config(model, kind))
 
 
-def load_model(model: str, id2label: dict[int, str], *, ignore_index: int = 255):
-    """A `SegformerForSemanticSegmentation` for `--model`, with a head for `id2label`.
+def train_image_size(model: str, requested: int | None) -> int | None:
+    """The side `--model` trains at: `requested`, except that a pretrained model of a family
+    that runs only at its config.image_size (BEiT, Data2VecVision) keeps that size (None:
+    the processor's own size)."""
+    kind = model_kind(model)
+    if kind == "scratch":
+        family, size = parse_scratch(model)
+        if requested is None and family.size_bound:
+            return int(family.scratch[size]()["image_size"])
+        return requested
+    config = _load_config(model, kind)
+    family = family_of(config)
+    if not family.size_bound:
+        return requested
+    native = int(config.image_size)
+    if requested is not None and requested != native:
+        raise SegdeployError(
+            "--image-size",
+            f"{requested} differs from {model}'s image_size {native}: {family.name} runs only "
+            f"at the size it was built for ({family.fixed_size_why}); drop --image-size",
+        )
+    return native
+
+
+def load_model(
+    model: str, id2label: dict[int, str], *, ignore_index: int = 255, image_size: int | None = None
+):
+    """The family's *ForSemanticSegmentation for `--model`, with a head for `id2label`.
 
     Pretrained weights keep their encoder; a decode head of another size is
     re-initialised (the guide's fine-tuning recipe). The loss ignores
-    `ignore_index`, which SegFormer otherwise fixes at 255.
+    `ignore_index` (the family's config field for it is set). A scratch model is
+    built for `image_size` where its config has one (the size export traces at).
     """
-    from transformers import SegformerForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation
 
     id2label = {int(k): str(v) for k, v in id2label.items()}
     label2id = {v: k for k, v in id2label.items()}
     kind = model_kind(model)
     if kind == "scratch":
-        config = scratch_config(model[len(SCRATCH_PREFIX) :], id2label)
-        config.semantic_loss_ignore_index = ignore_index
-        return SegformerForSemanticSegmentation(config)
+        family, size = parse_scratch(model)
+        config = families.scratch_config(family, size, id2label)
+        if image_size is not None and hasattr(config, "image_size"):
+            config.image_size = image_size
+        setattr(config, family.loss_ignore_attr, ignore_index)
+        return AutoModelForSemanticSegmentation.from_config(config)
     config = _load_config(model, kind)
+    family = family_of(config)
     config.id2label, config.label2id = id2label, label2id  # num_labels follows id2label
-    config.semantic_loss_ignore_index = ignore_index
+    setattr(config, family.loss_ignore_attr, ignore_index)
+    families.check_trainable(config)
     try:
-        return SegformerForSemanticSegmentation.from_pretrained(
+        return AutoModelForSemanticSegmentation.from_pretrained(
             _source(model, kind),
             config=config,
             ignore_mismatched_sizes=True,
@@ -109,33 +152,33 @@ def load_model(model: str, id2label: dict[int, str], *, ignore_index: int = 255)
 
 
 def load_processor(model: str, image_size: int | None = None):
-    """The `SegformerImageProcessor` of `--model`, resizing to `image_size` (square).
+    """The family's image processor for `--model`, giving `image_size` squares when given.
 
     Labels are reduced by `segdeploy.data.label_array`, never by the processor,
     so `do_reduce_labels` is always False here. Models without a processor
-    config (and scratch models) get SegFormer's defaults (ImageNet mean/std, 512).
+    config (and scratch models) get the family processor's defaults.
     """
-    from transformers import SegformerImageProcessor
-
+    family = check_model_source(model)
+    cls = families.processor_class(family)
     overrides: dict = {"do_reduce_labels": False}
     if image_size is not None:
-        overrides["size"] = {"height": image_size, "width": image_size}
+        overrides.update(families.square_processor_kwargs(family, image_size))
     kind = model_kind(model)
     if kind != "scratch":
         try:
-            return SegformerImageProcessor.from_pretrained(
+            return cls.from_pretrained(
                 _source(model, kind),
                 local_files_only=not hub_reachable() if kind == "hub" else True,
                 **overrides,
             )
         except OSError:
             pass  # e.g. an encoder-only checkpoint saved without preprocessor_config.json
-    return SegformerImageProcessor(**overrides)
+    return cls(**overrides)
 
 
 def processor_image_size(processor) -> int:
-    """The square side a processor resizes to (SegFormer processors store height/width)."""
-    size = processor.size
+    """The square side a processor gives: its crop when it crops, else its resize."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
     return int(size.get("height") or size.get("shortest_edge") or 512)
 
 
@@ -180,10 +223,7 @@ def _load_config(model: str, kind: str):
             raise SegdeployError(
                 model, f"cannot load from the Hugging Face Hub: {first_line(err)}"
             ) from None
-    if not supported_model_type(config.model_type):
-        raise SegdeployError(
-            model, f"is a {config.model_type!r} model; segdeploy trains SegFormer models only"
-        )
+    family_of(config, where=model)  # a model_type segdeploy does not know: one line
     return config
 
 

@@ -38,6 +38,7 @@ from segdeploy.train.models import (
     load_model,
     load_processor,
     processor_image_size,
+    train_image_size,
 )
 from segdeploy.train.output import (
     CHECKPOINTS,
@@ -82,7 +83,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     args = _training_arguments(config, out, lr)
     transformers.set_seed(config.seed)  # the scratch weights are drawn before the Trainer seeds
     data = _load_data(config, args)
-    processor = load_processor(config.model, config.image_size)
+    processor = load_processor(config.model, train_image_size(config.model, config.image_size))
     image_size = processor_image_size(processor)
     # A checkpoint at or past --max-steps means training had finished (the run
     # died writing the folder): the Trainer would still run one more step.
@@ -92,6 +93,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         str(resume_from) if done else config.model,
         data.id2label,
         ignore_index=data.spec.ignore_index,
+        image_size=image_size,
     )
     train_ds, eval_ds = _datasets(config, data, processor, image_size)
     metric = StreamingMeanIoU(len(data.id2label), data.spec.ignore_index)

@@ -21,8 +21,11 @@ def make_transform(
 
     Applied lazily (with_transform), so every epoch draws new augmentations.
     Without `augment` (evaluation) the processor resizes the image exactly as
-    deployment will, and the mask follows with nearest-neighbour.
+    deployment will, and the mask follows with nearest-neighbour. A processor that
+    center-crops (MobileNetV2, MobileViT) would score a crop against the whole mask,
+    so evaluation squashes the photo to the square first, as training does.
     """
+    crops = bool(getattr(processor, "do_center_crop", False))
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
         rng = _batch_rng() if augment is not None else None
@@ -42,7 +45,8 @@ def make_transform(
             if rng is not None:
                 image, mask = augment_pair(image, mask, image_size, rng, augment)
             else:
-                _, mask = resize_pair(image, mask, image_size)
+                square, mask = resize_pair(image, mask, image_size)
+                image = square if crops else image
             images.append(image)
             masks.append(np.asarray(mask, dtype=np.int64))
         pixels = processor(images=images, return_tensors="np")["pixel_values"]

@@ -1,7 +1,7 @@
 """`segdeploy validate`: prove an ONNX export faithful: run it and the PyTorch model on the same images, compare.
 
-Both models see the very same `pixel_values` (the SegformerImageProcessor of the
-PyTorch model folder), and both sets of logits go through the one function
+Both models see the very same `pixel_values` (the family's image processor of the
+PyTorch model folder, e.g. SegformerImageProcessor), and both sets of logits go through the one function
 `upsample_argmax` (bilinear to the label size, align_corners=False, as in the
 Hugging Face semantic-segmentation guide) before the mean IoU is accumulated.
 Images are streamed in small batches: only confusion matrices and running sums

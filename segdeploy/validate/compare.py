@@ -1,7 +1,7 @@
 """Run PyTorch and every ONNX graph over the same images, batch by batch, and keep running sums.
 
-Both models see the very same `pixel_values` (the SegformerImageProcessor of the
-PyTorch model folder), and both sets of logits go through the one function
+Both models see the very same `pixel_values` (the family's image processor of the
+PyTorch model folder, e.g. SegformerImageProcessor), and both sets of logits go through the one function
 `upsample_argmax` before the mean IoU is accumulated. Images are streamed in
 small batches: only confusion matrices and running sums are kept, never the
 logits of the whole split.
@@ -89,8 +89,12 @@ def make_metric(data, num_labels: int):
 
 
 def processor_size(processor) -> tuple[int, int]:
-    size = getattr(processor, "size", None) or {}
-    return int(size.get("height", 64)), int(size.get("width", 64))
+    """The (height, width) of the processor's outputs, for random inputs: its crop when it
+    crops, else its resize (a shortest edge gives a square)."""
+    crops = getattr(processor, "do_center_crop", False)
+    size = (processor.crop_size if crops else getattr(processor, "size", None)) or {}
+    side = size.get("shortest_edge", 64)
+    return int(size.get("height", side)), int(size.get("width", side))
 
 
 def open_sessions(graphs, provider, fallback, threads, data, num_labels, skip_unrunnable):
@@ -117,11 +121,14 @@ def compare(model_dir, stats, data, num_labels, batch_size, random_inputs, progr
     """Run PyTorch and every graph over the images, batch by batch; returns run-wide figures."""
     import torch
     from tqdm import tqdm
-    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+    from transformers import AutoModelForSemanticSegmentation
+
+    from segdeploy.families import family_of, processor_class
 
     t = time.perf_counter()
-    torch_model = SegformerForSemanticSegmentation.from_pretrained(model_dir).eval()
-    processor = SegformerImageProcessor.from_pretrained(model_dir)
+    family = family_of(model_dir)
+    torch_model = AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = processor_class(family).from_pretrained(model_dir)
     load_s = time.perf_counter() - t
     image_size = processor_size(processor)
     torch_metric = make_metric(data, num_labels)

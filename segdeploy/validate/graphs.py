@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from segdeploy.errors import SegdeployError, first_line
+from segdeploy.families import family_of
 from segdeploy.folders import ModelFolder
 
 INT8_OPS = {
@@ -27,7 +28,8 @@ def open_model(model_dir: str | os.PathLike, *, need_weights: bool = True) -> Mo
     """
     from segdeploy.train.models import check_weight_file
 
-    folder = ModelFolder.open(model_dir, need_weights=False).require_supported()
+    folder = ModelFolder.open(model_dir, need_weights=False)
+    family_of(folder.config, where=folder.config_path)  # a one-line refusal for other families
     if need_weights:
         folder.require_weights()
         for path in folder.weight_files:

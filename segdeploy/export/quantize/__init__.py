@@ -109,6 +109,7 @@ def quantize_int8(
     nodes_to_exclude: Sequence[str] | None = None,
     float_attention_scores: bool = True,
     calibration_method: str = DEFAULT_CALIBRATION_METHOD,
+    skip_symbolic_shape: bool = False,
 ) -> dict[str, Any]:
     """Write a static int8 (QDQ) version of the fp32 graph `onnx_path` to `output_path`.
 
@@ -127,6 +128,7 @@ def quantize_int8(
         head), skip a uint8 round trip and the DequantizeLinear that ORT would run
         on one thread before the float scaling and Softmax.
     calibration_method: "minmax", "entropy" or "percentile" (ORT's calibrators).
+    skip_symbolic_shape: see `pre_process` (the family registry says which need it).
 
     Returns a JSON-safe report: settings, what stayed in float and why, node
     counts, calibration images, timings and file sizes. The output is written
@@ -152,7 +154,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="segdeploy-int8-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
         t0 = time.perf_counter()
-        plan = _prepare(onnx_path, pre, explicit, float_attention_scores)
+        plan = _prepare(onnx_path, pre, explicit, float_attention_scores, skip_symbolic_shape)
         t_pre = time.perf_counter() - t0
         t0 = time.perf_counter()
         op_types = [t for t in _quantizable_op_types() if t not in exclude_op_types]
@@ -172,6 +174,7 @@ def quantize_int8(
         "activations": "uint8, per tensor, asymmetric",
         "weights": f"int8, {'per channel' if per_channel else 'per tensor'}, symmetric",
         "calibration_method": calibration_method.lower(),
+        "skip_symbolic_shape": skip_symbolic_shape,
         "calibration_images": sum(int(b.shape[0]) for b in batches),
         "calibration_batches": len(batches),
         "calibration_shapes": sorted({str(list(b.shape[1:])) for b in batches}),
@@ -205,12 +208,27 @@ class _Plan:
         return list(dict.fromkeys(self.explicit + self.attention))
 
 
-def _prepare(onnx_path: Path, pre: Path, explicit: list[str], float_attention: bool) -> _Plan:
-    """ORT's quant_pre_process, then the edits before quantizing; saved at `pre`."""
-    import onnx
+def pre_process(
+    src: str | os.PathLike, dst: str | os.PathLike, *, skip_symbolic_shape: bool
+) -> None:
+    """ORT's quant_pre_process (shape inference, graph optimisation) of `src` into `dst`.
+
+    `skip_symbolic_shape`: leave out ORT's symbolic shape inference, which fails on some
+    families' graphs ("Incomplete symbolic shape inference": DPT, MobileViT, MobileViTV2;
+    segdeploy.families.Family.int8_skip_symbolic_shape); onnx's own inference still runs.
+    """
     from onnxruntime.quantization import quant_pre_process
 
-    quant_pre_process(str(onnx_path), str(pre))
+    quant_pre_process(os.fspath(src), os.fspath(dst), skip_symbolic_shape=skip_symbolic_shape)
+
+
+def _prepare(
+    onnx_path: Path, pre: Path, explicit: list[str], float_attention: bool, skip_symbolic: bool
+) -> _Plan:
+    """ORT's quant_pre_process, then the edits before quantizing; saved at `pre`."""
+    import onnx
+
+    pre_process(onnx_path, pre, skip_symbolic_shape=skip_symbolic)
     model = onnx.load(str(pre))
     copies = unshare_float_initializers(model)
     gelus = fuse_gelu(model)

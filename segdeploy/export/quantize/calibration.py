@@ -28,9 +28,9 @@ def calibration_batches(
 ) -> Iterator[np.ndarray]:
     """Preprocessed float32 batches [N, 3, h, w] from PIL images, `batch_size` at a time.
 
-    `preprocess` is the deployment preprocessor (segdeploy.runtime.preprocess.
-    Preprocessor.from_dir(model_dir)), so calibration sees exactly the tensors
-    that inference will.
+    `preprocess` is the deployment preprocessor
+    (segdeploy.runtime.processors.model_processor(model_dir).pixel_values), so
+    calibration sees exactly the tensors that inference will.
     """
     if batch_size < 1:
         raise SegdeployError("batch_size", f"must be >= 1, got {batch_size}")
@@ -88,9 +88,9 @@ def training_calibration_batches(
     model_dir: str | os.PathLike, n: int = DEFAULT_CALIBRATION_IMAGES, *, seed: int = 0
 ) -> Iterator[np.ndarray]:
     """`n` training images of `model_dir`, preprocessed by its deployment preprocessor."""
-    from segdeploy.runtime.preprocess import Preprocessor
+    from segdeploy.runtime.processors import model_processor
 
-    preprocess = Preprocessor.from_dir(model_dir)
+    preprocess = model_processor(model_dir).pixel_values
     return calibration_batches(training_images(model_dir, n, seed=seed), preprocess)
 
 

@@ -76,6 +76,8 @@ def candidate_groups(
     op_types: Sequence[str],
     excluded_op_types: Sequence[str],
     max_groups: int = DEFAULT_MAX_GROUPS,
+    *,
+    skip_symbolic_shape: bool = False,
 ) -> dict[str, list[str]]:
     """The quantizable nodes that survive quantize_int8's pre-processing, grouped by name
     scope into at most `max_groups` groups.
@@ -85,14 +87,14 @@ def candidate_groups(
     stay whole. Nodes without a scope are grouped by op type.
     """
     import onnx
-    from onnxruntime.quantization import quant_pre_process
 
+    from segdeploy.export.quantize import pre_process
     from segdeploy.export.quantize.edits import fuse_gelu as _fuse_gelu
 
     source = onnx.load(os.fspath(onnx_path), load_external_data=False).graph
     with tempfile.TemporaryDirectory(prefix="segdeploy-int8-groups-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(os.fspath(onnx_path), os.fspath(pre))
+        pre_process(onnx_path, pre, skip_symbolic_shape=skip_symbolic_shape)
         model = onnx.load(os.fspath(pre))
         _fuse_gelu(model)  # as quantize_int8 does: the fused nodes cannot be excluded
         present = {n.name for n in model.graph.node}
@@ -133,10 +135,12 @@ def candidate_groups(
 class _Evaluator:
     """Quantize with an exclusion list and measure the drop; counts evaluations."""
 
-    def __init__(self, onnx_path, calibration, held_out, reference, num_labels, work, budget):
+    def __init__(
+        self, onnx_path, calibration, held_out, reference, num_labels, work, budget, skip_symbolic
+    ):
         self.onnx_path, self.calibration, self.held_out = Path(onnx_path), calibration, held_out
         self.reference, self.num_labels, self.work = reference, num_labels, Path(work)
-        self.budget, self.count = budget, 0
+        self.budget, self.count, self.skip_symbolic = budget, 0, skip_symbolic
 
     def left(self) -> int:
         return self.budget - self.count
@@ -152,6 +156,7 @@ class _Evaluator:
             iter(self.calibration),
             exclude_op_types=op_types,
             nodes_to_exclude=list(nodes),
+            skip_symbolic_shape=self.skip_symbolic,
         )
         value = drop_against(self.reference, predictions(out, self.held_out), self.num_labels)
         if output is None:
@@ -176,6 +181,7 @@ def search_exclusions(
     start_op_types: Sequence[str] | None = None,
     max_groups: int = DEFAULT_MAX_GROUPS,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
+    skip_symbolic_shape: bool = False,
 ) -> dict[str, Any]:
     """Write to `output_path` the int8 graph of `onnx_path` whose drop on `held_out` is at
     most `max_drop`, keeping the fewest measured-worst node groups in float.
@@ -195,11 +201,24 @@ def search_exclusions(
     start = tuple(DEFAULT_FLOAT_OP_TYPES if start_op_types is None else start_op_types)
     output_path = Path(output_path)
     reference = predictions(onnx_path, held_out)
-    groups = candidate_groups(onnx_path, _quantizable_op_types(), start, max_groups)
+    groups = candidate_groups(
+        onnx_path,
+        _quantizable_op_types(),
+        start,
+        max_groups,
+        skip_symbolic_shape=skip_symbolic_shape,
+    )
 
     with tempfile.TemporaryDirectory(prefix="segdeploy-int8-search-") as tmp:
         ev = _Evaluator(
-            onnx_path, calibration, held_out, reference, num_labels, tmp, max_evaluations
+            onnx_path,
+            calibration,
+            held_out,
+            reference,
+            num_labels,
+            tmp,
+            max_evaluations,
+            skip_symbolic_shape,
         )
         kept: list[str] = []
         start_drop, _ = ev.drop(start, kept)
@@ -288,9 +307,9 @@ def quantize_int8_within(
     """
 
     from segdeploy.export.quantize import calibration_batches, training_images
-    from segdeploy.runtime.preprocess import Preprocessor
+    from segdeploy.runtime.processors import model_processor
 
-    preprocess = Preprocessor.from_dir(model_dir)
+    preprocess = model_processor(model_dir).pixel_values
     calib_images = training_images(model_dir, calibration_images)
     held = held_out_images(model_dir, calib_images, held_out)
     if not held:
