@@ -21,11 +21,18 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from family_models import CASE_IDS, CASES, SIDE, save_model_folder
-from PIL import Image
+from family_models import (
+    CASE_IDS,
+    CASES,
+    PHOTOS,
+    SIDE,
+    label_map,
+    save_model_folder,
+    torch_mask,
+    write_photos,
+)
 
 from segdeploy.cli import main
-from segdeploy.data.synthetic import synthetic_sample
 from segdeploy.export.routes import export_fp32
 from segdeploy.runtime.image_io import load_image
 
@@ -33,16 +40,6 @@ SLOW = {"data2vec-vision-tiny", "mobilevitv2-tiny", "upernet-tiny", "upernet-tin
 PARAMS = [
     pytest.param(case, id=cid, marks=[pytest.mark.slow] if cid in SLOW else [])
     for case, cid in zip(CASES, CASE_IDS, strict=True)
-]
-#: (name, (height, width), mode): landscape, portrait, square, very wide, smaller than
-#: the model's input (crops pad), and the modes infer converts (gray, RGBA, palette).
-PHOTOS = [
-    ("landscape.jpg", (150, 200), "RGB"),
-    ("portrait.png", (97, 61), "RGB"),
-    ("square.png", (64, 64), "RGB"),
-    ("wide.png", (33, 120), "L"),
-    ("small.png", (40, 50), "RGBA"),
-    ("palette.png", (81, 70), "P"),
 ]
 AGREEMENT = 0.999
 #: Per-family agreement measured by the tests, printed at the end of the module (-s).
@@ -75,12 +72,7 @@ def family_onnx(request, exports) -> tuple[str, Path, Path]:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    for i, (name, size, mode) in enumerate(PHOTOS):
-        image = Image.fromarray(synthetic_sample(i, size=size)[0])
-        image = image.convert(mode) if mode != "P" else image.quantize(32)
-        image.save(root / name)
-    return root
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,24 +86,6 @@ def _infer(model: Path, *args: str):
     return CliRunner().invoke(
         main, ["infer", "--model", str(model), "--provider", "cpu", "--threads", "1", *args]
     )
-
-
-def torch_mask(model_dir: Path, image: Image.Image) -> np.ndarray:
-    """The guide's path: slow processor, forward, bilinear upsample to the photo, argmax."""
-    processor = transformers.AutoImageProcessor.from_pretrained(model_dir, use_fast=False)
-    model = transformers.AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
-    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        logits = model(pixel_values=pixels).logits
-    up = torch.nn.functional.interpolate(
-        logits, size=(image.height, image.width), mode="bilinear", align_corners=False
-    )
-    return up.argmax(1)[0].numpy()
-
-
-def label_map(out: Path, photo: Path) -> np.ndarray:
-    with Image.open(out / photo.parent.name / photo.with_suffix(".png").name) as im:
-        return np.asarray(im)
 
 
 @pytest.mark.parametrize("workers", ["0", None], ids=["in-process", "default-workers"])

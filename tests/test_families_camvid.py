@@ -1,0 +1,69 @@
+"""Three non-SegFormer families on real photos (CamVid), one per exporter route.
+
+MobileNetV2 (Optimum's custom OnnxConfig), DPT (Optimum) and UPerNet on ConvNeXt
+(torch's dynamo exporter), each from `scratch:<family>-tiny`: `segdeploy train` on
+CamVid photos, `segdeploy export --quantize int8 --max-drop 0.01` (accuracy-aware
+int8: float exclusions found by measured sensitivity) validated on CamVid val against
+PyTorch, then `segdeploy infer` on val photos. Slow: about a minute and a half each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from segdeploy.cli import main
+from segdeploy.families import FAMILIES
+
+pytestmark = pytest.mark.slow
+
+CASES = [("mobilenet_v2", "tiny"), ("dpt", "tiny"), ("upernet", "tiny")]
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, [*args])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{t}-{s}" for t, s in CASES])
+def test_camvid_train_export_int8_validate_infer(case, camvid, tmp_path):
+    model_type, size = case
+    family = FAMILIES[model_type]
+    model = tmp_path / "model"
+    result = _run(
+        "train", "--model", f"scratch:{family.scratch_name}-{size}", "--dataset", str(camvid),
+        "--split", "train[:64]", "--eval-split", "val[:16]", "--image-size", "128",
+        "--max-steps", "150", "--batch-size", "8", "--lr", "1e-3", "--eval-steps", "150",
+        "--no-reduce-labels", "--ignore-index", "11", "-o", str(model),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["mean_iou"] > 0.1, metrics["mean_iou"]  # it learned something
+
+    result = _run(
+        "export", str(model), "--quantize", "int8", "--max-drop", "0.01",
+        "--calibration-images", "16", "--max-images", "16",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    onnx_dir = model / "onnx"
+    for name in ("validation.json", "validation_int8.json"):
+        report = json.loads((onnx_dir / name).read_text())
+        assert report["passed"] is True and report["mode"] == "dataset", report["reason"]
+        assert report["images"] == 16
+    int8 = json.loads((onnx_dir / "validation_int8.json").read_text())
+    assert abs(int8["mean_iou_torch"] - int8["mean_iou_onnx"]) <= 0.01
+    search = json.loads((onnx_dir / "quantization_int8.json").read_text())["search"]
+    assert search["reached"] and search["final_drop"] <= 0.01
+
+    photos = sorted((camvid / "images" / "val").glob("*"))[:4]
+    out = tmp_path / "masks"
+    result = _run("infer", "--model", str(onnx_dir), "-o", str(out), *map(str, photos))
+    assert result.exit_code == 0, result.output
+    for photo in photos:
+        with Image.open(photo) as im, Image.open(out / f"{Path(photo).stem}.png") as labels:
+            assert labels.size == im.size
+            assert int(np.asarray(labels).max()) < len(metrics["id2label"])
