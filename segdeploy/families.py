@@ -402,14 +402,19 @@ FAMILIES: dict[str, Family] = {
             model_class="MobileViTForSemanticSegmentation",
             config_class="MobileViTConfig",
             image_processor="MobileViTImageProcessor",
-            route="optimum",
+            # Optimum exports MobileViT (task image-segmentation) with dynamic axes only; its
+            # extension point, a custom OnnxConfig, writes the fixed-size graph it needs.
+            route="optimum-custom",
             optimum_task="image-segmentation",
             min_opset=LAYERNORM_OPSET,
             min_opset_why="its transformer blocks' LayerNorm is one ONNX node from opset 17",
             default_opset=LAYERNORM_OPSET,
-            dynamic_spatial=True,
+            dynamic_spatial=False,
             square_only=False,
-            fixed_size_why=None,
+            fixed_size_why="its patch unfolding compares the feature map with the patch grid "
+            "in Python (interpolating when they differ), so a traced graph keeps the traced "
+            "size's branch: a dynamic graph traced at 64x64 failed at 100x132 (Reshape of "
+            "{2,16,13,17} to {224,2,9,2}), found by validation's second-size check",
             logits_stride=16,
             scratch={"small": _mobilevit_small, "tiny": _mobilevit_tiny},
             real_sizes=("small",),

@@ -212,3 +212,25 @@ def test_int8_preprocessing_needs_what_the_registry_says(exported, tmp_path, mon
     if skip:
         with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
             quant_pre_process(str(ex.onnx_path), str(tmp_path / "pre2.onnx"))
+
+
+def test_validation_fails_a_dynamic_graph_that_is_wrong_at_another_size(tmp_path):
+    """MobileViT through Optimum's own (dynamic-axes) export: right at the traced 64x64,
+    broken at 100x132. Validation's second-size rule fails it, naming the size, which is
+    why the registry exports MobileViT with fixed axes."""
+    from dataclasses import replace
+
+    from segdeploy.export.routes import export_optimum
+    from segdeploy.validate import validate_onnx
+
+    model_dir = save_model_folder(tmp_path / "model", "mobilevit", "tiny")
+    dynamic = replace(FAMILIES["mobilevit"], route="optimum", dynamic_spatial=True)
+    onnx_path = export_optimum(model_dir, tmp_path / "onnx", dynamic, 17, (SIDE, SIDE))
+    report = validate_onnx(onnx_path, model_dir, random_inputs=2, write=False)
+    assert report["failed_rules"] == ["second_size"], report["reason"]
+    assert "at 100x132 (dynamic axes)" in report["rules"]["second_size"]["reason"]
+    assert report["rules"]["logits"]["passed"]  # right at the traced size
+
+    fixed = export_fp32(model_dir, tmp_path / "fixed")  # the registry's route
+    report = validate_onnx(fixed, model_dir, random_inputs=2, write=False)
+    assert report["passed"] and "second_size" not in report["rules"], report["reason"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from segdeploy.errors import SegdeployError
+from segdeploy.errors import SegdeployError, first_line
 from segdeploy.folders import OUTPUT_SIZE_INPUT
 from segdeploy.train.torch_ops import upsample_bilinear
 from segdeploy.validate.data import labelled_batches, random_batches
@@ -52,6 +52,14 @@ class GraphStats:
         self.agree = 0
         self.pixels = 0
         self.seconds = 0.0
+        #: The logits check at a second input size, for graphs with dynamic spatial axes.
+        self.second_size: dict[str, Any] | None = None
+
+    @property
+    def dynamic_spatial(self) -> bool:
+        """Whether the graph's input height and width are dynamic (named, not numbers)."""
+        shape = self.session.get_inputs()[0].shape
+        return len(shape) == 4 and not all(isinstance(d, int) for d in shape[2:])
 
     def run(self, pixel_values: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -193,4 +201,44 @@ def compare(model_dir, stats, data, num_labels, batch_size, random_inputs, progr
             run["postprocess_s"] += time.perf_counter() - t
             bar.update(len(images))
     run["torch_iou"] = torch_metric.compute() if torch_metric is not None else None
+    check_second_size(torch_model, stats, image_size, family)
     return run
+
+
+def second_size(image_size: tuple[int, int], square_only: bool) -> tuple[int, int]:
+    """Another input size than the one validated: height +36 and width +68, so that a graph
+    right only at square inputs or at multiples of 32 (padding and pooling traced for
+    them) shows; kept square where the family needs it."""
+    h, w = image_size
+    return (h + 36, w + 36) if square_only else (h + 36, w + 68)
+
+
+def check_second_size(torch_model, stats: dict[str, GraphStats], image_size, family) -> None:
+    """Compare the logits of every fp32 graph with dynamic spatial axes with PyTorch's at a
+    second size (two seeded random images): a dynamic graph that is only right at the
+    traced size (UPerNet's pooling, MobileNetV2's TF padding) is caught here."""
+    import torch
+
+    graphs = [st for st in stats.values() if not st.fused and st.dynamic_spatial]
+    if not graphs:
+        return
+    size = second_size(image_size, family.square_only)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, *size, generator=gen)
+    with torch.inference_mode():
+        ref = torch_model(pixel_values=pixels).logits.numpy()
+    for st in graphs:
+        st.second_size = {"size": list(size), "logit_scale": float(np.abs(ref).max())}
+        try:
+            (got,) = st.session.run(["logits"], {"pixel_values": pixels.numpy()})
+        except Exception as err:  # onnxruntime's Fail: a shape traced into the graph
+            st.second_size.update(max_abs_logit_diff=float("inf"), error=first_line(err))
+            continue
+        same = got.shape == ref.shape
+        st.second_size["max_abs_logit_diff"] = (
+            float(np.abs(ref - got).max()) if same else float("inf")
+        )
+        if not same:
+            st.second_size["error"] = (
+                f"logits {list(got.shape)} where PyTorch gives {list(ref.shape)}"
+            )

@@ -6,7 +6,9 @@ scores higher is as unfaithful as one that scores lower), pixel_agreement (label
 maps equal to PyTorch's on at least MIN_AGREEMENT of the pixels for the graph's
 precision), logits (an fp32 graph's logits match PyTorch's, since mean IoU alone
 cannot see a change to classes the model never predicts; every graph's, without
-labelled data) and fused_agreement (graphs that output labels).
+labelled data), second_size (an fp32 graph with dynamic height and width: its logits
+at a second input size, same tolerance, so that a graph right only at the traced size
+fails) and fused_agreement (graphs that output labels).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def judge(report, st, run, data, id2label, tolerance, logit_tolerance) -> None:
     else:
         if data is None or report["precision"] == "fp32":
             _judge_logits(report, run["logit_scale"], logit_tolerance)
+        if st.second_size is not None and report["precision"] == "fp32":
+            _judge_second_size(report, st.second_size, logit_tolerance)
         _judge_agreement(report, MIN_AGREEMENT[report["precision"]], "pixel_agreement")
     _verdict(report)
 
@@ -120,6 +124,24 @@ def _judge_logits(report, logit_scale, logit_tolerance) -> None:
         ok,
         f"max |logit difference| {report['max_abs_logit_diff']:.3g} "
         f"{'within' if ok else 'beyond'} {allowed:.3g}",
+    )
+
+
+def _judge_second_size(report, second: dict, logit_tolerance) -> None:
+    """Dynamic spatial axes must be right at other sizes too: the logits at a second size
+    are held to the same tolerance as at the validated one."""
+    tol = DEFAULT_LOGIT_TOLERANCE["fp32"] if logit_tolerance is None else float(logit_tolerance)
+    allowed = tol * max(1.0, second["logit_scale"])
+    ok = second["max_abs_logit_diff"] <= allowed
+    report["second_size"] = {**second, "max_abs_logit_allowed": allowed}
+    size = "x".join(map(str, second["size"]))
+    _rule(
+        report,
+        "second_size",
+        ok,
+        f"at {size} (dynamic axes) max |logit difference| {second['max_abs_logit_diff']:.3g} "
+        f"{'within' if ok else 'beyond'} {allowed:.3g}"
+        + (f" ({second['error'][:200]})" if "error" in second else ""),
     )
 
 
