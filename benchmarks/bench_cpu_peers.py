@@ -54,14 +54,14 @@ def calibration(model_dir: Path, n: int) -> list[np.ndarray]:
 
     from segdeploy.data.synthetic import write_synthetic_folder
     from segdeploy.export.quantize import calibration_batches
-    from segdeploy.runtime.preprocess import Preprocessor
+    from segdeploy.runtime.processors import model_processor
 
     folder = CAMVID / "images" / "train"
     if not folder.is_dir():
         folder = write_synthetic_folder(model_dir / "synthetic", n_train=n, n_val=0, size=512)
         folder = folder / "images" / "train"
     images = [Image.open(p).convert("RGB") for p in sorted(folder.iterdir())[:n]]
-    return list(calibration_batches(images, Preprocessor.from_dir(model_dir)))
+    return list(calibration_batches(images, model_processor(model_dir).pixel_values))
 
 
 # --- runners: each returns a callable batch -> logits ---------------------------------------

@@ -89,7 +89,7 @@ def accuracy(onnx_path: Path, pre, rows, data, *, threads: int) -> tuple[dict, l
             num_labels=data.num_labels,
             where=row["name"],
         )
-        logits = session.run(None, {name: pre([row["image"].convert("RGB")])})[0]
+        logits = session.run(None, {name: pre.pixel_values([row["image"].convert("RGB")])})[0]
         pred = upsample_argmax(logits, labels.shape)[0]
         metric.update(pred, labels)
         preds.append(pred)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from segdeploy.export.quantize import quantize_int8, training_calibration_batches
-    from segdeploy.runtime.preprocess import Preprocessor
+    from segdeploy.runtime.processors import model_processor
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     fp32 = onnx_dir / "model.onnx"
     recorded = json.loads((args.model / "train_args.json").read_text())
     spec = json.loads(args.dataset) if args.dataset else recorded["dataset"]
-    pre = Preprocessor.from_dir(onnx_dir)
+    pre = model_processor(onnx_dir)
     rows, data = eval_rows(spec, args.eval_images)
     threads = args.threads
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
             )
 
         if not args.no_speed:
-            x = pre([rows[0]["image"].convert("RGB")])
+            x = pre.pixel_values([rows[0]["image"].convert("RGB")])
             for v in ["fp32", *names]:
                 path = fp32 if v == "fp32" else work / f"model_{v}.onnx"
                 results[v]["cpu_ms_per_image_1thread"] = 1000 * cpu_seconds_per_image(

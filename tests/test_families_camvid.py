@@ -23,6 +23,15 @@ from segdeploy.families import FAMILIES
 pytestmark = pytest.mark.slow
 
 CASES = [("mobilenet_v2", "tiny"), ("dpt", "tiny"), ("upernet", "tiny")]
+#: Per family: what validation measured, printed at the end of the module (-s).
+MEASURED: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_measured():
+    yield
+    for case, line in sorted(MEASURED.items()):
+        print(f"\n{case}: {line}")
 
 
 def _run(*args: str):
@@ -58,6 +67,11 @@ def test_camvid_train_export_int8_validate_infer(case, camvid, tmp_path):
     assert abs(int8["mean_iou_torch"] - int8["mean_iou_onnx"]) <= 0.01
     search = json.loads((onnx_dir / "quantization_int8.json").read_text())["search"]
     assert search["reached"] and search["final_drop"] <= 0.01
+    MEASURED[f"{model_type}-{size}"] = (
+        f"mean IoU torch {int8['mean_iou_torch']:.4f}, int8 {int8['mean_iou_onnx']:.4f} "
+        f"(drop {int8['mean_iou_torch'] - int8['mean_iou_onnx']:+.4f}), int8 agreement "
+        f"{int8['pixel_agreement']:.3%}, kept in float: {sorted(search['kept_in_float'])}"
+    )
 
     photos = sorted((camvid / "images" / "val").glob("*"))[:4]
     out = tmp_path / "masks"
