@@ -82,7 +82,8 @@ def test_cli_export_prints_times_and_says_data_is_missing(cli_export):
     out, result = cli_export
     assert result.exit_code == 0, result.output
     assert (
-        "export: model.onnx, model_fp16.onnx, model_optimized.onnx (opset 17) in" in result.output
+        "export: model.onnx, model_fp16.onnx, model_optimized.onnx (opset 17, optimum route) in"
+        in result.output
     )
     assert "validation: " in result.output and " s" in result.output
     assert "random inputs" in result.output  # the warning that this proves less

@@ -89,13 +89,14 @@ def test_train_export_validate_infer(case, synthetic_dir, photos, tmp_path):
         "--calibration-images", "8", "--max-images", "8",
     )  # fmt: skip
     onnx_dir = model / "onnx"
-    assert f"(opset {family.default_opset})" in result.output, result.output
+    assert f"(opset {family.default_opset}, {family.route} route)" in result.output, result.output
     reports = {
         name: json.loads((onnx_dir / f"validation{name}.json").read_text())
         for name in ("", "_fused", "_fp16", "_fp16_fused", "_int8")
     }
     for name in ("", "_fused"):
         assert reports[name]["passed"] is True, (name, reports[name]["reason"])
+        assert reports[name]["exporter"]["route"] == family.route
         assert reports[name]["mode"] == "dataset" and reports[name]["images"] > 0, name
     assert reports["_int8"]["precision"] == "int8" and reports["_fp16"]["precision"] == "fp16"
     quantized = json.loads((onnx_dir / "quantization_int8.json").read_text())

@@ -139,7 +139,8 @@ def export(
     result = export_model(model_dir, output, settings, warn=warn, progress=True)
     graphs = ", ".join(p.name for p in result.graphs.values())
     click.echo(
-        f"export: {graphs} (opset {result.opset}) in {result.export_seconds:.1f} s -> {result.output}"
+        f"export: {graphs} (opset {result.opset}, {result.route} route) in "
+        f"{result.export_seconds:.1f} s -> {result.output}"
     )
     if validate:
         reports = list(result.reports.values())

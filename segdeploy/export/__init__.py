@@ -93,6 +93,7 @@ class ExportResult:
     graphs: dict[str, Path]  # variant -> graph file, final location
     opset: int
     export_seconds: float
+    route: str = ""  # the family's exporter route (segdeploy.families.ROUTES)
     validation_seconds: float | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> report
 
@@ -124,6 +125,25 @@ def check_export(
     if settings.max_drop is not None:
         check_max_drop(settings.max_drop, settings.quantize)
     return model, settings
+
+
+def exporter_record(family: Family) -> dict[str, Any]:
+    """How the fp32 graph was made, for the reports: the family's route and its axes."""
+    return {
+        "family": family.name,
+        "route": family.route,
+        "route_means": ROUTE_MEANS[family.route],
+        "dynamic_spatial": family.dynamic_spatial,
+        "fixed_size_why": family.fixed_size_why,
+    }
+
+
+#: What each exporter route is, in the reports' words.
+ROUTE_MEANS = {
+    "optimum": "Optimum's ONNX exporter (main_export) with the family's task",
+    "optimum-custom": "Optimum's extension point: a custom OnnxConfig (optimum.exporters.onnx.export)",
+    "torch-dynamo": "torch.onnx.export(dynamo=True): Optimum and TorchScript cannot export the family",
+}
 
 
 def resolve_opset(opset: int | None, family: Family) -> int:
@@ -178,7 +198,13 @@ def _export(
 ) -> ExportResult:
     remove_stale_temporaries(output.parent)  # `.onnx.tmp-<pid>-*` folders of killed exports
     graphs: dict[str, Path] = {}
-    result = ExportResult(output=output, graphs=graphs, opset=settings.opset, export_seconds=0.0)
+    result = ExportResult(
+        output=output,
+        graphs=graphs,
+        opset=settings.opset,
+        export_seconds=0.0,
+        route=family_of(model.config).route,
+    )
     # A disk that fills up mid-export is the user's environment, not a bug: one line,
     # exit 2; atomic_dir has then removed the partial folder and `output` is unchanged.
     with environment_errors_as_input(output, f"{output} is unchanged"), atomic_dir(output) as tmp:
@@ -200,6 +226,7 @@ def _export(
                 onnx_dir_name=output,
                 skip_unrunnable=("fp16",),
                 progress=progress,
+                extra={"exporter": exporter_record(family_of(model.config))},
             )
             result.reports = {variant: reports[path.name] for variant, path in built.items()}
             result.validation_seconds = time.perf_counter() - start

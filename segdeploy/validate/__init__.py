@@ -78,6 +78,7 @@ def validate_graphs(
     skip_unrunnable: Sequence[str] = (),
     write: bool = True,
     progress: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Validate several graphs of one folder against the PyTorch model in one pass.
 
@@ -90,6 +91,7 @@ def validate_graphs(
     `validation_path(graph)` unless `write` is False; `onnx_dir_name` is the folder
     name recorded in the reports (the export validates inside a temporary folder).
     `settings.threads` sets both PyTorch's and onnxruntime's intra-op threads.
+    `extra` is added to every report (the export records how the graph was made).
     Returns {graph file name: report}.
     """
     s = settings
@@ -115,6 +117,7 @@ def validate_graphs(
             report = graph_report(path, precision, opset, stats[path.name], run, data)
             report["onnx_dir"] = os.fspath(onnx_dir_name if onnx_dir_name else path.parent)
             report["torch_model"] = os.fspath(model.path)
+            report.update(extra or {})
             judge(report, stats[path.name], run, data, id2label, s.tolerance, s.logit_tolerance)
             report["timings"] = timings(run, stats[path.name])
             reports[path.name] = report
