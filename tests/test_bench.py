@@ -367,3 +367,26 @@ def test_bench_model_defaults_to_the_newest_export(tmp_path, monkeypatch, tiny_o
     # An ONNX folder records no dataset: the run stops at the inputs, after naming the model.
     result = CliRunner().invoke(main, ["bench", "--backends", "onnx-cpu"])
     assert "model: models/new (the newest export under models/)" in result.output
+
+
+@pytest.mark.parametrize("model_type", ["mobilenet_v2", "dpt"])
+def test_bench_runs_other_families(model_type, images, tmp_path):
+    """bench's torch, transformers-pipeline and segdeploy rows on a MobileNetV2 (center
+    crop, fixed-size graph) and a DPT (square only): every row runs and agrees with torch."""
+    from family_models import save_model_folder
+
+    from segdeploy.export.routes import export_fp32
+
+    model = save_model_folder(tmp_path / "model", model_type, "tiny")
+    export_fp32(model, model / "onnx")
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(model), "--images", str(images[0]), "--labels",
+            str(images[1]), "--backends", "torch,hf-pipeline,onnx-cpu", "--batch-sizes", "2",
+            "--runs", "1", "--model-runs", "2", "--no-targets", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = _rows(json.loads(out.read_text()))
+    assert set(rows) == {"torch", "hf-pipeline", "onnx-cpu"}
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row.get("reason"))
+        assert row["pixel_agreement_with_torch"] >= 0.999, (name, row["pixel_agreement_with_torch"])
