@@ -100,3 +100,20 @@ def test_max_drop_needs_int8_and_a_sane_limit(sharp_model, tmp_path):
         quantize_int8_within(
             sharp_model / "fp32" / "model.onnx", tmp_path / "x.onnx", sharp_model, 4, -0.1
         )
+
+
+def test_dynamo_graphs_are_grouped_by_module_scope(tmp_path):
+    """torch's dynamo exporter names nodes node_conv2d_1: the search groups them by the
+    module scopes it records in each node's metadata, not by op type (which would put every
+    Conv of the model in one group, all kept in float or none)."""
+    from family_models import save_model_folder
+
+    from segdeploy.export.quantize import DEFAULT_FLOAT_OP_TYPES, _quantizable_op_types
+    from segdeploy.export.routes import export_fp32
+
+    model = save_model_folder(tmp_path / "model", "beit", "tiny")
+    onnx_path = export_fp32(model, tmp_path / "onnx")
+    groups = candidate_groups(onnx_path, _quantizable_op_types(), DEFAULT_FLOAT_OP_TYPES, 8)
+    assert 1 < len(groups) <= 8
+    assert all(name.startswith("/model") for name in groups), sorted(groups)
+    assert any("/encoder" in name for name in groups) and any("head" in name for name in groups)

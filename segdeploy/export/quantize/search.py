@@ -100,9 +100,12 @@ def candidate_groups(
         present = {n.name for n in model.graph.node}
     wanted = set(op_types) - set(excluded_op_types) - PASS_THROUGH_OPS
     op_of = {n.name: n.op_type for n in source.node}
+    module_scopes = {n.name: _module_scopes(n) for n in source.node}
     nodes = [n.name for n in source.node if n.name in present and n.op_type in wanted]
 
     def scopes(name: str) -> list[str]:
+        if module_scopes[name]:  # torch's dynamo exporter: node_conv2d_1, scopes in metadata
+            return module_scopes[name]
         parts = [p for p in name.split("/") if p][:-1]
         return ["/" + "/".join(parts[: d + 1]) for d in range(len(parts))] or [op_of[name]]
 
@@ -130,6 +133,19 @@ def candidate_groups(
     order = {name: i for i, name in enumerate(nodes)}
     ranked = sorted(groups.items(), key=lambda kv: order[kv[1][0]])
     return {scope: members for (scope, _), members in ranked}
+
+
+def _module_scopes(node) -> list[str]:
+    """The module scopes torch's dynamo exporter records on a node ("/model",
+    "/model/backbone", ...), from its `pkg.torch.onnx.name_scopes` metadata; [] for graphs
+    whose node names carry the scopes themselves (TorchScript and Optimum: /model/x/Conv)."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            names = [n for n in ast.literal_eval(prop.value)[:-1] if n]  # last: the op itself
+            return ["/" + n.replace(".", "/") for n in names]
+    return []
 
 
 class _Evaluator:
