@@ -295,6 +295,17 @@ def test_targets_are_judged_from_one_run():
     assert got["int8 end to end vs fp32"]["met"] is False
     assert got["int8 mean IoU drop vs torch"]["value"] == pytest.approx(0.015)
     assert got["int8 mean IoU drop vs torch"]["met"] is False
+    assert not any("OpenVINO" in name for name in got)  # their rows did not run
+    # Issue 16: segdeploy's int8 against OpenVINO's rows, and ORT fp32 model-only latency.
+    ov = {**row("openvino", 6.0), "model_p50_ms": 100.0}
+    rows_ov = [*rows, ov, row("openvino-int8", 5.0)]
+    rows_ov[3] = {**rows_ov[3], "model_p50_ms": 125.0}
+    got = {t["target"]: t for t in judge_targets(rows_ov)}
+    assert got["int8 end to end vs OpenVINO NNCF int8"]["value"] == pytest.approx(1.4)
+    assert got["int8 end to end vs OpenVINO NNCF int8"]["met"] is True
+    assert got["int8 end to end vs OpenVINO fp32"]["met"] is False  # 7 / 6 < 1.25
+    assert got["ORT fp32 model only vs OpenVINO fp32"]["value"] == pytest.approx(0.8)
+    assert got["ORT fp32 model only vs OpenVINO fp32"]["met"] is False
     # A target whose rows did not run is not judged at all, rather than judged failed.
     assert judge_targets([r for r in rows if r["backend"] != "hf-pipeline"]) and not any(
         t["compared_with"] == "hf-pipeline"
