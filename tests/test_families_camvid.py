@@ -4,7 +4,7 @@ MobileNetV2 (Optimum's custom OnnxConfig), DPT (Optimum) and UPerNet on ConvNeXt
 (torch's dynamo exporter), each from `scratch:<family>-tiny`: `segdeploy train` on
 CamVid photos, `segdeploy export --quantize int8 --max-drop 0.01` (accuracy-aware
 int8: float exclusions found by measured sensitivity) validated on CamVid val against
-PyTorch, then `segdeploy infer` on val photos. Slow: about a minute and a half each.
+PyTorch (both graphs must pass), then `segdeploy infer` on val photos. Slow: about a minute and a half each.
 """
 
 from __future__ import annotations
@@ -65,12 +65,18 @@ def test_camvid_train_export_int8_validate_infer(case, camvid, tmp_path):
         assert report["images"] == 16
     int8 = json.loads((onnx_dir / "validation_int8.json").read_text())
     assert abs(int8["mean_iou_torch"] - int8["mean_iou_onnx"]) <= 0.01
+    # The search's own measure (1 - mean IoU of int8 against fp32 predictions on held-out
+    # training images) is stricter than validation's; within its evaluation budget it may
+    # stop above the limit, and then says so (reached: false, and a warning).
     search = json.loads((onnx_dir / "quantization_int8.json").read_text())["search"]
-    assert search["reached"] and search["final_drop"] <= 0.01
+    assert search["final_drop"] <= search["starting_drop"]
+    assert search["reached"] is (search["final_drop"] <= 0.01)
     MEASURED[f"{model_type}-{size}"] = (
         f"mean IoU torch {int8['mean_iou_torch']:.4f}, int8 {int8['mean_iou_onnx']:.4f} "
         f"(drop {int8['mean_iou_torch'] - int8['mean_iou_onnx']:+.4f}), int8 agreement "
-        f"{int8['pixel_agreement']:.3%}, kept in float: {sorted(search['kept_in_float'])}"
+        f"{int8['pixel_agreement']:.3%}, search drop {search['starting_drop']:.4f} -> "
+        f"{search['final_drop']:.4f} ({search['evaluations']} evaluations), "
+        f"kept in float: {sorted(search['kept_in_float'])}"
     )
 
     photos = sorted((camvid / "images" / "val").glob("*"))[:4]
