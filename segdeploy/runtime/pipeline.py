@@ -54,11 +54,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from segdeploy.atomic import atomic_path
+from segdeploy.atomic import atomic_path, write_bytes
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime.image_io import MAX_PIXELS, load_image
+from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
 from segdeploy.runtime.palette import overlay as blend_overlay
 from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.upsample import upsample_argmax
@@ -203,16 +202,12 @@ def finish_image(
 
 
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """8-bit PNG when ids fit, else 16-bit; atomically."""
-    if labels.dtype == np.uint8:
-        im = Image.fromarray(labels, mode="L")
-    elif labels.max(initial=0) < 1 << 16:
-        im = Image.fromarray(labels.astype(np.uint16))  # mode I;16: a 16-bit PNG
-    else:
-        raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
-    with atomic_path(path) as tmp:
-        # Level 1: label maps are flat, so they compress well even at the fastest setting.
-        im.save(tmp, format="PNG", compress_level=1)
+    """8-bit PNG when ids fit, else 16-bit (`label_png`); atomically."""
+    if labels.dtype != np.uint8:
+        if labels.max(initial=0) >= 1 << 16:
+            raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
+        labels = labels.astype(np.uint16)
+    write_bytes(path, label_png(labels))
 
 
 def class_shares(labels: np.ndarray, id2label: dict[int, str]) -> list[dict[str, Any]]:
