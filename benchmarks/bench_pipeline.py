@@ -127,7 +127,10 @@ def infer(python_path: Path, model: Path, folder: Path, out: Path, cores: str | 
         cmd = ["taskset", "-c", cores, *cmd]
     env = {**os.environ, "PYTHONPATH": str(python_path)}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # Run from the scratch folder: `python -m` puts the working directory first on
+    # sys.path, before PYTHONPATH, so from the repository root every run would import
+    # today's segdeploy, the baseline's too.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent)
     command_s = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
