@@ -79,6 +79,8 @@ STAGES = (
 #: A write error with one of these stops the run: no later write can succeed either.
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WORKER_DIED = "worker process died while processing this image"
+#: Fewest images per worker task (see `chunk_size`).
+MIN_CHUNK = 8
 #: How often a wait on the workers looks for a stop signal.
 POLL_S = 0.05
 
@@ -119,6 +121,13 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     ctx.set_forkserver_preload([__name__])
     multiprocessing.forkserver.ensure_running()
     return ctx
+
+
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Images per task sent to a worker: at least `MIN_CHUNK`, so that the round trips
+    to the workers (and the GIL they take in the caller) stay few when batches are
+    small; one batch when in-process (nothing to save, and memory stays low)."""
+    return max(batch_size, MIN_CHUNK) if workers else batch_size
 
 
 # -- stages ----------------------------------------------------------------------------
@@ -418,6 +427,10 @@ class _Pool:
         try:
             return self._ex.submit(_worker_task, fn, items), self.generation
         except BrokenProcessPool:
+            if self.stopping:  # no new workers while the run ends: the items are not done
+                fut = Future()
+                fut.set_exception(BrokenProcessPool("stopping"))
+                return fut, self.generation
             self._restart()
             return self._ex.submit(_worker_task, fn, items), self.generation
 
@@ -533,12 +546,14 @@ class _Engine:
         self.seg, self.output = seg, output
         self.outcome = Outcome(workers=workers)
         self.size = seg.batch_size
+        self.chunk_size = chunk_size(seg.batch_size, workers)
         self.window = max(workers, 1) + 2  # chunks in flight on each side of the model
         self.pool = _Pool(workers, cfg, stop)
         self.ordered = _InOrder(record)
         self.chunk: list[tuple[int, Job]] = []
         self.decoding: deque[tuple[list, tuple]] = deque()
         self.waiting: list[tuple[int, Job, Prepared]] = []
+        self.computed: list[tuple[tuple, tuple]] = []  # (part, task) waiting to be written
         self.writing: deque[tuple[list, list, tuple]] = deque()
 
     def feed(self, entries: Iterable[Job | dict]) -> None:
@@ -549,7 +564,7 @@ class _Engine:
                 self.ordered.put(seq, entry)
                 continue
             self.chunk.append((seq, entry))
-            if len(self.chunk) >= self.size:
+            if len(self.chunk) >= self.chunk_size:
                 self.submit_chunk()
             while len(self.decoding) > self.window:
                 self.take_decoded()
@@ -559,6 +574,7 @@ class _Engine:
             self.take_decoded()
         if self.waiting:
             self.run_model(len(self.waiting))
+        self.submit_writes()
         while self.writing:
             self.take_written()
 
@@ -575,6 +591,9 @@ class _Engine:
         self.pool.stopping = True
         self.pool.cancel(h for _, h in self.decoding)
         self.decoding.clear()
+        if self.outcome.stopped is None:
+            self.submit_writes()
+        self.computed.clear()  # after a full disk: not attempted, no record (as if interrupted)
         while self.writing:
             with contextlib.suppress(Stop):
                 self.take_written()
@@ -615,14 +634,19 @@ class _Engine:
         raws = model_batch(self.seg, [p.x for _, _, p in batch], [p.size for _, _, p in batch])
         model_s = time.perf_counter() - t
         self.outcome.model_s += model_s
-        tasks = [
-            (raw, p.size, job.label, job.overlay, p.image, self.seg.fused)
-            for (_, job, p), raw in zip(batch, raws, strict=True)
-        ]
-        part = [(seq, job, p, model_s / len(batch)) for seq, job, p in batch]
-        self.writing.append((part, tasks, self.pool.submit(_finish_chunk, tasks)))
+        for (seq, job, p), raw in zip(batch, raws, strict=True):
+            task = (raw, p.size, job.label, job.overlay, p.image, self.seg.fused)
+            self.computed.append(((seq, job, p, model_s / len(batch)), task))
+        if len(self.computed) >= self.chunk_size:
+            self.submit_writes()
         while len(self.writing) > self.window:
             self.take_written()
+
+    def submit_writes(self) -> None:
+        if self.computed:
+            part, tasks = (list(t) for t in zip(*self.computed, strict=True))
+            self.computed.clear()
+            self.writing.append((part, tasks, self.pool.submit(_finish_chunk, tasks)))
 
     def take_written(self) -> None:
         part, tasks, handle = self.writing[0]
