@@ -6,7 +6,7 @@ write. Everything but the model holds the GIL, so threads could not spread it
 over cores (measured 0.93-1.1x on two); here it runs in `workers` processes,
 and the calling process only lists inputs, batches and runs the model (on
 CUDA with its IO binding, unchanged). Queues are bounded: at most
-`workers + 2` chunks of `batch_size` images wait at each side of the model, so
+`workers + 2` chunks of `chunk_size` images wait at each side of the model, so
 memory stays flat on folders of any size. Records come out in input order.
 
 Worker processes start from a fork server (`forkserver`), never by forking the
