@@ -7,12 +7,19 @@ measured is the host work around it. On the CamVid photos (train + val,
 
 1. the stage table: ms per image of each stage on one core, serially, with the
    stage functions `segdeploy infer` runs (segdeploy/runtime/pipeline.py);
-2. `segdeploy infer` (a fresh process per run; images/s from its summary.json)
-   pinned to one core (`taskset -c 0`) and on all cores, for today's code and for
-   the baseline commit (the threaded pipeline before this engine), interleaved
-   round by round so that load from other processes hits all four alike;
-3. label maps byte-identical: today's worker processes vs `--workers 0` (the
-   in-process reference) vs the baseline;
+2. `segdeploy infer` (a fresh process per run; images/s from its summary.json,
+   and from the whole command's wall time, setup included) pinned to one core
+   (`taskset -c 0`) and on all cores, for today's code and for the baseline
+   commit (the threaded pipeline before this engine), interleaved round by round
+   so that load from other processes hits all of them alike. Every run has
+   `--threads 1`: the model stands in for one on a GPU, where ONNX Runtime's CPU
+   threads idle; on this CPU more intra-op threads only add synchronisation to a
+   64-px model. It also keeps the baseline on its core: left to itself, ONNX
+   Runtime pins a thread per physical core, outside `taskset`. Two reference
+   runs per round show those defaults (today on all cores, the baseline pinned);
+3. label maps identical: today's worker processes vs `--workers 0` (the
+   in-process reference), byte for byte; today vs the baseline, as decoded class
+   ids (the PNG encoder changed, see segdeploy/runtime/image_io.py `label_png`);
 4. a projection for a 16-core GPU host from the measured costs (see `projection`).
 
     .venv/bin/python benchmarks/bench_pipeline.py [--rounds 3] [--baseline REF]
@@ -119,19 +126,61 @@ def infer(python_path: Path, model: Path, folder: Path, out: Path, cores: str | 
     if cores is not None:
         cmd = ["taskset", "-c", cores, *cmd]
     env = {**os.environ, "PYTHONPATH": str(python_path)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    start = time.perf_counter()
+    # Run from the scratch folder: `python -m` puts the working directory first on
+    # sys.path, before PYTHONPATH, so from the repository root every run would import
+    # today's segdeploy, the baseline's too.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent)
+    command_s = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr}")
-    return json.loads((out / "summary.json").read_text())["totals"]
+    totals = json.loads((out / "summary.json").read_text())["totals"]
+    return {**totals, "command_s": round(command_s, 3)}
 
 
-def same_labels(a: Path, b: Path) -> tuple[int, list[str]]:
+#: The reference runs' names: ONNX Runtime's own thread defaults.
+DEFAULT_THREADS = "(ORT default threads)"
+
+
+def run_configs(today: Path, baseline: Path | None, first_core: str) -> list[tuple]:
+    """(name, tree, cores for taskset or None, extra args) of every run in a round."""
+    one = ["--threads", "1"]
+    configs = [
+        ("today, one core", today, first_core, one),
+        ("today, all cores", today, None, one),
+        (f"today, all cores {DEFAULT_THREADS}", today, None, []),
+    ]
+    if baseline is not None:
+        configs += [
+            ("baseline, one core", baseline, first_core, one),
+            ("baseline, all cores", baseline, None, one),
+            (f"baseline, one core {DEFAULT_THREADS}", baseline, first_core, []),
+        ]
+    return configs
+
+
+def same_labels(a: Path, b: Path, *, decoded: bool = False) -> tuple[int, list[str]]:
+    """(files, names that differ): byte for byte, or as decoded arrays (ids and PNG mode)."""
     names = sorted(str(p.relative_to(a)) for p in a.rglob("*.png"))
     other = sorted(str(p.relative_to(b)) for p in b.rglob("*.png"))
     if names != other:
         return len(names), ["file lists differ"]
-    _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
-    return len(names), mismatch + errors
+    if not decoded:
+        _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+        return len(names), mismatch + errors
+    import numpy as np
+    from PIL import Image
+
+    def read(path: Path):
+        with Image.open(path) as im:
+            return im.mode, np.asarray(im)
+
+    differ = []
+    for name in names:
+        (mode_a, ids_a), (mode_b, ids_b) = read(a / name), read(b / name)
+        if mode_a != mode_b or not np.array_equal(ids_a, ids_b):
+            differ.append(name)
+    return len(names), differ
 
 
 def projection(stages: dict[str, float], one_core_ips: float, cores: int = 16) -> dict:
@@ -194,30 +243,32 @@ def main(argv=None) -> int:
 
         stages = stage_table(model, folder)
         runs: dict[str, list[float]] = {}
+        command: dict[str, list[float]] = {}
         last: dict[str, dict] = {}
-        variants = [("today", ROOT)] + ([("baseline", base_tree)] if base_tree else [])
+        configs = run_configs(ROOT, base_tree, first)
         for r in range(args.rounds):
-            order = [(name, c) for name, _ in variants for c in ("one core", "all cores")]
-            for name, cores in order[r % len(order) :] + order[: r % len(order)]:
-                tree = dict(variants)[name]
-                out = work / f"out-{name}-{cores.replace(' ', '')}"
-                totals = infer(tree, model, folder, out, first if cores == "one core" else None)
-                runs.setdefault(f"{name}, {cores}", []).append(totals["images_per_s"])
-                last[f"{name}, {cores}"] = totals
+            for key, tree, cores, extra in (
+                configs[r % len(configs) :] + configs[: r % len(configs)]
+            ):
+                out = work / ("out-" + key.replace(", ", "-").replace(" ", ""))
+                totals = infer(tree, model, folder, out, cores, *extra)
+                runs.setdefault(key, []).append(totals["images_per_s"])
+                command.setdefault(key, []).append(round(totals["images"] / totals["command_s"], 3))
+                last[key] = totals
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()))
         reference = work / "out-serial"
-        infer(ROOT, model, folder, reference, None, "--workers", "0")
-        checks = {
-            "today workers vs --workers 0": same_labels(work / "out-today-allcores", reference)
-        }
+        infer(ROOT, model, folder, reference, None, "--workers", "0", "--threads", "1")
+        today_all = work / "out-today-allcores"
+        checks = {"today workers vs --workers 0 (file bytes)": same_labels(today_all, reference)}
         if base_tree:
-            checks["today vs baseline"] = same_labels(
-                work / "out-today-allcores", work / "out-baseline-allcores"
+            checks["today vs baseline (decoded ids)"] = same_labels(
+                today_all, work / "out-baseline-allcores", decoded=True
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     rate = {k: round(statistics.median(v), 1) for k, v in runs.items()}
+    command_rate = {k: round(statistics.median(v), 1) for k, v in command.items()}
     scale = rate["today, all cores"] / rate["today, one core"]
     vs_base = rate["today, one core"] / rate["baseline, one core"] if base_tree else None
     proj = projection(stages, rate["today, one core"])
@@ -231,6 +282,9 @@ def main(argv=None) -> int:
         "stage_sum_ms": round(sum(stages.values()), 3),
         "infer_images_per_s_median": rate,
         "infer_images_per_s_runs": runs,
+        "command_images_per_s_median": command_rate,
+        "command_images_per_s_runs": command,
+        "threads": "--threads 1 in every run but the two '(ORT default threads)' references",
         "today_all_cores_summary_totals": last["today, all cores"],
         "all_cores_vs_one_core": round(scale, 3),
         "one_core_vs_baseline": round(vs_base, 3) if vs_base else None,
@@ -267,17 +321,32 @@ def render(r: dict) -> str:
         *(f"| {label} | {s[k]:.2f} |" for k, label in STAGE_ROWS),
         f"| sum | {r['stage_sum_ms']:.2f} ({1000 / r['stage_sum_ms']:.0f} img/s on one core) |",
         "",
-        f"`segdeploy infer`, images/s (median of {r['rounds']} interleaved rounds, from summary.json):",
+        f"`segdeploy infer --threads 1`, images/s (median of {r['rounds']} interleaved rounds; "
+        "summary.json's rate, and in brackets the whole command's: setup included):",
         "",
         "| code | pinned to one core | all cores | all / one |",
         "|---|---:|---:|---:|",
     ]
-    rate = r["infer_images_per_s_median"]
+    rate, command = r["infer_images_per_s_median"], r["command_images_per_s_median"]
     for name in ("today", "baseline"):
         if f"{name}, one core" in rate:
             one, allc = rate[f"{name}, one core"], rate[f"{name}, all cores"]
+            cmd_one, cmd_all = command[f"{name}, one core"], command[f"{name}, all cores"]
             label = name if name == "today" else f"baseline ({r['baseline_commit']}, threads)"
-            lines.append(f"| {label} | {one:.1f} | {allc:.1f} | {allc / one:.2f}x |")
+            lines.append(
+                f"| {label} | {one:.1f} ({cmd_one:.0f}) | {allc:.1f} ({cmd_all:.0f}) | "
+                f"{allc / one:.2f}x ({cmd_all / cmd_one:.2f}x) |"
+            )
+    references = [k for k in rate if k.endswith(DEFAULT_THREADS)]
+    if references:
+        lines += [
+            "",
+            "With ONNX Runtime's default threads instead (one per physical core, each pinned "
+            "to its core, so the baseline's second thread leaves `taskset -c 0`; today infer "
+            "defaults to the cores of its affinity): "
+            + "; ".join(f"{k} {rate[k]:.1f} ({command[k]:.0f})" for k in references)
+            + ".",
+        ]
     p = r["projection_16_core_gpu_host"]
     lines += [
         "",
@@ -291,7 +360,7 @@ def render(r: dict) -> str:
         )
     checked = ", ".join(f"{k}: {c['files']} files" for k, c in r["label_checks"].items())
     lines += [
-        f"| label maps byte-identical | {'yes' if r['label_maps_identical'] else 'NO'} "
+        f"| label maps identical | {'yes' if r['label_maps_identical'] else 'NO'} "
         f"({checked}) | yes |",
         "",
         f"Projection for a {p['cores']}-core GPU host: {p['images_per_s']:.0f} img/s. One core "

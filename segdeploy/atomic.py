@@ -48,16 +48,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` if the block succeeds.
 
     The temporary name keeps the suffix so that writers which pick a format from
-    the extension (Pillow, matplotlib) still work.
+    the extension (Pillow, matplotlib) still work. For bytes already in memory,
+    `write_bytes` is faster: see `_atomic_file`.
     """
+    with _atomic_file(path) as (fd, tmp_path):
+        os.close(fd)
+        yield tmp_path
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[tuple[int, Path]]:
+    """Yield (open descriptor, path) of a new temporary file beside `path`, with the usual
+    permissions; it replaces `path` if the block succeeds, else it is removed. The block
+    must close the descriptor.
+
+    Writing through this descriptor, not by reopening the path, matters on ext4:
+    reopening the empty file with O_TRUNC (what open(path, "wb") and Pillow's
+    save do) triggers ext4's replace-via-truncate safeguard (auto_da_alloc),
+    which starts writeback of the file when it is closed: measured 0.2-0.6 ms per
+    small file against 0.07 ms."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.stem), suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, default_mode("file"))
     try:
-        yield tmp_path
+        try:
+            os.fchmod(fd, default_mode("file"))
+        except BaseException:
+            os.close(fd)
+            raise
+        yield fd, tmp_path  # the block owns the descriptor: it closes it
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -128,13 +148,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with _atomic_file(path) as (fd, _), open(fd, "wb", closefd=True) as f:
+        f.write(data)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -412,6 +413,36 @@ def test_sixteen_bit_labels_and_class_shares(tmp_path):
         {"id": 0, "name": "a", "share": 0.25},
         {"id": 2, "name": "c", "share": 0.25},
     ]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 7), (37, 53), (360, 480)])
+def test_label_png_decodes_to_the_same_array_as_pillows_png(tmp_path, shape, dtype):
+    """label_png (zlib, no row filter) is a valid PNG: Pillow reads back the exact ids, with
+    the mode Pillow's own writer gives (L, I;16)."""
+    from segdeploy.runtime.image_io import label_png
+
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    top = np.iinfo(dtype).max
+    labels = rng.integers(0, top, size=shape, endpoint=True, dtype=dtype)
+    labels[: shape[0] // 2] = labels[0, 0]  # long runs of one id too, as in label maps
+    labels.flat[-1] = top  # the extreme id survives (and the byte order of 16-bit ids)
+    with Image.open(io.BytesIO(label_png(labels))) as ours:
+        ours.load()
+        theirs_file = tmp_path / "pillow.png"
+        Image.fromarray(labels).save(theirs_file)
+        with Image.open(theirs_file) as theirs:
+            assert ours.mode == theirs.mode and ours.size == theirs.size
+            assert np.array_equal(np.asarray(ours), labels)
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_label_png_refuses_what_png_cannot_hold():
+    from segdeploy.runtime.image_io import label_png
+
+    for bad in (np.zeros((2, 2), np.int32), np.zeros((2, 2, 3), np.uint8), np.zeros(4, np.uint8)):
+        with pytest.raises(ValueError, match="2-D uint8 or uint16"):
+            label_png(bad)
 
 
 def test_palettes():

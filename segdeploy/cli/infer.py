@@ -68,7 +68,8 @@ from segdeploy.runtime.providers import PROVIDERS
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="ONNX Runtime intra-op threads  [default: all cores].",
+    help="ONNX Runtime intra-op threads  [default: the cores this process may use, from its "
+    "CPU affinity (taskset, cgroup cpuset)].",
 )
 @click.option(
     "--workers",

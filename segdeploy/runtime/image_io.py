@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +143,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def is_image_name(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# -- label maps ------------------------------------------------------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def label_png(labels: np.ndarray) -> bytes:
+    """A 2-D uint8 or uint16 array of class ids as a greyscale PNG file (8- or 16-bit).
+
+    Written with zlib rather than Pillow: Pillow tries all five PNG row filters
+    on every row of a greyscale image and has no option to choose one, which was
+    3/4 of its encode time on label maps (1.0-1.7 ms for 480x360). Label maps
+    need no filter: runs of one id compress best with zlib's run-length strategy
+    (Z_RLE), at level 1. Measured on CamVid-sized maps: 3x faster than Pillow at
+    compress_level=1, and smaller. The PNG container is three chunks (IHDR, IDAT,
+    IEND) of the PNG specification; Pillow and every PNG reader decode the same
+    array, mode L (or I;16), as from Pillow's own files.
+    """
+    if labels.ndim != 2 or labels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"label map must be 2-D uint8 or uint16, got {labels.dtype} {labels.shape}"
+        )
+    h, w = labels.shape
+    rows = np.zeros((h, 1 + w * labels.itemsize), np.uint8)  # filter byte 0 (None) per row
+    rows[:, 1:] = labels.astype(labels.dtype.newbyteorder(">"), copy=False).view(np.uint8)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    data = deflate.compress(rows) + deflate.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8 * labels.itemsize, 0, 0, 0, 0)  # greyscale
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", data),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -525,6 +525,9 @@ def run_infer(
     if workers is not None and workers < 0:
         raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
     workers = pipeline.default_workers() if workers is None else workers
+    threads = pipeline.default_threads() if threads is None else threads
+    if workers:
+        pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
         model_dir,
         provider,

@@ -6,7 +6,7 @@ write. Everything but the model holds the GIL, so threads could not spread it
 over cores (measured 0.93-1.1x on two); here it runs in `workers` processes,
 and the calling process only lists inputs, batches and runs the model (on
 CUDA with its IO binding, unchanged). Queues are bounded: at most
-`workers + 2` chunks of `batch_size` images wait at each side of the model, so
+`workers + 2` chunks of `chunk_size` images wait at each side of the model, so
 memory stays flat on folders of any size. Records come out in input order.
 
 Worker processes start from a fork server (`forkserver`), never by forking the
@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import threading
@@ -54,11 +56,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from segdeploy.atomic import atomic_path
+from segdeploy.atomic import write_bytes
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime.image_io import MAX_PIXELS, load_image
+from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
 from segdeploy.runtime.palette import overlay as blend_overlay
 from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.upsample import upsample_argmax
@@ -78,19 +79,55 @@ STAGES = (
 #: A write error with one of these stops the run: no later write can succeed either.
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WORKER_DIED = "worker process died while processing this image"
+#: Fewest images per worker task (see `chunk_size`).
+MIN_CHUNK = 8
 #: How often a wait on the workers looks for a stop signal.
 POLL_S = 0.05
 
 
-def default_workers() -> int:
-    """One worker process per core this process may run on (its CPU affinity: taskset,
-    a cgroup's cpuset), or 0 (in-process) on a single core, where passing arrays between
-    processes only costs: measured 1.1-1.25x faster in-process pinned to one core."""
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a cgroup's cpuset)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """One worker process per core this process may run on (`available_cores`), or 0
+    (in-process) on a single core, where passing arrays between processes only costs:
+    measured 1.1-1.25x faster in-process pinned to one core."""
+    cores = available_cores()
     return cores if cores > 1 else 0
+
+
+def default_threads() -> int:
+    """ONNX Runtime's intra-op threads: one per core this process may run on. Left to
+    itself, ONNX Runtime starts one per physical core of the machine and pins each to its
+    core, outside the process's own affinity: under `taskset -c 0` its second thread ran
+    on core 1 (measured)."""
+    return available_cores()
+
+
+def start_forkserver() -> multiprocessing.context.BaseContext:
+    """Start the fork server the workers come from, without waiting for it; its context.
+
+    The server's own start (a fresh interpreter importing this module: numpy,
+    Pillow) takes 0.2-0.3 s. Calling this as soon as a run knows it will use
+    workers lets that happen on another core while the caller loads the model
+    and plans the run; the pool then finds the server ready. A server already
+    running is reused."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Images per task sent to a worker: at least `MIN_CHUNK`, so that the round trips
+    to the workers (and the GIL they take in the caller) stay few when batches are
+    small; one batch when in-process (nothing to save, and memory stays low)."""
+    return max(batch_size, MIN_CHUNK) if workers else batch_size
 
 
 # -- stages ----------------------------------------------------------------------------
@@ -194,8 +231,9 @@ def finish_image(
     t3 = time.thread_time()
     cpu = {"upsample_argmax": t1 - t0, "class_shares": t2 - t1, "png_encode": t3 - t2}
     if overlay is not None and cfg.palette is not None and image is not None:
-        with atomic_path(overlay) as tmp:
-            blend_overlay(image, labels, cfg.palette).save(tmp, format="JPEG", quality=90)
+        jpeg = io.BytesIO()
+        blend_overlay(image, labels, cfg.palette).save(jpeg, format="JPEG", quality=90)
+        write_bytes(overlay, jpeg.getvalue())
         cpu["overlay"] = time.thread_time() - t3
     return Finished(
         (int(labels.shape[0]), int(labels.shape[1])), classes, cpu, time.perf_counter() - wall
@@ -203,16 +241,12 @@ def finish_image(
 
 
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """8-bit PNG when ids fit, else 16-bit; atomically."""
-    if labels.dtype == np.uint8:
-        im = Image.fromarray(labels, mode="L")
-    elif labels.max(initial=0) < 1 << 16:
-        im = Image.fromarray(labels.astype(np.uint16))  # mode I;16: a 16-bit PNG
-    else:
-        raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
-    with atomic_path(path) as tmp:
-        # Level 1: label maps are flat, so they compress well even at the fastest setting.
-        im.save(tmp, format="PNG", compress_level=1)
+    """8-bit PNG when ids fit, else 16-bit (`label_png`); atomically."""
+    if labels.dtype != np.uint8:
+        if labels.max(initial=0) >= 1 << 16:
+            raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
+        labels = labels.astype(np.uint16)
+    write_bytes(path, label_png(labels))
 
 
 def class_shares(labels: np.ndarray, id2label: dict[int, str]) -> list[dict[str, Any]]:
@@ -370,8 +404,7 @@ class _Pool:
     def _start(self) -> ProcessPoolExecutor | None:
         if self.workers == 0:
             return None
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx = start_forkserver()
         return ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.cfg,)
         )
@@ -394,6 +427,10 @@ class _Pool:
         try:
             return self._ex.submit(_worker_task, fn, items), self.generation
         except BrokenProcessPool:
+            if self.stopping:  # no new workers while the run ends: the items are not done
+                fut = Future()
+                fut.set_exception(BrokenProcessPool("stopping"))
+                return fut, self.generation
             self._restart()
             return self._ex.submit(_worker_task, fn, items), self.generation
 
@@ -509,12 +546,14 @@ class _Engine:
         self.seg, self.output = seg, output
         self.outcome = Outcome(workers=workers)
         self.size = seg.batch_size
+        self.chunk_size = chunk_size(seg.batch_size, workers)
         self.window = max(workers, 1) + 2  # chunks in flight on each side of the model
         self.pool = _Pool(workers, cfg, stop)
         self.ordered = _InOrder(record)
         self.chunk: list[tuple[int, Job]] = []
         self.decoding: deque[tuple[list, tuple]] = deque()
         self.waiting: list[tuple[int, Job, Prepared]] = []
+        self.computed: list[tuple[tuple, tuple]] = []  # (part, task) waiting to be written
         self.writing: deque[tuple[list, list, tuple]] = deque()
 
     def feed(self, entries: Iterable[Job | dict]) -> None:
@@ -525,7 +564,7 @@ class _Engine:
                 self.ordered.put(seq, entry)
                 continue
             self.chunk.append((seq, entry))
-            if len(self.chunk) >= self.size:
+            if len(self.chunk) >= self.chunk_size:
                 self.submit_chunk()
             while len(self.decoding) > self.window:
                 self.take_decoded()
@@ -535,6 +574,7 @@ class _Engine:
             self.take_decoded()
         if self.waiting:
             self.run_model(len(self.waiting))
+        self.submit_writes()
         while self.writing:
             self.take_written()
 
@@ -551,6 +591,9 @@ class _Engine:
         self.pool.stopping = True
         self.pool.cancel(h for _, h in self.decoding)
         self.decoding.clear()
+        if self.outcome.stopped is None:
+            self.submit_writes()
+        self.computed.clear()  # after a full disk: not attempted, no record (as if interrupted)
         while self.writing:
             with contextlib.suppress(Stop):
                 self.take_written()
@@ -591,14 +634,19 @@ class _Engine:
         raws = model_batch(self.seg, [p.x for _, _, p in batch], [p.size for _, _, p in batch])
         model_s = time.perf_counter() - t
         self.outcome.model_s += model_s
-        tasks = [
-            (raw, p.size, job.label, job.overlay, p.image, self.seg.fused)
-            for (_, job, p), raw in zip(batch, raws, strict=True)
-        ]
-        part = [(seq, job, p, model_s / len(batch)) for seq, job, p in batch]
-        self.writing.append((part, tasks, self.pool.submit(_finish_chunk, tasks)))
+        for (seq, job, p), raw in zip(batch, raws, strict=True):
+            task = (raw, p.size, job.label, job.overlay, p.image, self.seg.fused)
+            self.computed.append(((seq, job, p, model_s / len(batch)), task))
+        if len(self.computed) >= self.chunk_size:
+            self.submit_writes()
         while len(self.writing) > self.window:
             self.take_written()
+
+    def submit_writes(self) -> None:
+        if self.computed:
+            part, tasks = (list(t) for t in zip(*self.computed, strict=True))
+            self.computed.clear()
+            self.writing.append((part, tasks, self.pool.submit(_finish_chunk, tasks)))
 
     def take_written(self) -> None:
         part, tasks, handle = self.writing[0]
