@@ -30,7 +30,12 @@ LAYERNORM_OPSET = 17
 DYNAMO_OPSET = 18
 
 AUTO_CLASS = "AutoModelForSemanticSegmentation"
-ROUTES = ("optimum", "optimum-custom", "torch-dynamo")
+#: The exporter routes (segdeploy.export.routes), and what each is, as reports say it.
+ROUTES = {
+    "optimum": "Optimum's ONNX exporter (main_export) with the family's task",
+    "optimum-custom": "Optimum's extension point: a custom OnnxConfig (optimum.exporters.onnx.export)",
+    "torch-dynamo": "torch.onnx.export(dynamo=True): Optimum and TorchScript cannot export the family",
+}
 #: The op types that today's SegFormer int8 path keeps in float (segdeploy.export.quantize,
 #: DEFAULT_FLOAT_OP_TYPES, measured there on SegFormer b0). Repeated here rather than
 #: imported because quantize.py imports onnx at module level.

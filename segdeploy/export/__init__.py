@@ -30,9 +30,9 @@ from segdeploy.export.checks import (
     check_output,
     check_quantize,
 )
-from segdeploy.export.routes import export_fp32
+from segdeploy.export.routes import export_fp32, resolve_opset
 from segdeploy.export.variants import convert_fp16, optimize_graph
-from segdeploy.families import Family, family_of
+from segdeploy.families import ROUTES, Family, family_of
 from segdeploy.folders import QUANTIZATION_REPORT, VARIANT_FILES, ModelFolder, default_onnx_dir
 from segdeploy.validate import ValidationSettings, load_data_for, open_model, validate_graphs
 from segdeploy.writable import environment_errors_as_input
@@ -114,7 +114,7 @@ def check_export(
 
     model = open_model(model_dir)
     family = family_of(model.config)
-    settings = replace(settings, opset=resolve_opset(settings.opset, family))
+    settings = replace(settings, opset=resolve_opset(family, settings.opset))
     check_opset(settings.opset, family)
     check_output(model.path, output)
     if settings.validate:
@@ -132,22 +132,10 @@ def exporter_record(family: Family) -> dict[str, Any]:
     return {
         "family": family.name,
         "route": family.route,
-        "route_means": ROUTE_MEANS[family.route],
+        "route_means": ROUTES[family.route],
         "dynamic_spatial": family.dynamic_spatial,
         "fixed_size_why": family.fixed_size_why,
     }
-
-
-#: What each exporter route is, in the reports' words.
-ROUTE_MEANS = {
-    "optimum": "Optimum's ONNX exporter (main_export) with the family's task",
-    "optimum-custom": "Optimum's extension point: a custom OnnxConfig (optimum.exporters.onnx.export)",
-    "torch-dynamo": "torch.onnx.export(dynamo=True): Optimum and TorchScript cannot export the family",
-}
-
-
-def resolve_opset(opset: int | None, family: Family) -> int:
-    return family.default_opset if opset is None else opset
 
 
 def export_onnx(
@@ -198,18 +186,15 @@ def _export(
 ) -> ExportResult:
     remove_stale_temporaries(output.parent)  # `.onnx.tmp-<pid>-*` folders of killed exports
     graphs: dict[str, Path] = {}
+    family = family_of(model.config)
     result = ExportResult(
-        output=output,
-        graphs=graphs,
-        opset=settings.opset,
-        export_seconds=0.0,
-        route=family_of(model.config).route,
+        output=output, graphs=graphs, opset=settings.opset, export_seconds=0.0, route=family.route
     )
     # A disk that fills up mid-export is the user's environment, not a bug: one line,
     # exit 2; atomic_dir has then removed the partial folder and `output` is unchanged.
     with environment_errors_as_input(output, f"{output} is unchanged"), atomic_dir(output) as tmp:
         start = time.perf_counter()
-        built = _build(model, tmp, output, settings)
+        built = _build(model, family, tmp, output, settings)
         result.export_seconds = time.perf_counter() - start
         log.info(
             "exported %s in %.1f s",
@@ -226,7 +211,7 @@ def _export(
                 onnx_dir_name=output,
                 skip_unrunnable=("fp16",),
                 progress=progress,
-                extra={"exporter": exporter_record(family_of(model.config))},
+                extra={"exporter": exporter_record(family)},
             )
             result.reports = {variant: reports[path.name] for variant, path in built.items()}
             result.validation_seconds = time.perf_counter() - start
@@ -235,10 +220,9 @@ def _export(
 
 
 def _build(
-    model: ModelFolder, tmp: Path, output: Path, settings: ExportSettings
+    model: ModelFolder, family: Family, tmp: Path, output: Path, settings: ExportSettings
 ) -> dict[str, Path]:
     """Every graph the settings ask for, written in `tmp`; {variant: graph}."""
-    family = family_of(model.config)
     built = {"fp32": export_fp32(model.path, tmp, opset=settings.opset)}
     if settings.fp16:
         built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANT_FILES["fp16"])

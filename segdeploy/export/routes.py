@@ -65,6 +65,11 @@ def _quiet_exporter() -> Iterator[None]:
         logger.removeFilter(flt)
 
 
+def resolve_opset(family: Family, opset: int | None) -> int:
+    """`opset`, or the family's default when None."""
+    return family.default_opset if opset is None else opset
+
+
 def check_opset(family: Family, opset: int) -> None:
     """SegdeployError unless `opset` is at least what `family` needs, saying why."""
     if opset < family.min_opset:
@@ -126,7 +131,7 @@ def export_fp32(
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     family = family_of(model_dir)  # before transformers: a one-line refusal, not a traceback
-    opset = family.default_opset if opset is None else opset
+    opset = resolve_opset(family, opset)
     check_opset(family, opset)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     out_dir.mkdir(parents=True, exist_ok=True)
