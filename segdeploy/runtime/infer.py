@@ -519,13 +519,7 @@ def run_infer(
 
     from segdeploy.runtime.segmenter import Segmenter
 
-    if not inputs:
-        raise SegdeployError("INPUT", "give at least one file, folder or glob")
-    check_top_names(inputs)
-    if workers is not None and workers < 0:
-        raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
-    workers = pipeline.default_workers() if workers is None else workers
-    threads = pipeline.default_threads() if threads is None else threads
+    workers, threads = _check_run(inputs, workers, threads)
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
@@ -591,6 +585,21 @@ def run_infer(
             summary_error = _write_summary(records, out / SUMMARY_NAME, header, totals)
     _raise_if_stopped(outcome, records.done, out / SUMMARY_NAME, summary_error)
     return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
+
+
+def _check_run(
+    inputs: Sequence[str | os.PathLike], workers: int | None, threads: int | None
+) -> tuple[int, int]:
+    """Refuse a run without inputs or with a bad worker count; (workers, threads) with the
+    defaults (the cores of the process's affinity) filled in."""
+    if not inputs:
+        raise SegdeployError("INPUT", "give at least one file, folder or glob")
+    check_top_names(inputs)
+    if workers is not None and workers < 0:
+        raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
+    workers = pipeline.default_workers() if workers is None else workers
+    threads = pipeline.default_threads() if threads is None else threads
+    return workers, threads
 
 
 def _jobs(

@@ -186,6 +186,34 @@ class _Evaluator:
         return value, report
 
 
+def _keep_worst_in_float(
+    ev: _Evaluator, start: Sequence[str], groups: dict[str, list[str]], drop: float, max_drop: float
+) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+    """Rank each group by its gain when it alone stays in float, then keep groups in float
+    greedily, best first, re-measuring the combination each time, until the drop is within
+    `max_drop` or the evaluations run out. (nodes kept, each group's effect, groups kept)."""
+    effects = []
+    for name, nodes in groups.items():
+        if ev.left() <= 1:
+            break
+        d, _ = ev.drop(start, nodes)
+        effects.append({"group": name, "nodes": len(nodes), "drop_if_float": round(d, 5),
+                        "gain": round(drop - d, 5)})  # fmt: skip
+    ranked = sorted((e for e in effects if e["gain"] > 0), key=lambda e: -e["gain"])
+    kept: list[str] = []
+    float_groups = []
+    for effect in ranked:
+        if drop <= max_drop or ev.left() <= 1:
+            break
+        trial = kept + groups[effect["group"]]
+        d, _ = ev.drop(start, trial)
+        effect["drop_after_keeping"] = round(d, 5)
+        if d < drop:
+            kept, drop = trial, d
+            float_groups.append(effect["group"])
+    return kept, effects, float_groups
+
+
 def search_exclusions(
     onnx_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -236,31 +264,12 @@ def search_exclusions(
             max_evaluations,
             skip_symbolic_shape,
         )
-        kept: list[str] = []
-        start_drop, _ = ev.drop(start, kept)
-        current, effects = start_drop, []
-        if current > max_drop:
-            # Rank: each group's gain when it alone is added to the float set.
-            for name, nodes in groups.items():
-                if ev.left() <= 1:
-                    break
-                d, _ = ev.drop(start, nodes)
-                effects.append({"group": name, "nodes": len(nodes), "drop_if_float": round(d, 5),
-                                "gain": round(current - d, 5)})  # fmt: skip
-            ranked = sorted((e for e in effects if e["gain"] > 0), key=lambda e: -e["gain"])
-            # Revert greedily, best first, re-measuring the combination each time.
-            float_groups = []
-            for effect in ranked:
-                if current <= max_drop or ev.left() <= 1:
-                    break
-                trial = kept + groups[effect["group"]]
-                d, _ = ev.drop(start, trial)
-                effect["drop_after_keeping"] = round(d, 5)
-                if d < current:
-                    kept, current = trial, d
-                    float_groups.append(effect["group"])
-        else:
-            float_groups = []
+        start_drop, _ = ev.drop(start, [])
+        kept, effects, float_groups = [], [], []
+        if start_drop > max_drop:
+            kept, effects, float_groups = _keep_worst_in_float(
+                ev, start, groups, start_drop, max_drop
+            )
         final_drop, report = ev.drop(start, kept, output=output_path)
 
     reached = final_drop <= max_drop
