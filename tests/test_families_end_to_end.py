@@ -134,3 +134,14 @@ def test_scratch_ids_train_offline(scratch, synthetic_dir, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == scratch and len(config["id2label"]) == 5
+
+
+def test_a_pretrained_beit_keeps_its_size_and_refuses_another(synthetic_dir, tmp_path):
+    base = save_model_folder(tmp_path / "base", "beit", "tiny")  # config image_size 64
+    result = _run(
+        "train", "--model", str(base), "--dataset", str(synthetic_dir), "--image-size", "96",
+        "--max-steps", "1", "-o", str(tmp_path / "m"),
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "96 differs from" in result.output and "image_size 64" in result.output
+    assert not (tmp_path / "m").exists()

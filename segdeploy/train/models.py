@@ -89,21 +89,17 @@ def check_model_source(model: str) -> Family:
     return family_of(_load_config(model, kind))
 
 
-def train_image_size(model: str, requested: int | None) -> int | None:
-    """The side `--model` trains at: `requested`, except that a pretrained model of a family
-    that runs only at its config.image_size (BEiT, Data2VecVision) keeps that size (None:
-    the processor's own size)."""
-    kind = model_kind(model)
-    if kind == "scratch":
-        family, size = parse_scratch(model)
-        if requested is None and family.size_bound:
-            return int(family.scratch[size]()["image_size"])
-        return requested
-    config = _load_config(model, kind)
-    family = family_of(config)
+def train_image_size(model: str, family: Family, requested: int | None) -> int | None:
+    """The side `--model` (of `family`, as check_model_source found) trains at: `requested`,
+    except that a pretrained model of a family that runs only at its config.image_size
+    (BEiT, Data2VecVision) keeps that size (None: the processor's own size)."""
     if not family.size_bound:
         return requested
-    native = int(config.image_size)
+    kind = model_kind(model)
+    if kind == "scratch":
+        _, size = parse_scratch(model)
+        return requested if requested is not None else int(family.scratch[size]()["image_size"])
+    native = int(_load_config(model, kind).image_size)  # read only for these two families
     if requested is not None and requested != native:
         raise SegdeployError(
             "--image-size",
@@ -151,14 +147,13 @@ def load_model(
         raise SegdeployError(model, f"cannot load model weights: {first_line(err)}") from None
 
 
-def load_processor(model: str, image_size: int | None = None):
-    """The family's image processor for `--model`, giving `image_size` squares when given.
+def load_processor(model: str, family: Family, image_size: int | None = None):
+    """The image processor of `--model` (of `family`), giving `image_size` squares when given.
 
     Labels are reduced by `segdeploy.data.label_array`, never by the processor,
     so `do_reduce_labels` is always False here. Models without a processor
     config (and scratch models) get the family processor's defaults.
     """
-    family = check_model_source(model)
     cls = families.processor_class(family)
     overrides: dict = {"do_reduce_labels": False}
     if image_size is not None:

@@ -66,7 +66,8 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     # (seconds on a busy machine), so that bad options fail at once.
     check_numbers(config)
     out = Path(config.output_dir or default_output_dir(config.model, config.dataset.name))
-    check_model_source(config.model)  # a Hub id offline fails here, before any data is read
+    family = check_model_source(config.model)  # a Hub id offline fails here, before any data
+    # is read; the family found is handed on, so the model's config is not fetched again
     hub_repo = check_can_push(config.hub_model_id or out.name) if config.push_to_hub else None
     resume_from = check_output_dir(out, config)
     # Read-only, full, or under a file: found now, not at the first checkpoint.
@@ -83,7 +84,8 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     args = _training_arguments(config, out, lr)
     transformers.set_seed(config.seed)  # the scratch weights are drawn before the Trainer seeds
     data = _load_data(config, args)
-    processor = load_processor(config.model, train_image_size(config.model, config.image_size))
+    side = train_image_size(config.model, family, config.image_size)
+    processor = load_processor(config.model, family, side)
     image_size = processor_image_size(processor)
     # A checkpoint at or past --max-steps means training had finished (the run
     # died writing the folder): the Trainer would still run one more step.
