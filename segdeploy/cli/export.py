@@ -17,7 +17,9 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
-    help="ONNX folder to write (replaced as a whole once complete). Default: MODEL_DIR/onnx.",
+    help="ONNX folder to write (replaced as a whole once complete): a new or empty folder, or "
+    "an earlier export, whose other graphs are kept if made from the same model.onnx. "
+    "Default: MODEL_DIR/onnx.",
 )
 @click.option(
     "--opset",
@@ -122,6 +124,7 @@ def export(
     """
     from segdeploy.cli.options import exit_if_failed, settings_from, warn
     from segdeploy.export import export_model
+    from segdeploy.export.folder import readd_options
     from segdeploy.validate import ValidationSettings
     from segdeploy.validate.tables import print_outcome
 
@@ -142,6 +145,15 @@ def export(
         f"export: {graphs} (opset {result.opset}, {result.route} route) in "
         f"{result.export_seconds:.1f} s -> {result.output}"
     )
+    if result.kept:
+        click.echo(f"kept from the earlier export (same model.onnx): {', '.join(result.kept)}")
+    if result.dropped:
+        again = readd_options(result.dropped)
+        warn(
+            f"dropped {', '.join(result.dropped)} of the earlier export: made from its "
+            "model.onnx, which this export changed"
+            + (f"; add {again} to make them again" if again else "")
+        )
     if validate:
         reports = list(result.reports.values())
         print_outcome(reports, seconds=result.validation_seconds)
