@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import itertools
 import json
 import logging
 import os
@@ -45,8 +46,10 @@ from PIL import Image
 from segdeploy.atomic import TMP_MARKER, atomic_path, remove_stale_temporaries
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime import pipeline
+from segdeploy.runtime.clips import Clips, VideoSettings
 from segdeploy.runtime.image_io import MAX_PIXELS, is_image_name
 from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
+from segdeploy.runtime.video import is_video_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,11 @@ class Failure:
 
 
 # -- finding inputs --------------------------------------------------------------------
+
+
+def is_input_name(path: str | os.PathLike) -> bool:
+    """A file infer reads from a folder or glob: a photo, or a clip (segdeploy.runtime.clips)."""
+    return is_image_name(path) or is_video_name(path)
 
 
 def _top_name(path: Path) -> str:
@@ -111,7 +119,7 @@ def iter_inputs(
                     m = Path(os.path.realpath(m))
                 if m.is_dir():
                     yield from _walk(m, rel, exclude, counts, listed)
-                elif is_image_name(m):
+                elif is_input_name(m):
                     yield Item(m, rel.with_name(m.stem))
                 else:
                     counts["ignored"] += 1
@@ -200,7 +208,7 @@ def _walk(
             if e.is_dir():
                 dirs.append(e)
             elif e.is_file():
-                if is_image_name(e.name):
+                if is_input_name(e.name):
                     files.append(e)
                 else:
                     counts["ignored"] += 1
@@ -506,8 +514,12 @@ def run_infer(
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
     segmenter=None,
+    video: VideoSettings | None = None,
 ) -> dict[str, Any]:
     """Segment every image in `inputs`; write labels, overlays and summary.json under `output`.
+
+    Clips among the inputs and `video.streams` are segmented frame by frame
+    (segdeploy.runtime.clips; `video` holds their options).
 
     Returns the summary's header and totals (the per-image records are in the
     file). Per-image problems are logged and recorded, never raised; a missing
@@ -519,7 +531,9 @@ def run_infer(
 
     from segdeploy.runtime.segmenter import Segmenter
 
-    workers, threads = _check_run(inputs, workers, threads)
+    video = video or VideoSettings()
+    video.check()
+    workers, threads = _check_run(inputs, workers, threads, video.streams)
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
@@ -547,8 +561,15 @@ def run_infer(
     counts: dict[str, int] = {"ignored": 0}
     records = _Records(out)
     bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
+    clips = Clips(
+        out, seg, video, overlay=overlay, skip_existing=skip_existing, palette=cfg.palette
+    )
 
     def record(rec: dict[str, Any]) -> None:
+        if "tag" in rec:  # a clip's frame, or its end: the clip's outputs take it
+            rec = clips.route(rec)
+            if rec is None:
+                return
         if "reason" in rec:
             log.error("%s: %s", rec["input"], rec["reason"])
         if records.broken:
@@ -567,11 +588,15 @@ def run_infer(
     outcome = pipeline.Outcome(workers=workers)
     with pipeline.stop_signals() as signals:
         try:
-            jobs = _jobs(planner.items(inputs, counts), out, overlay, skip_existing, seg.id2label)
+            jobs = _jobs(
+                planner.items(inputs, counts), out, overlay, skip_existing, seg.id2label, clips
+            )
+            jobs = itertools.chain(jobs, clips.stream_entries())
             outcome = pipeline.run(
                 jobs, seg, out, cfg=cfg, workers=workers, record=record, stop=signals
             )
         finally:
+            clips.close()
             bar.close()
             wall = time.perf_counter() - start
             stopped = outcome.stopped
@@ -582,18 +607,23 @@ def run_infer(
                 None if stopped is None else f"{stopped.path}: {stopped.reason}",
             )
             totals = summary_totals(records, counts["ignored"], wall, outcome)
+            totals["frames"] = clips.frames
+            totals["frames_per_s"] = round(clips.frames / wall, 3) if wall > 0 else None
             summary_error = _write_summary(records, out / SUMMARY_NAME, header, totals)
     _raise_if_stopped(outcome, records.done, out / SUMMARY_NAME, summary_error)
     return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
 
 
 def _check_run(
-    inputs: Sequence[str | os.PathLike], workers: int | None, threads: int | None
+    inputs: Sequence[str | os.PathLike],
+    workers: int | None,
+    threads: int | None,
+    streams: Sequence[str] = (),
 ) -> tuple[int, int]:
     """Refuse a run without inputs or with a bad worker count; (workers, threads) with the
     defaults (the cores of the process's affinity) filled in."""
-    if not inputs:
-        raise SegdeployError("INPUT", "give at least one file, folder or glob")
+    if not inputs and not streams:
+        raise SegdeployError("INPUT", "give at least one file, folder, glob or --stream")
     check_top_names(inputs)
     if workers is not None and workers < 0:
         raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
@@ -603,13 +633,22 @@ def _check_run(
 
 
 def _jobs(
-    items: Iterator[Item | Failure], out: Path, overlay: bool, skip_existing: bool, id2label
+    items: Iterator[Item | Failure],
+    out: Path,
+    overlay: bool,
+    skip_existing: bool,
+    id2label,
+    clips: Clips,
 ) -> Iterator[pipeline.Job | dict[str, Any]]:
-    """The planned items as the engine's work: a Job per image to segment, a record for a
-    failure or (with --skip-existing) an image whose outputs are already complete."""
+    """The planned items as the engine's work: a Job per image to segment (per frame of a
+    clip), a record for a failure or (with --skip-existing) an image whose outputs are
+    already complete."""
     for item in items:
         if isinstance(item, Failure):
             yield {"input": item.path, "reason": item.reason}
+            continue
+        if is_video_name(item.path):
+            yield from clips.file_entries(item.path, item.out)
             continue
         if skip_existing:
             rec = _existing_record(out, item, overlay, id2label)
