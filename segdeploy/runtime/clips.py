@@ -28,7 +28,7 @@ from typing import Any
 
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.pipeline import Job, Keep, class_shares
-from segdeploy.runtime.video import Frame, FrameChoice, FrameReader
+from segdeploy.runtime.video import Frame, FrameChoice, FrameReader, import_av
 from segdeploy.runtime.video_out import (
     LABEL_MODES,
     OVERLAY_CODECS,
@@ -91,6 +91,8 @@ class Clips:
         palette=None,
     ):
         settings.check()
+        if settings.streams:
+            import_av("--stream")
         self.output, self.seg, self.settings = output, seg, settings
         self.out_real = Path(os.path.realpath(output))
         self.overlay = OVERLAY_CODECS[settings.overlay_codec] if overlay else None
@@ -110,7 +112,9 @@ class Clips:
 
     # -- entries -------------------------------------------------------------------------
     def file_entries(self, path: Path, rel: PurePath) -> Iterator[Job | dict]:
-        """A clip found among the inputs; its outputs go to OUT/<its folder>/<file name>/."""
+        """A clip found among the inputs; its outputs go to OUT/<its folder>/<file name>/.
+        Without PyAV the run stops here: SegdeployError with the install line (exit 2)."""
+        import_av(path)
         yield from self._entries(str(path), rel.parent / path.name, stream=False)
 
     def stream_entries(self) -> Iterator[Job | dict]:
@@ -200,6 +204,8 @@ class Clips:
         clip, frame = rec["tag"]
         out = clip.out
         if frame is None:
+            if out.frames + len(out.dropped) < clip.reader.counts.taken:
+                return None  # a stopped run: frames missing, left to close() for resuming
             self._open.pop(id(clip), None)
             if out.info is None and clip.reader.info:  # every frame was left out
                 out.start(clip.reader.info[0])
@@ -208,7 +214,14 @@ class Clips:
             out.drop(frame, rec["reason"])
             return None
         output = frame_name(frame) if self.settings.labels == "png" else None
-        out.add(frame, rec["classes"], rec.get("labels"), rec.get("overlay_pixels"), output)
+        out.add(
+            frame,
+            rec["classes"],
+            rec.get("labels"),
+            rec.get("overlay_pixels"),
+            output,
+            resumed=rec.get("resumed", False),
+        )
         self.frames += 1
         return None
 

@@ -262,8 +262,11 @@ def read_frames(
         counted = -1  # index by counting, once the first frame's index is known
         last_taken: float | None = None
         rotation = 0
+        lost = 0  # dropped frames already counted into the index
         for frame in _decoded(av, container, video, counts):
             counts.decoded += 1
+            # A packet that did not decode was a frame: the frames after it keep their numbers.
+            missing, lost = len(counts.dropped) - lost, len(counts.dropped)
             if frame.pts is None:
                 counts.drop(None, "no timestamp")
                 continue
@@ -277,7 +280,7 @@ def read_frames(
                 # After a seek the count starts from the timestamp (exact at a constant rate).
                 counted = int(round(t * float(rate))) if rate and t > 0 else 0
             else:
-                counted += 1
+                counted += 1 + missing
             if getattr(frame, "is_corrupt", False):
                 counts.drop(t, "corrupt frame (FFmpeg flagged it)")
                 continue

@@ -50,6 +50,8 @@ LABEL_STREAM = "labels.mkv"
 JOURNAL = ".frames.partial.jsonl"
 LABEL_PARTIAL = ".labels.partial.mkv"
 LABEL_RESUMED = ".labels.resumed.mkv"
+#: Matroska muxer options of the partial label stream (see ClipOutputs._encoders).
+FLUSHED_MKV = {"cluster_time_limit": "1", "flush_packets": "1"}
 #: Milliseconds: the time base of every stream written (Matroska's own).
 TIME_BASE = Fraction(1, 1000)
 
@@ -85,11 +87,13 @@ def labels_crc(labels: np.ndarray) -> int:
 class _Encoder:
     """One video stream written with PyAV at millisecond timestamps (monotonic)."""
 
-    def __init__(self, path: Path, codec: str, pixel_format: str, size, fps, options=()):
+    def __init__(
+        self, path: Path, codec: str, pixel_format: str, size, fps, options=(), muxer=None
+    ):
         av = import_av(path)
         self.path = path
         self._av = av
-        self._container = av.open(str(path), "w")
+        self._container = av.open(str(path), "w", options=dict(muxer or {}))
         try:
             rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(25)
             stream = self._container.add_stream(codec, rate=rate)
@@ -162,6 +166,7 @@ class ClipOutputs:
         self.header = header  # what the run was (model, options): resume checks it
         self.info: ClipInfo | None = None
         self.frames = 0
+        self.resumed = 0  # frames whose labels a stopped run had written (no model run)
         self.dropped: list[dict[str, Any]] = []
         self._shares = np.zeros(len(id2label), np.float64)
         self._journal = None
@@ -274,7 +279,11 @@ class ClipOutputs:
         fps = self.info.fps if self.info else None
         if self.mode == "ffv1":
             fmt = "gray16le" if wide else "gray"
-            self._labels = _Encoder(self.folder / LABEL_PARTIAL, "ffv1", fmt, (h, w), fps)
+            # One Matroska cluster per frame, flushed: a killed run's partial stream holds
+            # every frame but the last few (measured: 39 of 40), for --skip-existing.
+            self._labels = _Encoder(
+                self.folder / LABEL_PARTIAL, "ffv1", fmt, (h, w), fps, muxer=FLUSHED_MKV
+            )
         codec = self.overlay_codec
         if codec is not None:
             even = (h + h % 2, w + w % 2) if codec.even else (h, w)
@@ -290,9 +299,11 @@ class ClipOutputs:
         labels: np.ndarray | None,
         overlay_rgb: np.ndarray | None,
         output: str | None,
+        *,
+        resumed: bool = False,
     ) -> None:
         """One segmented frame, in order: journal, label stream, overlay."""
-        if self._size is None:
+        if self._size is None and (labels is not None or overlay_rgb is not None):
             shape = labels.shape if labels is not None else overlay_rgb.shape
             self._encoders(shape[:2], labels is not None and labels.dtype != np.uint8)
         line: dict[str, Any] = {"index": frame.index, "time": round(frame.time, 4)}
@@ -310,6 +321,7 @@ class ClipOutputs:
         for c in classes:
             self._shares[c["id"]] += c["share"]
         self.frames += 1
+        self.resumed += resumed
         self._write_journal(line)
 
     def _overlay_even(self) -> bool:
@@ -340,6 +352,7 @@ class ClipOutputs:
             "complete": True,
             "clip": self.info.as_dict() if self.info else None,
             "frames": self.frames,
+            "resumed": self.resumed,
             "decoded": counts.decoded,
             "skipped": counts.skipped,
             "dropped": len(dropped),
