@@ -260,7 +260,7 @@ def infer(
     else:
         from segdeploy.runtime.ray_engine import parse_actors
 
-        engine_opts = {"address": ray_address, "actors": parse_actors(actors)}
+        engine_opts = {"address": ray_address, "actors": parse_actors(actors), "video": video}
         if workers is not None:
             raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
     if model_dir is None:

@@ -60,6 +60,18 @@ class VideoSettings:
             raise SegdeployError("--overlay-codec", f"expected one of {sorted(OVERLAY_CODECS)}")
 
 
+def run_header(seg, settings: VideoSettings, overlay: bool) -> dict[str, Any]:
+    """What a clip's outputs were made with; --skip-existing resumes only a clip whose
+    summary.json or journal has the same."""
+    return {
+        "model": str(seg.onnx_path),
+        "variant": seg.variant,
+        "choice": asdict(settings.choice()),
+        "labels": settings.labels,
+        "overlay": settings.overlay_codec if overlay else None,
+    }
+
+
 def stream_name(url: str) -> str:
     """The output folder of a stream: its URL without the scheme, as one safe name."""
     rest = url.split("://", 1)[-1]
@@ -101,14 +113,7 @@ class Clips:
         self.frames = 0  # frames segmented or resumed in this run, all clips
         self._open: dict[int, _Clip] = {}
         self._names: set[str] = set()
-        choice = asdict(settings.choice())
-        self.header = {
-            "model": str(seg.onnx_path),
-            "variant": seg.variant,
-            "choice": choice,
-            "labels": settings.labels,
-            "overlay": settings.overlay_codec if overlay else None,
-        }
+        self.header = run_header(seg, settings, overlay)
 
     # -- entries -------------------------------------------------------------------------
     def file_entries(self, path: Path, rel: PurePath) -> Iterator[Job | dict]:
