@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from segdeploy.cli.options import settings_from
 from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
 from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
@@ -204,13 +205,7 @@ def infer(
     engine: str,
     ray_address: str | None,
     actors: str | None,
-    streams: tuple[str, ...],
-    every: int,
-    start: float,
-    end: float | None,
-    max_fps: float | None,
-    video_labels: str,
-    overlay_codec: str,
+    **video_opts,
 ) -> None:
     """Segment images with an exported model on ONNX Runtime; no torch needed.
 
@@ -230,10 +225,8 @@ def infer(
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
 
-    Video clips among the inputs (mp4, mkv, mov, avi, webm; pip install
-    'segdeploy[video]') and --stream URLs are segmented frame by frame, into
-    OUTPUT/<clip file name>/: lossless label maps (--video-labels), overlay.mp4
-    with --overlay, and a summary.json with the share of every class over time.
+    Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
+    segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
 
     A file that cannot be read (corrupt, not an image, empty, too large) is
     reported and skipped; the exit status is then 1. A missing model or
@@ -247,10 +240,7 @@ def infer(
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
 
-    video = VideoSettings(every, start, end, max_fps, video_labels, overlay_codec, streams)
-    video.check()
-    if not inputs and not streams:
-        raise SegdeployError("INPUT", "give at least one file, folder, glob or --stream")
+    video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
 
     if engine == "local":
         for name, value in (("--ray-address", ray_address), ("--actors", actors)):
@@ -284,10 +274,13 @@ def infer(
             max_pixels=max_pixels or MAX_PIXELS,
             **engine_opts,
         )
+    _report(result)
+
+
+def _report(result: dict) -> None:
+    """The run's two lines on stdout; exit status 1 when an input failed."""
     t = result["totals"]
-    frames = (
-        f" and {t['frames']} video frames ({t['frames_per_s']:.2f}/s)" if t.get("frames") else ""
-    )
+    frames = f" and {t['frames']} video frames ({t['frames_per_s']:.2f}/s)" if t["frames"] else ""
     click.echo(
         f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed){frames} "
         f"in {t['seconds']:.1f} s on {result['provider']}"

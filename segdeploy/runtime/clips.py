@@ -97,18 +97,19 @@ class Clips:
         output: Path,
         seg,
         settings: VideoSettings,
+        cfg,
         *,
-        overlay: bool,
         skip_existing: bool,
-        palette=None,
     ):
+        """`cfg`: the run's pipeline.StageConfig (its palette set: overlays wanted)."""
         settings.check()
         if settings.streams:
             import_av("--stream")
         self.output, self.seg, self.settings = output, seg, settings
         self.out_real = Path(os.path.realpath(output))
+        overlay = cfg.palette is not None
         self.overlay = OVERLAY_CODECS[settings.overlay_codec] if overlay else None
-        self.palette = palette
+        self.palette = cfg.palette
         self.skip_existing = skip_existing
         self.frames = 0  # frames segmented or resumed in this run, all clips
         self._open: dict[int, _Clip] = {}

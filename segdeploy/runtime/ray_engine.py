@@ -510,9 +510,7 @@ def _drive(
         bar.close()
         wall = time.perf_counter() - start
         header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall, outcome)
-        totals["frames"] = clips.frames
-        totals["frames_per_s"] = round(clips.frames / wall, 3) if wall > 0 else None
+        totals = summary_totals(records, counts["ignored"], wall, outcome, clips.frames)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:
