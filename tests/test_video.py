@@ -43,7 +43,7 @@ def _pngs(folder: Path) -> list[Path]:
 def _as_png_labels(model: Path, frames: list[np.ndarray], tmp: Path) -> list[np.ndarray]:
     """`segdeploy infer` on each frame written as a PNG: the reference."""
     src, out = tmp / "png-frames", tmp / "png-out"
-    src.mkdir()
+    src.mkdir(parents=True)
     for i, f in enumerate(frames):
         Image.fromarray(f).save(src / f"{i:04d}.png")
     assert _infer(model, str(src), "-o", str(out), "--workers", "0").exit_code == 0
@@ -440,3 +440,50 @@ def test_no_frame_memory_grows_with_the_clip(tiny_onnx_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr
         sizes[n] = int(proc.stdout.split("RSS")[-1])
     assert sizes[240] - sizes[30] < 15_000, sizes  # kB; 210 frames held would be 109 MB of RGB
+
+
+@pytest.mark.slow
+def test_camvid_frames_as_a_clip_get_the_labels_of_the_frames_as_pngs(
+    camvid, tiny_onnx_dir, tmp_path
+):
+    """Held-in CamVid frames (one driving sequence of the training split, 480x360) as a
+    lossless clip (FFV1 in bgr0) and as H.264 4:2:0: every frame's labels equal infer on
+    the same pixels as PNGs, in both label formats, on 100% of pixels."""
+    photos = sorted((camvid / "images" / "train").glob("0001TP_*.jpg"))[:12]
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
+    lossless = write_clip(tmp_path / "seq.mkv", frames, codec="ffv1", pixel_format="bgr0")
+    lossy = write_clip(tmp_path / "seq.mp4", frames, options={"crf": "18"})
+    for clip, pixels in ((lossless, frames), (lossy, decoded_frames(lossy))):
+        expected = _as_png_labels(tiny_onnx_dir, pixels, tmp_path / clip.suffix[1:])
+        png, mkv = tmp_path / f"png-{clip.name}", tmp_path / f"mkv-{clip.name}"
+        assert _infer(tiny_onnx_dir, str(clip), "-o", str(png)).exit_code == 0
+        assert (
+            _infer(tiny_onnx_dir, str(clip), "-o", str(mkv), "--video-labels", "ffv1").exit_code
+            == 0
+        )
+        got = [np.asarray(Image.open(p)) for p in _pngs(png / clip.name)]
+        stream = label_stream(mkv / clip.name / "labels.mkv")
+        assert len(got) == len(stream) == len(expected) == 12
+        for a, b, ref in zip(got, stream, expected, strict=True):
+            assert a.shape == (360, 480)
+            assert np.array_equal(a, ref) and np.array_equal(b, ref)
+
+
+def test_a_live_stream_drops_frames_when_the_pipeline_falls_behind(clip):
+    """Live sources never wait for a slow pipeline longer than the lag: such frames are
+    recorded as dropped, the others arrive in order. (A source faster than real time, as
+    in the HTTP tests above, is never behind.)"""
+    import time
+
+    from segdeploy.runtime.video import FrameReader
+
+    reader = FrameReader(str(clip), FrameChoice(), depth=1, live=True, lag=0.2)
+    got = []
+    for frame in reader:  # a model four times slower than the 10 fps clip
+        got.append(frame.index)
+        time.sleep(0.4)
+    reader.close()
+    dropped = reader.counts.dropped
+    assert dropped and all(d["reason"] == "dropped: over 0.2 s behind the stream" for d in dropped)
+    assert len(got) + len(dropped) == 20 and got == sorted(got) and got[0] == 0
+    assert reader.counts.taken == len(got)

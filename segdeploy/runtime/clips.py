@@ -168,7 +168,8 @@ class Clips:
             Keep(labels=self.settings.labels == "ffv1", overlay=bool(self.overlay)),
         )
         bare = 0 if self.overlay else len(done)  # resumed frames need pixels only to blend
-        clip.reader = FrameReader(clip.source, self.settings.choice(), stream=stream, bare=bare)
+        choice = self.settings.choice()
+        clip.reader = FrameReader(clip.source, choice, stream=stream, live=stream, bare=bare)
         known = out.resumed_labels(done)
         try:
             for k, frame in enumerate(clip.reader):

@@ -46,6 +46,11 @@ PIXEL_CONVERSION = (
 )
 #: Seconds a stream may stay silent before it counts as stopped.
 STREAM_TIMEOUT_S = 10.0
+#: Seconds a live stream's frame may lag the wall clock, with the pipeline full, before it
+#: is dropped (and recorded) rather than queued: latency stays bounded when the model is
+#: slower than the camera. A source faster than real time (a file served over HTTP) is
+#: never behind, so it loses nothing.
+LIVE_LAG_S = 2.0
 
 
 def is_video_name(path: str | Path) -> bool:
@@ -324,7 +329,18 @@ class FrameReader:
     stops the thread early (Ctrl-C), which then closes the file.
     """
 
-    def __init__(self, source: str, choice: FrameChoice, *, depth: int = 16, **kwargs):
+    def __init__(
+        self,
+        source: str,
+        choice: FrameChoice,
+        *,
+        depth: int = 16,
+        live: bool = False,
+        lag: float = LIVE_LAG_S,
+        **kwargs,
+    ):
+        self.live, self.lag = live, lag
+        self._origin: float | None = None  # wall clock at the live stream's time 0
         self.info: list[ClipInfo] = []
         self.counts = FrameCounts()
         self.decode_s = 0.0  # the thread's CPU time: decoding, conversion, rotation
@@ -341,6 +357,10 @@ class FrameReader:
         t0 = time.thread_time()
         try:
             for frame in read_frames(*args, **kwargs):
+                if self._late(frame):
+                    self.counts.taken -= 1
+                    self.counts.drop(frame.time, f"dropped: over {self.lag:g} s behind the stream")
+                    continue
                 if not self._put(frame):
                     return
             self._put(_END)
@@ -348,6 +368,15 @@ class FrameReader:
             self._put(err)
         finally:
             self.decode_s = time.thread_time() - t0
+
+    def _late(self, frame: Frame) -> bool:
+        """A live stream's frame that the full pipeline could only take too late."""
+        if not self.live:
+            return False
+        now = time.monotonic()
+        if self._origin is None:
+            self._origin = now - frame.time
+        return self._queue.full() and now - self._origin - frame.time > self.lag
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
