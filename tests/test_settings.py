@@ -90,10 +90,8 @@ def test_infer_video_options_default_to_video_settings():
     from segdeploy.cli.infer import infer
     from segdeploy.runtime.clips import VideoSettings
 
-    options = _defaults(infer)
-    assert options["streams"] == ()  # a multiple option: Click's empty tuple
-    compared = _check(infer, VideoSettings(), renames={"labels": "video_labels"}, skip=("streams",))
-    assert compared == len(fields(VideoSettings)) - 1
+    compared = _check(infer, VideoSettings(), renames={"labels": "video_labels"})
+    assert compared == len(fields(VideoSettings))
 
 
 @pytest.mark.parametrize(

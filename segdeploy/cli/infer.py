@@ -19,6 +19,7 @@ def video_options(func):
             "--stream",
             "streams",
             multiple=True,
+            default=_VIDEO.streams,
             metavar="URL",
             help="Segment a stream: anything FFmpeg opens (rtsp://, http://, a file being "
             "written as file:PATH); outputs go to OUTPUT/<URL as a name>/. Repeatable.",
