@@ -96,7 +96,12 @@ def save_frames(frames, folder: Path, suffix: str) -> Path:
     return folder
 
 
-_RSS = "import resource; print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+#: The child's own peak RSS: VmHWM belongs to its address space, new at exec (ru_maxrss
+#: would carry over the forking parent's, this script's, which holds every frame).
+_RSS = (
+    "print('RSS_KB', next(int(x.split()[1]) for x in open('/proc/self/status') "
+    "if x.startswith('VmHWM')))"
+)
 
 
 def infer(model: Path, src: Path, out: Path, *extra: str) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime.pipeline import Job, Keep, class_shares
+from segdeploy.runtime.pipeline import Job, Keep, class_shares, prepare_image
 from segdeploy.runtime.video import Frame, FrameChoice, FrameReader, import_av
 from segdeploy.runtime.video_out import (
     LABEL_MODES,
@@ -110,6 +110,7 @@ class Clips:
         overlay = cfg.palette is not None
         self.overlay = OVERLAY_CODECS[settings.overlay_codec] if overlay else None
         self.palette = cfg.palette
+        self.cfg = cfg
         self.skip_existing = skip_existing
         self.frames = 0  # frames segmented or resumed in this run, all clips
         self._open: dict[int, _Clip] = {}
@@ -169,7 +170,9 @@ class Clips:
         )
         bare = 0 if self.overlay else len(done)  # resumed frames need pixels only to blend
         choice = self.settings.choice()
-        clip.reader = FrameReader(clip.source, choice, stream=stream, live=stream, bare=bare)
+        clip.reader = FrameReader(
+            clip.source, choice, stream=stream, live=stream, bare=bare, prepare=self._prepare
+        )
         known = out.resumed_labels(done)
         try:
             for k, frame in enumerate(clip.reader):
@@ -186,10 +189,16 @@ class Clips:
                     yield self._resumed(clip, frame, labels)
                     continue
                 label = out.png_path(frame) if self.settings.labels == "png" else None
-                yield Job(Path(clip.source), label, None, frame.rgb, keep, (clip, frame))
+                prepared, frame.prepared = frame.prepared, None  # the record keeps no pixels
+                yield Job(Path(clip.source), label, None, keep=keep, tag=(clip, frame),
+                          prepared=prepared)  # fmt: skip
         finally:
             known.close()
             clip.reader.close()
+
+    def _prepare(self, rgb):
+        """Decode stage's second half for a frame, on its reader thread (`prepare_image`)."""
+        return prepare_image(rgb, self.cfg)
 
     def _resumed(self, clip: _Clip, frame: Frame, labels) -> dict:
         """A frame a stopped run finished: its record, with its labels read back."""

@@ -375,6 +375,9 @@ class Job:
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
     keep: Keep | None = None
     tag: Any = field(default=None, compare=False)
+    #: Decoded and preprocessed already (a clip's frame, by its reader thread): straight
+    #: to the model, no round trip through the workers.
+    prepared: Prepared | None = field(default=None, repr=False, compare=False)
 
     @property
     def source(self) -> Path | np.ndarray:
@@ -605,6 +608,11 @@ class _Engine:
             self.pool.checkpoint()
             if isinstance(entry, dict):
                 self.ordered.put(seq, entry)
+                continue
+            if entry.prepared is not None:
+                self.waiting.append((seq, entry, entry.prepared))
+                while len(self.waiting) >= self.size:
+                    self.run_model(self.size)
                 continue
             self.chunk.append((seq, entry))
             if len(self.chunk) >= self.chunk_size:
