@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import queue
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from segdeploy.errors import SegdeployError, first_line
+from segdeploy.runtime.pipeline import available_cores
 
 INSTALL_HINT = "pip install 'segdeploy[video]'"
 #: File name endings read as clips (lower case); anything FFmpeg opens goes through --stream.
@@ -52,13 +52,6 @@ STREAM_TIMEOUT_S = 10.0
 #: slower than the camera. A source faster than real time (a file served over HTTP) is
 #: never behind, so it loses nothing.
 LIVE_LAG_S = 2.0
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def is_video_name(path: str | Path) -> bool:
@@ -192,7 +185,7 @@ def open_input(av, source: str, *, stream: bool):
         # workers. On 2 cores that is 1 thread: measured 61-69 frames/s of the tiny model
         # against 37-41 with FFmpeg's default (one per core), which crowded out the workers.
         video.thread_type = "AUTO"
-        video.codec_context.thread_count = max(1, _cores() // 2)
+        video.codec_context.thread_count = max(1, available_cores() // 2)
     except BaseException:
         container.close()
         raise
