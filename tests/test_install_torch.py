@@ -54,7 +54,9 @@ def _run(tmp_path: Path, *, fail_on: str = "", gpu: bool = False, **env: str):
 def test_without_a_gpu_torch_comes_from_the_cpu_index(tmp_path):
     result, calls = _run(tmp_path)
     assert result.returncode == 0, result.stderr
-    assert calls == [f"install --quiet --retries 1 --timeout 30 --index-url {CPU_INDEX} torch==2.13.0"]
+    assert calls == [
+        f"install --quiet --retries 1 --timeout 30 --index-url {CPU_INDEX} torch==2.13.0"
+    ]
     assert f"torch: installed 2.13.0+cpu (CPU build) from {CPU_INDEX}" in result.stdout
 
 
