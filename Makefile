@@ -45,10 +45,10 @@ format: install
 # The documentation site (mkdocs-material) into site/; --strict fails on any warning
 # (a broken link, a nav entry to a missing page, an API name that no longer exists).
 docs: install
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: install
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site
