@@ -1,6 +1,6 @@
 """Bench: segdeploy's ONNX Runtime path against eager PyTorch on a folder of images.
 
-    python examples/bench.py [MODEL_DIR] PHOTOS [LABELS]   # LABELS: masks with the same stems
+python examples/bench.py [MODEL_DIR] PHOTOS [LABELS]   # LABELS: masks with the same stems
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Export: a trained model folder to ONNX (fp32 and fp16), each graph validated against PyTorch.
 
-    python examples/export.py [MODEL_DIR]          # default: models/example -> models/example/onnx
+python examples/export.py [MODEL_DIR]          # default: models/example -> models/example/onnx
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Infer, torch-free: label maps for a folder (the command's job), and one image at a time.
 
-    python examples/infer.py [MODEL_DIR] PHOTOS [OUT]    # defaults: models/example, -, masks
+python examples/infer.py [MODEL_DIR] PHOTOS [OUT]    # defaults: models/example, -, masks
 """
 
 import sys
@@ -24,4 +24,4 @@ seg = Segmenter(model_dir)
 first = sorted(photos.glob("*.png"))[0]
 mask = seg.predict(first)  # (H, W) class ids at the photo's size
 ids, counts = np.unique(mask, return_counts=True)
-print(first.name, {seg.id2label[int(i)]: int(n) for i, n in zip(ids, counts)})
+print(first.name, {seg.id2label[int(i)]: int(n) for i, n in zip(ids, counts, strict=True)})

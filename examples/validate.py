@@ -1,6 +1,6 @@
 """Validate: one ONNX graph against its PyTorch model again, e.g. with a tighter tolerance.
 
-    python examples/validate.py [MODEL_DIR]        # default: models/example
+python examples/validate.py [MODEL_DIR]        # default: models/example
 """
 
 import sys

@@ -214,7 +214,9 @@ def _check_outputs(page: str, copy: Path) -> None:
         assert (copy / "models/tiny/onnx/model_fp16.onnx").is_file()
         photos = list((copy / "models/demo/data/images").glob("*.png"))
         assert len(list((copy / "masks").rglob("*_overlay.jpg"))) == len(photos) > 0
-        assert (copy / "masks/summary.json").is_file() and (copy / "masks-ray/summary.json").is_file()
+        assert (copy / "masks/summary.json").is_file() and (
+            copy / "masks-ray/summary.json"
+        ).is_file()
     elif page.endswith("first-model.md"):
         import json
 

@@ -35,7 +35,9 @@ def _test_names(path: Path) -> set[str]:
 
 
 def test_every_promise_names_tests_that_exist():
-    rows = [r for r in (DOCS / "promises.md").read_text().splitlines() if re.match(r"^\| \d+ \|", r)]
+    rows = [
+        r for r in (DOCS / "promises.md").read_text().splitlines() if re.match(r"^\| \d+ \|", r)
+    ]
     assert len(rows) >= 19
     for row in rows:
         cell = row.rstrip(" |").rsplit("|", 1)[-1]
@@ -114,9 +116,7 @@ def test_code_tables_follow_the_code(monkeypatch):
 
 def test_every_table_marker_of_the_pages_is_known():
     hook = _hook()
-    used = {
-        m for page in DOCS.rglob("*.md") for m in hook.MARKER.findall(page.read_text())
-    }
+    used = {m for page in DOCS.rglob("*.md") for m in hook.MARKER.findall(page.read_text())}
     assert used and used <= set(hook.RENDERERS)
     assert set(hook.RENDERERS) <= used  # no renderer left unused
 
