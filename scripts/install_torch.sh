@@ -30,4 +30,4 @@ else
     source="pip's default index (fallback)"
 fi
 build=$("$PYTHON" -c "import torch; v = torch.version.cuda; print(torch.__version__, '(CUDA ' + v + ' build)' if v else '(CPU build)')")
-echo "torch: installed $build from $source"
+echo "torch: installed $build (pip index: $source)"

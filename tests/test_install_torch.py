@@ -57,7 +57,7 @@ def test_without_a_gpu_torch_comes_from_the_cpu_index(tmp_path):
     assert calls == [
         f"install --quiet --retries 1 --timeout 30 --index-url {CPU_INDEX} torch==2.13.0"
     ]
-    assert f"torch: installed 2.13.0+cpu (CPU build) from {CPU_INDEX}" in result.stdout
+    assert f"torch: installed 2.13.0+cpu (CPU build) (pip index: {CPU_INDEX})" in result.stdout
 
 
 def test_an_unreachable_cpu_index_falls_back_to_the_default_index(tmp_path):
@@ -65,7 +65,7 @@ def test_an_unreachable_cpu_index_falls_back_to_the_default_index(tmp_path):
     assert result.returncode == 0, result.stderr
     assert calls[-1] == "install --quiet torch==2.13.0" and len(calls) == 2
     assert "trying pip's default index" in result.stderr
-    assert "from pip's default index (fallback)" in result.stdout
+    assert "(pip index: pip's default index (fallback))" in result.stdout
 
 
 @pytest.mark.parametrize(
