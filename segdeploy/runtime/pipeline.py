@@ -61,7 +61,7 @@ from PIL import Image
 from segdeploy.atomic import write_bytes
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
-from segdeploy.runtime.palette import overlay as blend_overlay
+from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.upsample import upsample_argmax
 
@@ -244,7 +244,7 @@ def finish_image(
     keep = keep or Keep()
     blended = None
     if cfg.palette is not None and image is not None and (overlay is not None or keep.overlay):
-        blended = blend_overlay(image, labels, cfg.palette)
+        blended = render_overlay(image, labels, cfg.palette, cfg.id2label)
         if overlay is not None:
             jpeg = io.BytesIO()
             blended.save(jpeg, format="JPEG", quality=90)

@@ -40,7 +40,7 @@ import numpy as np
 
 from segdeploy.atomic import atomic_path, write_json
 from segdeploy.errors import SegdeployError, first_line
-from segdeploy.runtime.palette import overlay as blend_overlay
+from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.video import ClipInfo, Frame, FrameCounts, import_av
 
 SUMMARY = "summary.json"
@@ -316,7 +316,9 @@ class ClipOutputs:
             line["crc"] = labels_crc(labels)
         if self._overlay is not None:
             if overlay_rgb is None:  # a resumed frame: blended here, as a worker would
-                overlay_rgb = np.asarray(blend_overlay(frame.rgb, labels, self.palette))
+                overlay_rgb = np.asarray(
+                    render_overlay(frame.rgb, labels, self.palette, self.id2label)
+                )
             self._overlay.write(_pad_even(overlay_rgb, self._overlay_even()), frame.time, "rgb24")
         for c in classes:
             self._shares[c["id"]] += c["share"]
