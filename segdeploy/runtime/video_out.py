@@ -370,7 +370,10 @@ class ClipOutputs:
         record = {
             "input": self.source,
             "output": self.rel,
-            "video": {k: summary[k] for k in ("frames", "decoded", "skipped", "dropped", "ended")},
+            "video": {
+                k: summary[k]
+                for k in ("frames", "resumed", "decoded", "skipped", "dropped", "ended")
+            },
             "summary": f"{self.rel}/{SUMMARY}",
         }
         if self.frames == 0:
