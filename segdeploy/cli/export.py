@@ -57,11 +57,12 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     "--quantize",
     type=click.Choice(["int8"]),
     default=_DEFAULTS.quantize,
-    help="Also write model_int8.onnx: static int8 quantization (QDQ, per-channel int8 weights, "
-    "the family's float op types kept in float: Softmax and LayerNorm for the transformers, "
-    "none for MobileNetV2) for CPUs, calibrated on images of the training split "
-    "recorded by `segdeploy train`; validated like the others (default tolerance 0.01 mean IoU). "
-    "The settings and what stayed in float go to quantization_int8.json.",
+    help="Also write model_int8.onnx: static int8 quantization (QDQ; per-channel int8 weights "
+    "in 7 bits, so that CPUs without VNNI compute them exactly; the family's float op types "
+    "kept in float: Softmax and LayerNorm for the transformers, none for MobileNetV2) for "
+    "CPUs, calibrated on images of the training split recorded by `segdeploy train`; "
+    "validated like the others (default tolerance 0.01 mean IoU). The settings and what "
+    "stayed in float go to quantization_int8.json.",
 )
 @click.option(
     "--calibration-images",
