@@ -227,8 +227,7 @@ def test_default_backends_follow_the_variants_in_the_onnx_folder(tmp_path):
     assert "onnx-tensorrt-int8" not in names  # TensorRT takes its precision from a build flag
     assert default_backends(None) == [
         "torch", "hf-pipeline", "optimum", "onnx-cpu", "onnx-cuda", "onnx-tensorrt",
-        "openvino", "openvino-int8",  # the CPU peers (issue 16): skipped with a reason if absent
-    ]  # fmt: skip
+    ]  # fmt: skip  (the OpenVINO peers run when asked for: `--help` says all but openvino)
 
 
 def test_parse_and_check_backends(tiny_onnx_dir, tmp_path):
