@@ -65,9 +65,11 @@ from segdeploy.atomic import (
 )
 from segdeploy.errors import SegdeployError, first_line, shown
 from segdeploy.runtime import pipeline
+from segdeploy.runtime.clips import Clips, VideoSettings
 from segdeploy.runtime.image_io import MAX_PIXELS, file_kind, image_size, is_image_name
 from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
 from segdeploy.runtime.provenance import foreign_files, occupant, owned, rel_name
+from segdeploy.runtime.video import is_video_name
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,11 @@ class Failure:
 
 
 # -- finding inputs --------------------------------------------------------------------
+
+
+def is_input_name(path: str | os.PathLike) -> bool:
+    """A file infer reads from a folder or glob: a photo, or a clip (segdeploy.runtime.clips)."""
+    return is_image_name(path) or is_video_name(path)
 
 
 def _top_name(path: Path) -> str:
@@ -151,7 +158,7 @@ def _iter_input(
                 m = Path(os.path.realpath(m))
             if m.is_dir():
                 yield from _walk(m, rel, exclude, counts, listed)
-            elif not is_image_name(m):
+            elif not is_input_name(m):
                 counts["ignored"] += 1
             elif m.is_file():
                 yield Item(m, rel.with_name(m.stem))
@@ -256,7 +263,7 @@ def _walk(
                 continue  # a link into the output folder
             if e.is_dir():
                 dirs.append(e)
-            elif not is_image_name(e.name):
+            elif not is_input_name(e.name):
                 counts["ignored"] += 1
             elif e.is_file():
                 files.append(e)
@@ -489,6 +496,7 @@ def check_plan(
     *,
     overwrite: bool = False,
     overlay: bool = False,
+    streams: bool = False,
 ) -> int:
     """Plan the whole run without writing; raise SegdeployError if it would harm a user file
     or cannot run at all.
@@ -498,8 +506,11 @@ def check_plan(
     run (found later in the listing, or a hard link), a file segdeploy did not
     write (unless `overwrite`), or a folder at an output path. Also refused: a
     missing input or a glob that matches nothing, an OUT inside an input folder
-    that holds other files, and inputs without a single image. Returns the number
-    of entries (for the progress bar). Costs one more listing and a stat per file.
+    that holds other files, and inputs without a single image (unless `streams`:
+    --stream URLs follow the inputs). Returns the number of entries (for the progress
+    bar). Costs one more listing and a stat per file, and a read of each file already
+    at an output path (its mark). A clip's outputs (OUT/<clip file name>/) are its own
+    (segdeploy.runtime.clips), not checked here.
     """
     planner = Planner(output, overlay=overlay)
     counts: dict[str, Any] = {}
@@ -511,9 +522,11 @@ def check_plan(
         if isinstance(item, Failure):
             if item.given:
                 raise SegdeployError(item.path, item.reason)
-            images += is_image_name(item.path)  # an image that will fail (a name too long)
+            images += is_input_name(item.path)  # an image that will fail (a name too long)
             continue
         images += 1
+        if is_video_name(item.path):
+            continue  # a clip writes a folder of its own (segdeploy.runtime.clips)
         for dest in _dests(planner.output, item, overlay):
             there = occupant(dest, rel_name(dest, planner.output))
             if there is None:
@@ -539,7 +552,7 @@ def check_plan(
     _check_summary(planner.out_real / SUMMARY_NAME, overwrite)
     if counts.get("excluded"):
         _check_out_inside_inputs(planner.output)
-    _say_left_out(counts, images, inputs)
+    _say_left_out(counts, images or streams, inputs)
     return n
 
 
@@ -758,11 +771,17 @@ def summary_header(seg, provider: str, interrupted: bool, stopped: str | None = 
 
 
 def summary_totals(
-    records: _Records, ignored: int, wall: float, outcome, counts: dict | None = None
+    records: _Records,
+    ignored: int,
+    wall: float,
+    outcome,
+    frames: int = 0,
+    counts: dict | None = None,
 ) -> dict[str, Any]:
     """summary.json's totals of a run that took `wall` seconds (`outcome`: the engine's
-    pipeline.Outcome: model time, workers, stage times; `counts`: the listing's, for
-    the entries it left out); every engine writes the same keys."""
+    pipeline.Outcome: model time, workers, stage times; `frames`: of clips and streams;
+    `counts`: the listing's, for the entries it left out); every engine writes the same
+    keys."""
     model_s = outcome.model_s
     counts = counts or {}
     return {
@@ -779,6 +798,8 @@ def summary_totals(
         "workers": outcome.workers,
         "stage_ms_per_image": outcome.stage_ms(),
         "bound_by": outcome.bound_by(),
+        "frames": frames,
+        "frames_per_s": round(frames / wall, 3) if wall > 0 else None,
     }
 
 
@@ -804,8 +825,10 @@ def run_infer(
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
     segmenter=None,
+    video: VideoSettings | None = None,
 ) -> dict[str, Any]:
     """Segment every image in `inputs`; write labels, overlays and summary.json under `output`.
+    Clips among the inputs and `video.streams`: frame by frame (segdeploy.runtime.clips).
 
     Returns the summary's header and totals (the per-image records are in the
     file). Per-image problems are logged and recorded, never raised; a missing
@@ -818,7 +841,7 @@ def run_infer(
     """
     from segdeploy.runtime.segmenter import Segmenter
 
-    workers, threads = _check_run(inputs, workers, threads)
+    workers, threads, video = _check_run(inputs, workers, threads, video)
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
@@ -835,27 +858,31 @@ def run_infer(
     )
     out = Path(output)
     # Refuses a run that would harm a user file or cannot run: nothing written.
-    total = check_plan(inputs, out, overwrite=overwrite, overlay=overlay)
+    total = check_plan(
+        inputs, out, overwrite=overwrite, overlay=overlay, streams=bool(video.streams)
+    )
     prepare_output(out)
     remove_stale_temporaries(out)  # a killed run's .summary.tmp-<pid>-<random>.jsonl
     if progress is None:
         progress = sys.stderr.isatty()
-    run = _Run(seg, out, overlay, skip_existing, total if progress else None, progress)
+    run = _Run(seg, out, overlay, skip_existing, video, total if progress else None, progress)
     outcome = run.execute(inputs, workers)
     _raise_if_stopped(outcome, run.records, out / SUMMARY_NAME, run.summary_error)
     return {**run.header, "totals": run.totals, "summary": str(out / SUMMARY_NAME)}
 
 
 class _Run:
-    """One local run after planning: the engine over the planned jobs, the records, and
-    summary.json written whatever happens (also when the engine fails: then it says so)."""
+    """One local run after planning: the engine over the planned jobs (clips and streams
+    frame by frame, segdeploy.runtime.clips), the records, and summary.json written
+    whatever happens (also when the engine fails: then it says so)."""
 
-    def __init__(self, seg, out: Path, overlay: bool, skip_existing: bool, total, progress):
+    def __init__(self, seg, out: Path, overlay: bool, skip_existing: bool, video, total, progress):
         from tqdm import tqdm
 
         self.seg, self.out, self.overlay, self.skip_existing = seg, out, overlay, skip_existing
         self.planner = Planner(out, clean=True, overlay=overlay)
         self.cfg = pipeline.StageConfig.for_segmenter(seg, overlay=overlay, output=out)
+        self.clips = Clips(out, seg, video, self.cfg, skip_existing=skip_existing)
         self.counts: dict[str, Any] = {"ignored": 0}
         self.records = _Records(out)
         self.bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
@@ -864,6 +891,12 @@ class _Run:
         self.summary_error: str | None = None
 
     def record(self, rec: dict[str, Any]) -> None:
+        """The engine's `record` callback: a clip's frames to the clip's outputs (routed in
+        order), every other record into summary.json, a full disk stopping the run."""
+        if "tag" in rec:  # a clip's frame, or its end: the clip's outputs take it
+            rec = self.clips.route(rec)
+            if rec is None:
+                return
         if "reason" in rec:
             log.error("%s: %s", shown(rec["input"]), rec["reason"])
         if self.records.broken:
@@ -885,7 +918,9 @@ class _Run:
         with pipeline.stop_signals() as signals:
             try:
                 items = self.planner.items(inputs, self.counts)
-                jobs = _jobs(items, self.out, self.overlay, self.skip_existing, self.seg)
+                jobs = _jobs(
+                    items, self.out, self.overlay, self.skip_existing, self.seg, self.clips
+                )
                 outcome = pipeline.run(
                     jobs, self.seg, self.out, cfg=self.cfg, workers=workers,
                     record=self.record, stop=signals,
@@ -898,6 +933,7 @@ class _Run:
                 )
                 raise
             finally:
+                self.clips.close()
                 self.bar.close()
                 stopped = outcome.stopped
                 if stopped is not None:
@@ -907,7 +943,7 @@ class _Run:
                 )
                 self.totals = summary_totals(
                     self.records, self.counts["ignored"], time.perf_counter() - start,
-                    outcome, self.counts,
+                    outcome, self.clips.frames, self.counts,
                 )  # fmt: skip
                 self.summary_error = _write_summary(
                     self.records, self.out / SUMMARY_NAME, self.header, self.totals
@@ -916,12 +952,17 @@ class _Run:
 
 
 def _check_run(
-    inputs: Sequence[str | os.PathLike], workers: int | None, threads: int | None
-) -> tuple[int, int]:
-    """Refuse a run without inputs or with a bad worker count; (workers, threads) with the
-    defaults (the cores of the process's affinity) filled in."""
-    if not inputs:
-        raise SegdeployError("INPUT", "give at least one file, folder or glob")
+    inputs: Sequence[str | os.PathLike],
+    workers: int | None,
+    threads: int | None,
+    video: VideoSettings | None = None,
+) -> tuple[int, int, VideoSettings]:
+    """Refuse a run without inputs or with a bad worker count or video option; (workers,
+    threads, video) with the defaults (the cores of the process's affinity) filled in."""
+    video = video or VideoSettings()
+    video.check()
+    if not inputs and not video.streams:
+        raise SegdeployError("INPUT", "give at least one file, folder, glob or --stream")
     if isinstance(inputs, str | os.PathLike):
         raise SegdeployError("INPUT", "inputs must be a list of files, folders or globs")
     check_top_names(inputs)
@@ -929,17 +970,26 @@ def _check_run(
         raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
     workers = pipeline.default_workers() if workers is None else workers
     threads = pipeline.default_threads() if threads is None else threads
-    return workers, threads
+    return workers, threads, video
 
 
 def _jobs(
-    items: Iterator[Item | Failure], out: Path, overlay: bool, skip_existing: bool, seg
+    items: Iterator[Item | Failure],
+    out: Path,
+    overlay: bool,
+    skip_existing: bool,
+    seg,
+    clips: Clips,
 ) -> Iterator[pipeline.Job | dict[str, Any]]:
-    """The planned items as the engine's work: a Job per image to segment, a record for a
-    failure or (with --skip-existing) an image whose outputs this model already wrote."""
+    """The planned items as the engine's work: a Job per image to segment (per frame of a
+    clip), a record for a failure or (with --skip-existing) an image whose outputs this
+    model already wrote."""
     for item in items:
         if isinstance(item, Failure):
             yield {"input": item.path, "reason": item.reason}
+            continue
+        if is_video_name(item.path):
+            yield from clips.file_entries(item.path, item.out)
             continue
         if skip_existing:
             rec = existing_record(out, item, overlay, seg)
@@ -949,6 +999,7 @@ def _jobs(
         yield pipeline.Job(
             item.path, label_path(out, item), overlay_path(out, item) if overlay else None
         )
+    yield from clips.stream_entries()  # --stream URLs, after the inputs
 
 
 def _raise_if_stopped(outcome, records: _Records, summary: Path, summary_error: str | None) -> None:

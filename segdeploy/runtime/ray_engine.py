@@ -45,7 +45,7 @@ import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime import pipeline
+from segdeploy.runtime import pipeline, ray_video
 from segdeploy.runtime.image_io import MAX_PIXELS
 from segdeploy.runtime.infer import (
     SUMMARY_NAME,
@@ -375,6 +375,7 @@ def run_infer_ray(
     overwrite: bool = False,
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
+    video=None,
 ) -> dict[str, Any]:
     """`run_infer` on Ray Data: same inputs, outputs, summary.json and return value.
 
@@ -406,7 +407,10 @@ def run_infer_ray(
     out = Path(output).absolute()
     # The local engine's planning, so the same rules keep user files safe: nothing is
     # written when an output would replace an input or leave OUT.
-    check_plan(inputs, out, overwrite=overwrite, overlay=overlay)
+    check_plan(
+        inputs, out, overwrite=overwrite, overlay=overlay,
+        streams=bool(video is not None and video.streams),
+    )  # fmt: skip
     if progress is None:
         progress = sys.stderr.isatty()
     model_kwargs = {
@@ -436,17 +440,24 @@ def run_infer_ray(
             _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
             model_kwargs=model_kwargs,
         )  # fmt: skip
+        # Clips and streams (segdeploy.runtime.ray_video): their frames go to the same actors.
+        model_stage = {"fn": _ModelStage, "compute": _actor_pool(ray, actors),
+                       "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                       "fn_constructor_kwargs": model_kwargs}  # fmt: skip
+        clips = ray_video.ClipRun(ray, probe, out, video, overlay, skip_existing, model_stage)
         # The host stages run on every CPU of the cluster: the stage table's parallelism.
         outcome = pipeline.Outcome(workers=int(ray.cluster_resources().get("CPU", 1)))
         return _drive(
-            inputs, out, probe, stages, overlay, skip_existing, provider, progress, outcome
+            inputs, out, probe, stages, overlay, skip_existing, provider, progress, outcome, clips
         )
     finally:
         if started:
             ray.shutdown()
 
 
-def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress, outcome):
+def _drive(
+    inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress, outcome, clips
+):
     """List the inputs, run `stages(rows)` on the rest, and stream the records into
     summary.json (also when interrupted, marked so)."""
     from tqdm import tqdm
@@ -470,6 +481,9 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
             if isinstance(item, Failure):
                 record({"input": item.path, "reason": item.reason})
                 continue
+            if ray_video.is_video_name(item.path):
+                clips.add_file(item.path, item.out)
+                continue
             if skip_existing:
                 rec = existing_record(out, item, overlay, probe)
                 if rec is not None:
@@ -492,6 +506,7 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
                         outcome.model_s += float(model_s)
                         outcome.add(json.loads(cpu), float(model_s), {})
                     record(rec)
+        clips.run(record, bar)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: the files written so far are complete; stopping")
@@ -503,10 +518,11 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
             raise
         raise cause from None
     finally:
+        clips.close()
         bar.close()
         wall = time.perf_counter() - start
         header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall, outcome, counts)
+        totals = summary_totals(records, counts["ignored"], wall, outcome, clips.frames, counts)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:
