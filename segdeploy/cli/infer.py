@@ -93,8 +93,9 @@ def video_options(func):
     show_default=True,
     type=click.Path(file_okay=False),
     help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...). It is "
-    "never read as input and must not hold the inputs: a run that would write over an input "
-    "file or outside OUTPUT exits with status 2 before writing anything.",
+    "never read as input and must not hold the inputs: a run that would write over an input, "
+    "over a file segdeploy did not write (see --overwrite) or outside OUTPUT exits with "
+    "status 2 before writing anything.",
 )
 @click.option(
     "--provider",
@@ -156,13 +157,22 @@ def video_options(func):
 @click.option(
     "--skip-existing",
     is_flag=True,
-    help="Skip images whose outputs already exist: resumes an interrupted run.",
+    help="Skip images whose outputs this model already wrote (checked by the mark segdeploy "
+    "puts in each output, the model's fingerprint and the photo's size): resumes an "
+    "interrupted or killed run.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace files at output paths that segdeploy did not write (or that changed "
+    "since). Without it such a file stops the run before any work, with exit status 2.",
 )
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
     default=None,
-    help="Refuse images larger than this many pixels (decompression-bomb guard)  "
+    help="Refuse images larger than this many pixels, decoded or as the image processor "
+    "resizes them (memory guard: a 1-pixel-high strip can become billions of pixels)  "
     "[default: Pillow's, about 89 million].",
 )
 @click.option(
@@ -202,6 +212,7 @@ def infer(
     workers: int | None,
     overlay: bool,
     skip_existing: bool,
+    overwrite: bool,
     max_pixels: int | None,
     engine: str,
     ray_address: str | None,
@@ -229,11 +240,11 @@ def infer(
     Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
     segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
 
-    A file that cannot be read (corrupt, not an image, empty, too large) is
-    reported and skipped; the exit status is then 1. A missing model or
-    provider exits with status 2 at once. Ctrl-C and SIGTERM leave only complete
-    files and summary.json ("interrupted": true), exit status 130; rerun with
-    --skip-existing to continue. A full disk stops the run: exit status 1.
+    An image that cannot be read or run is reported and skipped: exit status 1 (also
+    when nothing was segmented). A missing model, provider or input, no image at all,
+    or a file at an output path that segdeploy did not write: status 2, nothing written.
+    Ctrl-C and SIGTERM leave only complete files and summary.json ("interrupted":
+    true), status 130; rerun with --skip-existing. A full disk stops the run: status 1.
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -272,6 +283,7 @@ def infer(
             fp16=fp16,
             overlay=overlay,
             skip_existing=skip_existing,
+            overwrite=overwrite,
             max_pixels=max_pixels or MAX_PIXELS,
             **engine_opts,
         )
@@ -280,13 +292,15 @@ def infer(
 
 def _report(result: dict) -> None:
     """The run's two lines on stdout; exit status 1 when an input failed."""
+    from segdeploy.errors import shown
+
     t = result["totals"]
     frames = f" and {t['frames']} video frames ({t['frames_per_s']:.2f}/s)" if t["frames"] else ""
     click.echo(
         f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed){frames} "
         f"in {t['seconds']:.1f} s on {result['provider']}"
         + (f", {t['images_per_s']:.2f} images/s" if t["images"] and t["images_per_s"] else "")
-        + f"; summary: {result['summary']}"
+        + f"; summary: {shown(result['summary'])}"
     )
     if t.get("stage_ms_per_image") and t["images"]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in t["stage_ms_per_image"].items())

@@ -52,10 +52,10 @@ from segdeploy.runtime.infer import (
     Failure,
     Item,
     Planner,
-    _existing_record,
     _Records,
     check_plan,
     check_top_names,
+    existing_record,
     label_path,
     overlay_path,
     prepare_output,
@@ -234,15 +234,23 @@ class _ModelStage(SegmentBatch):
         if ok:
             t = time.perf_counter()
             sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
+            reasons = list(batch["reason"])
             for i, raw in zip(
                 ok,
-                pipeline.model_batch(self.seg, [batch["pixels"][i] for i in ok], sizes),
+                pipeline.model_batch(
+                    self.seg, [batch["pixels"][i] for i in ok], sizes, isolate=True
+                ),
                 strict=True,
             ):
-                raws[i] = raw
+                if isinstance(raw, str):  # the model cannot run this image: it alone fails
+                    reasons[i] = raw
+                else:
+                    raws[i] = raw
             # Per image: its share of the batch, as the local engine records it.
             model_s[ok] = (time.perf_counter() - t) / len(ok)
         out = {k: v for k, v in batch.items() if k != "pixels"}
+        if ok:
+            out["reason"] = np.array(reasons, dtype=object)
         out["raw"] = _column(raws)
         out["model_s"] = model_s
         out["provider"] = np.array([self.seg.provider] * len(raws), dtype=object)
@@ -364,6 +372,7 @@ def run_infer_ray(
     fp16: bool = False,
     overlay: bool = False,
     skip_existing: bool = False,
+    overwrite: bool = False,
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
     video=None,
@@ -398,7 +407,10 @@ def run_infer_ray(
     out = Path(output).absolute()
     # The local engine's planning, so the same rules keep user files safe: nothing is
     # written when an output would replace an input or leave OUT.
-    check_plan(inputs, out)
+    check_plan(
+        inputs, out, overwrite=overwrite, overlay=overlay,
+        streams=bool(video is not None and video.streams),
+    )  # fmt: skip
     if progress is None:
         progress = sys.stderr.isatty()
     model_kwargs = {
@@ -465,7 +477,7 @@ def _drive(
 
     try:
         rows = []
-        for item in Planner(out, clean=True).items(inputs, counts):
+        for item in Planner(out, clean=True, overlay=overlay).items(inputs, counts):
             if isinstance(item, Failure):
                 record({"input": item.path, "reason": item.reason})
                 continue
@@ -473,7 +485,7 @@ def _drive(
                 clips.add_file(item.path, item.out)
                 continue
             if skip_existing:
-                rec = _existing_record(out, item, overlay, probe.id2label)
+                rec = existing_record(out, item, overlay, probe)
                 if rec is not None:
                     record(rec)
                     continue
@@ -510,7 +522,7 @@ def _drive(
         bar.close()
         wall = time.perf_counter() - start
         header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall, outcome, clips.frames)
+        totals = summary_totals(records, counts["ignored"], wall, outcome, clips.frames, counts)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:
@@ -531,7 +543,7 @@ def _dataset(ray, rows, *, probe, out: Path, overlay: bool, actors, gpu: bool, m
     # Small blocks: outputs appear (and resume has something to skip) from the first
     # batches on, and every actor gets work; capped so huge jobs stay cheap to plan.
     blocks = max(1, min(math.ceil(len(rows) / batch_size), 10_000))
-    cfg = pipeline.StageConfig.for_segmenter(probe, overlay=overlay)
+    cfg = pipeline.StageConfig.for_segmenter(probe, overlay=overlay, output=out)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         decode_batch,
