@@ -48,7 +48,7 @@ import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError, first_line
-from segdeploy.runtime import pipeline
+from segdeploy.runtime import pipeline, ray_video
 from segdeploy.runtime.image_io import MAX_PIXELS
 from segdeploy.runtime.infer import (
     SUMMARY_NAME,
@@ -374,6 +374,7 @@ def run_infer_ray(
     progress: bool | None = None,
     ray_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     verbose: bool | None = None,
+    video=None,
 ) -> dict[str, Any]:
     """`run_infer` on Ray Data: same inputs, outputs, summary.json and return value
     (plus `ray`: the cluster, and the model actors and nodes that did the work).
@@ -381,7 +382,8 @@ def run_infer_ray(
     `address`: a Ray cluster to join ("auto", HOST:PORT, ray://HOST:PORT; default
     $RAY_ADDRESS; neither: a private Ray on this machine, see `ray_session`), which has
     `ray_timeout` seconds to answer. `actors`: model actors, N or (MIN, MAX). `verbose`:
-    show Ray's own log lines (default: with segdeploy's -v).
+    show Ray's own log lines (default: with segdeploy's -v). `video`: VideoSettings for
+    clips among the inputs and streams (segdeploy.runtime.ray_video).
     """
     ray = import_ray()
     probe, out = _check_job(inputs, model_dir, output, address, provider, variant, fp16,
@@ -411,11 +413,16 @@ def run_infer_ray(
             ray.data.DataContext.get_current().enable_progress_bars = False
             prepare_output(out)
             remove_stale_temporaries(out)
-            job = _Job(out, probe, overlay, provider, fallback, info, progress)
             stages = functools.partial(
                 _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
                 model_kwargs=model_kwargs,
             )  # fmt: skip
+            # Clips and streams (segdeploy.runtime.ray_video): their frames go to the same actors.
+            model_stage = {"fn": _ModelStage, "compute": _actor_pool(ray, actors),
+                           "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                           "fn_constructor_kwargs": model_kwargs}  # fmt: skip
+            clips = ray_video.ClipRun(ray, probe, out, video, overlay, skip_existing, model_stage)
+            job = _Job(out, probe, overlay, provider, fallback, info, progress, clips)
             with _stop_signals() as stop:
                 job.plan(inputs, skip_existing, stop)
                 job.run(stages, stop)
@@ -466,6 +473,18 @@ class _Stop:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals only noted in the block (a record being written), raised after it if
+        the block was inside `waiting_on_ray`."""
+        waiting, self.waiting = self.waiting, False
+        try:
+            yield
+        finally:
+            self.waiting = waiting
+        if waiting:
+            self.check()
+
+    @contextlib.contextmanager
     def waiting_on_ray(self) -> Iterator[None]:
         self.waiting = True
         try:
@@ -503,10 +522,10 @@ class _Job:
     (Ctrl-C, SIGTERM, a failure): outputs written whose records never reached the driver
     are found on disk once Ray has stopped and recorded from the files."""
 
-    def __init__(self, out: Path, probe, overlay: bool, provider, fallback, info, progress):
+    def __init__(self, out: Path, probe, overlay: bool, provider, fallback, info, progress, clips):
         from tqdm import tqdm
 
-        self.out, self.probe, self.overlay = out, probe, overlay
+        self.out, self.probe, self.overlay, self.clips = out, probe, overlay, clips
         self.provider, self.fallback, self.info = provider, fallback, info
         self.records = _Records(out)
         self.counts: dict[str, int] = {"ignored": 0}
@@ -519,25 +538,31 @@ class _Job:
         # The host stages run on every CPU of the cluster: the stage table's parallelism.
         self.outcome = pipeline.Outcome(workers=int(info.cpus) or 1)
         self.interrupted = False
+        self.stop = _Stop()  # the run's, from `plan` on
         self.result: dict[str, Any] = {}
         self.start = time.perf_counter()
         progress = sys.stderr.isatty() if progress is None else progress
         self.bar = tqdm(unit="img", disable=not progress, dynamic_ncols=True)
 
     def record(self, rec: dict[str, Any]) -> None:
-        if "reason" in rec:
-            log.error("%s: %s", rec["input"], rec["reason"])
-        self.records.add(rec)
-        self.recorded.add(str(rec["input"]))
-        self.bar.update(1)
+        with self.stop.held():  # never half a record
+            if "reason" in rec:
+                log.error("%s: %s", rec["input"], rec["reason"])
+            self.records.add(rec)
+            self.recorded.add(str(rec["input"]))
+            self.bar.update(1)
 
     def plan(self, inputs, skip_existing: bool, stop: _Stop) -> None:
         """List the inputs: failures and (with --skip-existing) finished images are
-        recorded now, the rest become rows for Ray."""
+        recorded now, clips go to ray_video, the rest become rows for Ray."""
+        self.stop = stop
         for item in Planner(self.out, clean=True).items(inputs, self.counts):
             stop.check()
             if isinstance(item, Failure):
                 self.record({"input": item.path, "reason": item.reason})
+                continue
+            if ray_video.is_video_name(item.path):
+                self.clips.add_file(item.path, item.out)
                 continue
             if skip_existing:
                 rec = _existing_record(self.out, item, self.overlay, self.probe.id2label)
@@ -555,9 +580,14 @@ class _Job:
         self.bar.refresh()
 
     def run(self, stages, stop: _Stop) -> None:
+        """The photos (`stages(rows)`), then the clips and streams, on the same actors."""
+        if self.rows:
+            self._run_photos(stages, stop)
+        with stop.waiting_on_ray():  # ray_video's loop: a signal stops it at once
+            self.clips.run(self.record, self.bar)
+
+    def _run_photos(self, stages, stop: _Stop) -> None:
         """Run `stages(rows)` and record what streams back."""
-        if not self.rows:
-            return
         batches = iter(stages(self.rows).iter_batches(batch_size=None, batch_format="numpy"))
         while True:
             with stop.waiting_on_ray():
@@ -625,6 +655,7 @@ class _Job:
     def finish(self) -> None:
         """summary.json, with the outputs found on disk; the result of the run."""
         try:
+            self.clips.close()
             self.bar.close()
             if found := self._recover():
                 log.info("%d images written before the stop are recorded from their files", found)
@@ -639,7 +670,9 @@ class _Job:
                 "model_actors": len(self.actors),
                 "nodes_used": sorted(self.nodes),
             }
-            totals = summary_totals(self.records, self.counts["ignored"], wall, self.outcome)
+            totals = summary_totals(
+                self.records, self.counts["ignored"], wall, self.outcome, self.clips.frames
+            )
             self.records.write_summary(self.out / SUMMARY_NAME, header, totals)
         finally:
             self.records.close()
