@@ -225,9 +225,10 @@ def test_default_backends_follow_the_variants_in_the_onnx_folder(tmp_path):
     assert names[:4] == ["torch", "hf-pipeline", "optimum", "onnx-cpu"]
     assert {"onnx-cpu-int8", "onnx-cpu-fp16", "onnx-cuda-int8", "onnx-tensorrt-fp16"} <= set(names)
     assert "onnx-tensorrt-int8" not in names  # TensorRT takes its precision from a build flag
+    # The OpenVINO peers run when asked for: `--help` says all but openvino.
     assert default_backends(None) == [
         "torch", "hf-pipeline", "optimum", "onnx-cpu", "onnx-cuda", "onnx-tensorrt",
-    ]  # fmt: skip  (the OpenVINO peers run when asked for: `--help` says all but openvino)
+    ]  # fmt: skip
 
 
 def test_parse_and_check_backends(tiny_onnx_dir, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from segdeploy.cli.options import settings_from
+from segdeploy.cli.options import ray_address_option, ray_timeout_option, settings_from
 from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
 from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
@@ -180,16 +180,12 @@ def video_options(func):
     type=click.Choice(["local", "ray"]),  # the keys of ENGINES below
     default="local",
     show_default=True,
-    help="local: threads on this machine. ray: Ray Data on a Ray cluster (pip install "
-    "'segdeploy[ray]'); OUTPUT and the inputs must then be paths every node reaches.",
+    help="local: processes on this machine. ray: Ray Data (pip install 'segdeploy[ray]'), "
+    "on a private Ray here or on the cluster of --ray-address, where OUTPUT and the inputs "
+    "must be paths every node reaches.",
 )
-@click.option(
-    "--ray-address",
-    default=None,
-    metavar="ADDR",
-    help="With --engine ray: the cluster to join (HOST:PORT of `ray start --head`)  "
-    "[default: $RAY_ADDRESS, else Ray starts here on this machine's cores].",
-)
+@ray_address_option("With --engine ray. ")
+@ray_timeout_option("With --engine ray. ")
 @click.option(
     "--actors",
     default=None,
@@ -216,6 +212,7 @@ def infer(
     max_pixels: int | None,
     engine: str,
     ray_address: str | None,
+    ray_timeout: float,
     actors: str | None,
     **video_opts,
 ) -> None:
@@ -248,23 +245,12 @@ def infer(
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from segdeploy.errors import SegdeployError
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
 
     video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
 
-    if engine == "local":
-        for name, value in (("--ray-address", ray_address), ("--actors", actors)):
-            if value is not None:
-                raise SegdeployError(name, "only with --engine ray")
-        engine_opts: dict = {"workers": workers, "video": video}
-    else:
-        from segdeploy.runtime.ray_engine import parse_actors
-
-        engine_opts = {"address": ray_address, "actors": parse_actors(actors), "video": video}
-        if workers is not None:
-            raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
+    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors)
     if model_dir is None:
         model_dir = newest_export()
         click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
@@ -290,6 +276,32 @@ def infer(
     _report(result)
 
 
+def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors) -> dict:
+    """The engine's own keyword arguments; another engine's options are refused."""
+    from segdeploy.errors import SegdeployError
+
+    if engine == "local":
+        given = click.get_current_context().get_parameter_source("ray_timeout")
+        ray_timeout_given = None if given is click.core.ParameterSource.DEFAULT else ray_timeout
+        for name, value in (
+            ("--ray-address", ray_address), ("--ray-timeout", ray_timeout_given),
+            ("--actors", actors),
+        ):  # fmt: skip
+            if value is not None:
+                raise SegdeployError(name, "only with --engine ray")
+        return {"workers": workers, "video": video}
+    from segdeploy.runtime.ray_engine import parse_actors
+
+    if workers is not None:
+        raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
+    return {
+        "address": ray_address,
+        "actors": parse_actors(actors),
+        "ray_timeout": ray_timeout,
+        "video": video,
+    }
+
+
 def _report(result: dict) -> None:
     """The run's two lines on stdout; exit status 1 when an input failed."""
     from segdeploy.errors import shown
@@ -305,7 +317,7 @@ def _report(result: dict) -> None:
     if t.get("stage_ms_per_image") and t["images"]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in t["stage_ms_per_image"].items())
         click.echo(
-            f"per image, ms ({t['workers']} workers; model: wall time, others: CPU time): "
+            f"per image, ms ({_parallelism(result)}; model: wall time, others: CPU time): "
             f"{stages}; bound by {t['bound_by']}"
         )
     if t["failed"]:
@@ -318,6 +330,17 @@ ENGINES = {
     "local": "segdeploy.runtime.infer:run_infer",
     "ray": "segdeploy.runtime.ray_engine:run_infer_ray",
 }
+
+
+def _parallelism(result: dict) -> str:
+    """Who did the host stages: the local engine's workers, or Ray's actors and tasks."""
+    ray = result.get("ray")
+    if ray is None:
+        return f"{result['totals']['workers']} workers"
+    nodes = len(ray["nodes_used"]) or ray["nodes"]
+    return (
+        f"Ray: {ray['model_actors']} model actor(s), tasks on {ray['cpus']:g} CPUs, {nodes} node(s)"
+    )
 
 
 def _engine(name: str):
