@@ -115,6 +115,7 @@ def ray_session(
     levels = _quiet_loggers(verbose)
     handlers = _signal_handlers()
     before = _descendants()
+    stopped = False
     try:
         with _loopback_kept(ray):
             if target is None:
@@ -128,9 +129,11 @@ def ray_session(
             try:
                 yield info
             finally:
+                stopped = True
                 _stop(ray, before)
     finally:
-        _stop(ray, before)  # a start that failed half-way, too
+        if not stopped:  # a start that failed half-way
+            _stop(ray, before)
         _restore_signal_handlers(handlers)
         for logger, level in levels.items():
             logger.setLevel(level)
