@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from segdeploy.cli.options import tile_options
 from segdeploy.runtime.providers import PROVIDERS
 
 
@@ -118,6 +119,7 @@ from segdeploy.runtime.providers import PROVIDERS
     help="With --engine ray: model actors (one Segmenter each; one GPU each with --provider "
     "cuda/tensorrt); MIN-MAX lets Ray scale the pool  [default: one per GPU, else one per node].",
 )
+@tile_options
 def infer(
     inputs: tuple[str, ...],
     model_dir: str | None,
@@ -136,6 +138,10 @@ def infer(
     engine: str,
     ray_address: str | None,
     actors: str | None,
+    tile: str | None,
+    stride: str | None,
+    overlap: float | None,
+    blend: str,
 ) -> None:
     """Segment images with an exported model on ONNX Runtime; no torch needed.
 
@@ -154,6 +160,7 @@ def infer(
       segdeploy infer --model models/segformer photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
+      segdeploy infer --tile auto --overlap 0.5 --blend gaussian scene.tif -o masks
 
     A file that cannot be read (corrupt, not an image, empty, too large) is
     reported and skipped; the exit status is then 1. A missing model or
@@ -166,16 +173,22 @@ def infer(
     from segdeploy.errors import SegdeployError
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
+    from segdeploy.runtime.tiles import TileOptions
 
+    tiling = TileOptions.from_text(tile, stride, overlap, blend)
     if engine == "local":
         for name, value in (("--ray-address", ray_address), ("--actors", actors)):
             if value is not None:
                 raise SegdeployError(name, "only with --engine ray")
         engine_opts: dict = {"workers": workers}
+        if tiling.enabled:
+            engine_opts["tiling"] = tiling
     else:
         from segdeploy.runtime.ray_engine import parse_actors
 
         engine_opts = {"address": ray_address, "actors": parse_actors(actors)}
+        if tiling.enabled:
+            raise SegdeployError("--tile", "only with --engine local")
         if workers is not None:
             raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
     if model_dir is None:

@@ -44,7 +44,7 @@ from PIL import Image
 
 from segdeploy.atomic import TMP_MARKER, atomic_path, remove_stale_temporaries
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime import pipeline
+from segdeploy.runtime import pipeline, tiled_infer, tiles
 from segdeploy.runtime.image_io import MAX_PIXELS, is_image_name
 from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
 
@@ -506,6 +506,7 @@ def run_infer(
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
     segmenter=None,
+    tiling=None,
 ) -> dict[str, Any]:
     """Segment every image in `inputs`; write labels, overlays and summary.json under `output`.
 
@@ -513,13 +514,17 @@ def run_infer(
     file). Per-image problems are logged and recorded, never raised; a missing
     model, provider or bad option raises SegdeployError before anything is
     written. Ctrl-C stops after the images in flight, writes summary.json with
-    "interrupted": true and re-raises KeyboardInterrupt.
+    "interrupted": true and re-raises KeyboardInterrupt. `tiling` (a
+    tiles.TileOptions with a tile): each image is segmented by sliding windows
+    instead (segdeploy.runtime.tiled_infer).
     """
     from tqdm import tqdm
 
     from segdeploy.runtime.segmenter import Segmenter
 
     workers, threads = _check_run(inputs, workers, threads)
+    tiled = tiling is not None and tiling.enabled
+    workers = 0 if tiled else workers  # a tiled image's windows are its batch: in-process
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
@@ -534,6 +539,7 @@ def run_infer(
         max_pixels=max_pixels,
         spin=workers == 0,  # worker processes need the cores ONNX Runtime would spin on
     )
+    plan = tiles.plan_for(seg, tiling) if tiled else None  # a bad --tile: refused before writing
     out = Path(output)
     total = check_plan(inputs, out)  # refuses a run that would harm a user file: nothing written
     prepare_output(out)
@@ -567,10 +573,18 @@ def run_infer(
     outcome = pipeline.Outcome(workers=workers)
     with pipeline.stop_signals() as signals:
         try:
-            jobs = _jobs(planner.items(inputs, counts), out, overlay, skip_existing, seg.id2label)
-            outcome = pipeline.run(
-                jobs, seg, out, cfg=cfg, workers=workers, record=record, stop=signals
-            )
+            # Tiled outputs may be TIFF: tiled_infer finds existing ones itself.
+            skip = skip_existing and not tiled
+            jobs = _jobs(planner.items(inputs, counts), out, overlay, skip, seg.id2label)
+            if plan is not None:
+                outcome = tiled_infer.run(
+                    jobs, seg, plan, out, overlay=overlay, skip_existing=skip_existing,
+                    record=record, stop=signals,
+                )  # fmt: skip
+            else:
+                outcome = pipeline.run(
+                    jobs, seg, out, cfg=cfg, workers=workers, record=record, stop=signals
+                )
         finally:
             bar.close()
             wall = time.perf_counter() - start
