@@ -184,3 +184,32 @@ def test_tiled_inference_is_torch_free(tiny_onnx_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_clips_and_streams_are_not_tiled(tiny_onnx_dir, tmp_path, seg):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photo(40, 50)).save(src / "a.png")
+    (src / "drive.mp4").write_bytes(b"not decoded: refused by name")
+    out = tmp_path / "out"
+    result = run_infer(
+        [src], tiny_onnx_dir, out, segmenter=seg, tiling=TileOptions(32), progress=False
+    )
+    assert result["totals"]["images"] == 1 and result["totals"]["failed"] == 1
+    failure = json.loads((out / "summary.json").read_text())["failures"][0]
+    assert failure["input"].endswith("drive.mp4") and "--tile segments images" in failure["reason"]
+    cli_result = CliRunner().invoke(
+        cli,
+        [
+            "infer",
+            "--model",
+            str(tiny_onnx_dir),
+            "--stream",
+            "rtsp://cam/live",
+            "--tile",
+            "32",
+            "-o",
+            str(tmp_path / "o2"),
+        ],
+    )
+    assert cli_result.exit_code == 2 and "--tile: tiles images" in cli_result.output

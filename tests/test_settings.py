@@ -12,12 +12,10 @@ import pytest
 from segdeploy.bench.run import BenchSettings, InputOptions
 from segdeploy.cli.bench import bench
 from segdeploy.cli.export import export
-from segdeploy.cli.infer import infer
 from segdeploy.cli.train import train
 from segdeploy.cli.validate import validate
 from segdeploy.data import DatasetSpec
 from segdeploy.export import ExportSettings
-from segdeploy.runtime.tiles import TileOptions
 from segdeploy.train import TrainConfig
 from segdeploy.validate import ValidationSettings
 
@@ -88,9 +86,20 @@ def test_bench_options_default_to_bench_settings():
     assert _check(bench, settings.inputs) == len(fields(InputOptions))
 
 
+def test_infer_video_options_default_to_video_settings():
+    from segdeploy.cli.infer import infer
+    from segdeploy.runtime.clips import VideoSettings
+
+    compared = _check(infer, VideoSettings(), renames={"labels": "video_labels"})
+    assert compared == len(fields(VideoSettings))
+
+
 def test_tile_options_default_to_tile_options():
     """infer's --tile/--stride/--overlap/--blend (bench, validate and export have them as
     fields of their settings, compared above)."""
+    from segdeploy.cli.infer import infer
+    from segdeploy.runtime.tiles import TileOptions
+
     assert _check(infer, TileOptions()) == len(fields(TileOptions))
 
 

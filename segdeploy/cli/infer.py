@@ -4,12 +4,80 @@ from __future__ import annotations
 
 import click
 
-from segdeploy.cli.options import tile_options
+from segdeploy.cli.options import settings_from, tile_options
+from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
+from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
+
+_VIDEO = VideoSettings()
+
+
+def video_options(func):
+    """Options for clips among the inputs and for --stream (VideoSettings)."""
+    options = [
+        click.option(
+            "--stream",
+            "streams",
+            multiple=True,
+            default=_VIDEO.streams,
+            metavar="URL",
+            help="Segment a stream: anything FFmpeg opens (rtsp://, http://, a file being "
+            "written as file:PATH); outputs go to OUTPUT/<URL as a name>/. Repeatable.",
+        ),
+        click.option(
+            "--every",
+            type=click.IntRange(min=1),
+            default=_VIDEO.every,
+            show_default=True,
+            help="Clips and streams: segment every Nth frame.",
+        ),
+        click.option(
+            "--start",
+            type=click.FloatRange(min=0),
+            default=_VIDEO.start,
+            show_default=True,
+            metavar="SECONDS",
+            help="Clips and streams: begin at this time.",
+        ),
+        click.option(
+            "--end",
+            type=click.FloatRange(min=0),
+            default=_VIDEO.end,
+            metavar="SECONDS",
+            help="Clips and streams: stop at this time  [default: the end].",
+        ),
+        click.option(
+            "--max-fps",
+            type=click.FloatRange(min=0, min_open=True),
+            default=_VIDEO.max_fps,
+            metavar="FPS",
+            help="Clips and streams: take at most this many frames per second of video.",
+        ),
+        click.option(
+            "--video-labels",
+            "video_labels",
+            type=click.Choice(LABEL_MODES),
+            default=_VIDEO.labels,
+            show_default=True,
+            help="How a clip's label maps are written, both lossless: png = one label PNG per "
+            "frame (frames/<index>_<seconds>s.png); ffv1 = one FFV1 stream, labels.mkv.",
+        ),
+        click.option(
+            "--overlay-codec",
+            type=click.Choice(sorted(OVERLAY_CODECS)),
+            default=_VIDEO.overlay_codec,
+            show_default=True,
+            help="With --overlay, a clip's overlay video: h264 (overlay.mp4), vp9 "
+            "(overlay.webm) or ffv1 (overlay.mkv, lossless).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, required=False, metavar="INPUT...")
 @click.option(
     "--model",
     "model_dir",
@@ -119,6 +187,7 @@ from segdeploy.runtime.providers import PROVIDERS
     help="With --engine ray: model actors (one Segmenter each; one GPU each with --provider "
     "cuda/tensorrt); MIN-MAX lets Ray scale the pool  [default: one per GPU, else one per node].",
 )
+@video_options
 @tile_options
 def infer(
     inputs: tuple[str, ...],
@@ -142,6 +211,7 @@ def infer(
     stride: str | None,
     overlap: float | None,
     blend: str,
+    **video_opts,
 ) -> None:
     """Segment images with an exported model on ONNX Runtime; no torch needed.
 
@@ -162,6 +232,9 @@ def infer(
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
       segdeploy infer --tile auto --overlap 0.5 --blend gaussian scene.tif -o masks
 
+    Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
+    segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
+
     A file that cannot be read (corrupt, not an image, empty, too large) is
     reported and skipped; the exit status is then 1. A missing model or
     provider exits with status 2 at once. Ctrl-C and SIGTERM leave only complete
@@ -175,18 +248,20 @@ def infer(
     from segdeploy.runtime.image_io import MAX_PIXELS
     from segdeploy.runtime.tiles import TileOptions
 
+    video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
     tiling = TileOptions.from_text(tile, stride, overlap, blend)
+
     if engine == "local":
         for name, value in (("--ray-address", ray_address), ("--actors", actors)):
             if value is not None:
                 raise SegdeployError(name, "only with --engine ray")
-        engine_opts: dict = {"workers": workers}
+        engine_opts: dict = {"workers": workers, "video": video}
         if tiling.enabled:
             engine_opts["tiling"] = tiling
     else:
         from segdeploy.runtime.ray_engine import parse_actors
 
-        engine_opts = {"address": ray_address, "actors": parse_actors(actors)}
+        engine_opts = {"address": ray_address, "actors": parse_actors(actors), "video": video}
         if tiling.enabled:
             raise SegdeployError("--tile", "only with --engine local")
         if workers is not None:
@@ -212,9 +287,15 @@ def infer(
             max_pixels=max_pixels or MAX_PIXELS,
             **engine_opts,
         )
+    _report(result)
+
+
+def _report(result: dict) -> None:
+    """The run's two lines on stdout; exit status 1 when an input failed."""
     t = result["totals"]
+    frames = f" and {t['frames']} video frames ({t['frames_per_s']:.2f}/s)" if t["frames"] else ""
     click.echo(
-        f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed) "
+        f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed){frames} "
         f"in {t['seconds']:.1f} s on {result['provider']}"
         + (f", {t['images_per_s']:.2f} images/s" if t["images"] and t["images_per_s"] else "")
         + f"; summary: {result['summary']}"

@@ -45,8 +45,10 @@ from PIL import Image
 from segdeploy.atomic import TMP_MARKER, atomic_path, remove_stale_temporaries
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime import pipeline, tiled_infer, tiles
+from segdeploy.runtime.clips import Clips, VideoSettings
 from segdeploy.runtime.image_io import MAX_PIXELS, is_image_name
 from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
+from segdeploy.runtime.video import is_video_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,11 @@ class Failure:
 
 
 # -- finding inputs --------------------------------------------------------------------
+
+
+def is_input_name(path: str | os.PathLike) -> bool:
+    """A file infer reads from a folder or glob: a photo, or a clip (segdeploy.runtime.clips)."""
+    return is_image_name(path) or is_video_name(path)
 
 
 def _top_name(path: Path) -> str:
@@ -111,7 +118,7 @@ def iter_inputs(
                     m = Path(os.path.realpath(m))
                 if m.is_dir():
                     yield from _walk(m, rel, exclude, counts, listed)
-                elif is_image_name(m):
+                elif is_input_name(m):
                     yield Item(m, rel.with_name(m.stem))
                 else:
                     counts["ignored"] += 1
@@ -200,7 +207,7 @@ def _walk(
             if e.is_dir():
                 dirs.append(e)
             elif e.is_file():
-                if is_image_name(e.name):
+                if is_input_name(e.name):
                     files.append(e)
                 else:
                     counts["ignored"] += 1
@@ -466,9 +473,12 @@ def summary_header(seg, provider: str, interrupted: bool, stopped: str | None = 
     return header
 
 
-def summary_totals(records: _Records, ignored: int, wall: float, outcome) -> dict[str, Any]:
+def summary_totals(
+    records: _Records, ignored: int, wall: float, outcome, frames: int = 0
+) -> dict[str, Any]:
     """summary.json's totals of a run that took `wall` seconds (`outcome`: the engine's
-    pipeline.Outcome: model time, workers, stage times); every engine writes the same keys."""
+    pipeline.Outcome: model time, workers, stage times; `frames`: of clips and streams);
+    every engine writes the same keys."""
     model_s = outcome.model_s
     return {
         "images": records.done,
@@ -482,6 +492,8 @@ def summary_totals(records: _Records, ignored: int, wall: float, outcome) -> dic
         "workers": outcome.workers,
         "stage_ms_per_image": outcome.stage_ms(),
         "bound_by": outcome.bound_by(),
+        "frames": frames,
+        "frames_per_s": round(frames / wall, 3) if wall > 0 else None,
     }
 
 
@@ -506,9 +518,11 @@ def run_infer(
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
     segmenter=None,
+    video: VideoSettings | None = None,
     tiling=None,
 ) -> dict[str, Any]:
     """Segment every image in `inputs`; write labels, overlays and summary.json under `output`.
+    Clips among the inputs and `video.streams`: frame by frame (segdeploy.runtime.clips).
 
     Returns the summary's header and totals (the per-image records are in the
     file). Per-image problems are logged and recorded, never raised; a missing
@@ -516,15 +530,17 @@ def run_infer(
     written. Ctrl-C stops after the images in flight, writes summary.json with
     "interrupted": true and re-raises KeyboardInterrupt. `tiling` (a
     tiles.TileOptions with a tile): each image is segmented by sliding windows
-    instead (segdeploy.runtime.tiled_infer).
+    instead (segdeploy.runtime.tiled_infer); clips are then failures, not tiled.
     """
     from tqdm import tqdm
 
     from segdeploy.runtime.segmenter import Segmenter
 
-    workers, threads = _check_run(inputs, workers, threads)
+    workers, threads, video = _check_run(inputs, workers, threads, video)
     tiled = tiling is not None and tiling.enabled
-    workers = 0 if tiled else workers  # a tiled image's windows are its batch: in-process
+    if tiled:
+        tiled_infer.check_run(video)
+        workers = 0  # a tiled image's windows are its batch: in-process
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
@@ -553,8 +569,51 @@ def run_infer(
     counts: dict[str, int] = {"ignored": 0}
     records = _Records(out)
     bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
+    clips = Clips(out, seg, video, cfg, skip_existing=skip_existing)
+    record = _recorder(records, bar, clips)
+
+    start = time.perf_counter()
+    outcome = pipeline.Outcome(workers=workers)
+    with pipeline.stop_signals() as signals:
+        try:
+            items = planner.items(inputs, counts)
+            if plan is None:
+                jobs = _jobs(items, out, overlay, skip_existing, seg.id2label, clips)
+                outcome = pipeline.run(
+                    jobs, seg, out, cfg=cfg, workers=workers, record=record, stop=signals
+                )
+            else:  # tiled outputs may be TIFF: tiled_infer finds existing ones itself
+                jobs = _jobs(tiled_infer.images_only(items), out, overlay, False, {}, clips)
+                outcome = tiled_infer.run(
+                    jobs, seg, plan, out, overlay=overlay, skip_existing=skip_existing,
+                    record=record, stop=signals,
+                )  # fmt: skip
+        finally:
+            clips.close()
+            bar.close()
+            wall = time.perf_counter() - start
+            stopped = outcome.stopped
+            header = summary_header(
+                seg,
+                seg.provider,
+                outcome.interrupted,
+                None if stopped is None else f"{stopped.path}: {stopped.reason}",
+            )
+            totals = summary_totals(records, counts["ignored"], wall, outcome, clips.frames)
+            summary_error = _write_summary(records, out / SUMMARY_NAME, header, totals)
+    _raise_if_stopped(outcome, records.done, out / SUMMARY_NAME, summary_error)
+    return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
+
+
+def _recorder(records: _Records, bar, clips: Clips):
+    """The engine's `record` callback: a clip's frames to the clip's outputs (routed in
+    order), every other record into summary.json, a full disk stopping the run."""
 
     def record(rec: dict[str, Any]) -> None:
+        if "tag" in rec:  # a clip's frame, or its end: the clip's outputs take it
+            rec = clips.route(rec)
+            if rec is None:
+                return
         if "reason" in rec:
             log.error("%s: %s", rec["input"], rec["reason"])
         if records.broken:
@@ -569,61 +628,46 @@ def run_infer(
             raise pipeline.Stop(fatal) from None
         bar.update(1)
 
-    start = time.perf_counter()
-    outcome = pipeline.Outcome(workers=workers)
-    with pipeline.stop_signals() as signals:
-        try:
-            # Tiled outputs may be TIFF: tiled_infer finds existing ones itself.
-            skip = skip_existing and not tiled
-            jobs = _jobs(planner.items(inputs, counts), out, overlay, skip, seg.id2label)
-            if plan is not None:
-                outcome = tiled_infer.run(
-                    jobs, seg, plan, out, overlay=overlay, skip_existing=skip_existing,
-                    record=record, stop=signals,
-                )  # fmt: skip
-            else:
-                outcome = pipeline.run(
-                    jobs, seg, out, cfg=cfg, workers=workers, record=record, stop=signals
-                )
-        finally:
-            bar.close()
-            wall = time.perf_counter() - start
-            stopped = outcome.stopped
-            header = summary_header(
-                seg,
-                seg.provider,
-                outcome.interrupted,
-                None if stopped is None else f"{stopped.path}: {stopped.reason}",
-            )
-            totals = summary_totals(records, counts["ignored"], wall, outcome)
-            summary_error = _write_summary(records, out / SUMMARY_NAME, header, totals)
-    _raise_if_stopped(outcome, records.done, out / SUMMARY_NAME, summary_error)
-    return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
+    return record
 
 
 def _check_run(
-    inputs: Sequence[str | os.PathLike], workers: int | None, threads: int | None
-) -> tuple[int, int]:
-    """Refuse a run without inputs or with a bad worker count; (workers, threads) with the
-    defaults (the cores of the process's affinity) filled in."""
-    if not inputs:
-        raise SegdeployError("INPUT", "give at least one file, folder or glob")
+    inputs: Sequence[str | os.PathLike],
+    workers: int | None,
+    threads: int | None,
+    video: VideoSettings | None = None,
+) -> tuple[int, int, VideoSettings]:
+    """Refuse a run without inputs or with a bad worker count or video option; (workers,
+    threads, video) with the defaults (the cores of the process's affinity) filled in."""
+    video = video or VideoSettings()
+    video.check()
+    if not inputs and not video.streams:
+        raise SegdeployError("INPUT", "give at least one file, folder, glob or --stream")
     check_top_names(inputs)
     if workers is not None and workers < 0:
         raise SegdeployError("--workers", f"must be 0 or more, got {workers}")
     workers = pipeline.default_workers() if workers is None else workers
     threads = pipeline.default_threads() if threads is None else threads
-    return workers, threads
+    return workers, threads, video
 
 
 def _jobs(
-    items: Iterator[Item | Failure], out: Path, overlay: bool, skip_existing: bool, id2label
+    items: Iterator[Item | Failure],
+    out: Path,
+    overlay: bool,
+    skip_existing: bool,
+    id2label,
+    clips: Clips,
 ) -> Iterator[pipeline.Job | dict[str, Any]]:
-    """The planned items as the engine's work: a Job per image to segment, a record for a
-    failure or (with --skip-existing) an image whose outputs are already complete."""
+    """The planned items as the engine's work: a Job per image to segment (per frame of a
+    clip), a record for a failure or (with --skip-existing) an image whose outputs are
+    already complete."""
     for item in items:
         if isinstance(item, Failure):
             yield {"input": item.path, "reason": item.reason}
+            continue
+        if is_video_name(item.path):
+            yield from clips.file_entries(item.path, item.out)
             continue
         if skip_existing:
             rec = _existing_record(out, item, overlay, id2label)
@@ -633,6 +677,7 @@ def _jobs(
         yield pipeline.Job(
             item.path, label_path(out, item), overlay_path(out, item) if overlay else None
         )
+    yield from clips.stream_entries()  # --stream URLs, after the inputs
 
 
 def _raise_if_stopped(outcome, done: int, summary: Path, summary_error: str | None) -> None:

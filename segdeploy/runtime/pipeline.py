@@ -56,11 +56,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from segdeploy.atomic import write_bytes
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
-from segdeploy.runtime.palette import overlay as blend_overlay
+from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.upsample import upsample_argmax
 
@@ -171,6 +172,8 @@ class Finished:
     classes: list[dict[str, Any]]
     cpu: dict[str, float]
     wall: float
+    labels: np.ndarray | None = None  # handed back when the Job asked (a clip's label stream)
+    overlay: np.ndarray | None = None  # blended pixels handed back (a clip's overlay video)
 
 
 @dataclass(frozen=True)
@@ -181,11 +184,15 @@ class Fatal:
     reason: str
 
 
-def prepare_image(path: str | os.PathLike, cfg: StageConfig) -> Prepared:
-    """Decode + preprocess one image file; a bad file raises SegdeployError(path, reason)."""
+def prepare_image(path: str | os.PathLike | np.ndarray, cfg: StageConfig) -> Prepared:
+    """Decode + preprocess one image file (or an RGB frame already decoded: a clip's, see
+    segdeploy.runtime.video); a bad file raises SegdeployError(path, reason)."""
     wall, t0 = time.perf_counter(), time.thread_time()
     try:
-        image = load_image(path, max_pixels=cfg.max_pixels)
+        if isinstance(path, np.ndarray):
+            image = Image.fromarray(path)  # HxWx3 uint8: RGB, the same pixels as its PNG
+        else:
+            image = load_image(path, max_pixels=cfg.max_pixels)
         t1 = time.thread_time()
         x = cfg.preprocessor.to_array(image)
     except SegdeployError:
@@ -212,14 +219,17 @@ def model_batch(seg, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, in
 def finish_image(
     raw: np.ndarray,
     size: tuple[int, int],
-    label: str | os.PathLike,
+    label: str | os.PathLike | None,
     cfg: StageConfig,
     *,
     fused: bool = False,
     overlay: str | os.PathLike | None = None,
     image: np.ndarray | None = None,
+    keep: Keep | None = None,
 ) -> Finished:
-    """Upsample + argmax, class shares, write the label PNG (and the overlay) atomically.
+    """Upsample + argmax, class shares, write the label PNG (and the overlay) atomically;
+    `label` None writes no PNG, and `keep` hands the labels or the blended overlay back
+    (a clip's frame: its streams are written in order by the caller).
 
     Raises OSError (and SegdeployError) when a file cannot be written."""
     wall, t0 = time.perf_counter(), time.thread_time()
@@ -227,16 +237,26 @@ def finish_image(
     t1 = time.thread_time()
     classes = class_shares(labels, cfg.id2label)
     t2 = time.thread_time()
-    save_labels(label, labels)
+    if label is not None:
+        save_labels(label, labels)
     t3 = time.thread_time()
     cpu = {"upsample_argmax": t1 - t0, "class_shares": t2 - t1, "png_encode": t3 - t2}
-    if overlay is not None and cfg.palette is not None and image is not None:
-        jpeg = io.BytesIO()
-        blend_overlay(image, labels, cfg.palette).save(jpeg, format="JPEG", quality=90)
-        write_bytes(overlay, jpeg.getvalue())
+    keep = keep or Keep()
+    blended = None
+    if cfg.palette is not None and image is not None and (overlay is not None or keep.overlay):
+        blended = render_overlay(image, labels, cfg.palette, cfg.id2label)
+        if overlay is not None:
+            jpeg = io.BytesIO()
+            blended.save(jpeg, format="JPEG", quality=90)
+            write_bytes(overlay, jpeg.getvalue())
         cpu["overlay"] = time.thread_time() - t3
     return Finished(
-        (int(labels.shape[0]), int(labels.shape[1])), classes, cpu, time.perf_counter() - wall
+        (int(labels.shape[0]), int(labels.shape[1])),
+        classes,
+        cpu,
+        time.perf_counter() - wall,
+        labels if keep.labels else None,
+        np.asarray(blended) if keep.overlay and blended is not None else None,
     )
 
 
@@ -314,9 +334,11 @@ def _prepare_chunk(paths: Sequence[Path], cfg: StageConfig) -> Iterator[Prepared
 
 
 def _finish_chunk(tasks: Sequence[tuple], cfg: StageConfig) -> Iterator[Finished | Fatal | str]:
-    for raw, size, label, overlay, image, fused in tasks:
+    for raw, size, label, overlay, image, fused, keep in tasks:
         try:
-            yield finish_image(raw, size, label, cfg, fused=fused, overlay=overlay, image=image)
+            yield finish_image(
+                raw, size, label, cfg, fused=fused, overlay=overlay, image=image, keep=keep
+            )
         except OSError as err:
             fatal = fatal_error(err, label)
             if fatal is not None:
@@ -331,12 +353,36 @@ def _finish_chunk(tasks: Sequence[tuple], cfg: StageConfig) -> Iterator[Finished
 
 
 @dataclass(frozen=True)
+class Keep:
+    """What a Job's record hands back to the caller besides the files written."""
+
+    labels: bool = False  # the (H, W) class ids
+    overlay: bool = False  # the blended overlay pixels (needs StageConfig.palette)
+
+
+@dataclass(frozen=True)
 class Job:
-    """An image to segment and where its outputs go."""
+    """An image to segment and where its outputs go.
+
+    A clip's frame (segdeploy.runtime.clips) comes decoded: `pixels`, with `path`
+    the clip; its label PNG may be None (a label stream), `keep` says what its
+    record hands back, and `tag` (anything; it never leaves this process) goes
+    into its record, so the caller can route it."""
 
     path: Path
-    label: Path
+    label: Path | None
     overlay: Path | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    keep: Keep | None = None
+    tag: Any = field(default=None, compare=False)
+    #: Decoded and preprocessed already (a clip's frame, by its reader thread): straight
+    #: to the model, no round trip through the workers.
+    prepared: Prepared | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def source(self) -> Path | np.ndarray:
+        """What the decode stage reads: the file, or the frame already decoded."""
+        return self.path if self.pixels is None else self.pixels
 
 
 @dataclass
@@ -563,6 +609,11 @@ class _Engine:
             if isinstance(entry, dict):
                 self.ordered.put(seq, entry)
                 continue
+            if entry.prepared is not None:
+                self.waiting.append((seq, entry, entry.prepared))
+                while len(self.waiting) >= self.size:
+                    self.run_model(self.size)
+                continue
             self.chunk.append((seq, entry))
             if len(self.chunk) >= self.chunk_size:
                 self.submit_chunk()
@@ -609,19 +660,19 @@ class _Engine:
         if self.chunk:
             part = list(self.chunk)
             self.chunk.clear()
-            paths = [j.path for _, j in part]
+            paths = [j.source for _, j in part]
             self.decoding.append((part, self.pool.submit(_prepare_chunk, paths)))
 
     def take_decoded(self) -> None:
         part, handle = self.decoding[0]
-        results = self.pool.result(handle, _prepare_chunk, [j.path for _, j in part])
+        results = self.pool.result(handle, _prepare_chunk, [j.source for _, j in part])
         self.decoding.popleft()  # only now: Ctrl-C while waiting leaves it to be cancelled
         results += [None] * (len(part) - len(results))  # a worker stopped by SIGTERM
         for (seq, job), res in zip(part, results, strict=True):
             if res is None:
                 self.ordered.skip(seq)
             elif isinstance(res, str):
-                self.ordered.put(seq, {"input": str(job.path), "reason": res})
+                self.ordered.put(seq, failure_record(job, res))
             else:
                 self.waiting.append((seq, job, res))
         while len(self.waiting) >= self.size:
@@ -635,7 +686,7 @@ class _Engine:
         model_s = time.perf_counter() - t
         self.outcome.model_s += model_s
         for (seq, job, p), raw in zip(batch, raws, strict=True):
-            task = (raw, p.size, job.label, job.overlay, p.image, self.seg.fused)
+            task = (raw, p.size, job.label, job.overlay, p.image, self.seg.fused, job.keep)
             self.computed.append(((seq, job, p, model_s / len(batch)), task))
         if len(self.computed) >= self.chunk_size:
             self.submit_writes()
@@ -659,11 +710,10 @@ class _Engine:
                 self.outcome.add(p.cpu, model_s, res.cpu)
                 self.ordered.put(seq, image_record(self.output, job, p.wall, model_s, res))
             elif isinstance(res, str):
-                self.ordered.put(seq, {"input": str(job.path), "reason": res})
+                self.ordered.put(seq, failure_record(job, res))
             elif isinstance(res, Fatal) and self.outcome.stopped is None and stop is None:
                 stop = res
-                reason = f"{res.path}: {res.reason}"
-                self.ordered.put(seq, {"input": str(job.path), "reason": reason})
+                self.ordered.put(seq, failure_record(job, f"{res.path}: {res.reason}"))
             else:  # not written because the run stopped: no record, as if interrupted
                 self.ordered.skip(seq)
         if stop is not None:
@@ -674,17 +724,25 @@ def image_record(
     output: Path, job: Job, decode_wall: float, model_s: float, res: Finished
 ) -> dict[str, Any]:
     """summary.json's record of one segmented image (every engine writes the same)."""
-    rec: dict[str, Any] = {
-        "input": str(job.path),
-        "output": str(job.label.relative_to(output)),
-        "size": list(res.size),
-        "classes": res.classes,
-    }
+    rec: dict[str, Any] = {"input": str(job.path)}
+    if job.label is not None:
+        rec["output"] = str(job.label.relative_to(output))
+    rec["size"] = list(res.size)
+    rec["classes"] = res.classes
     if job.overlay is not None:
         rec["overlay"] = str(job.overlay.relative_to(output))
     times = {"decode": decode_wall, "model": model_s, "postprocess": res.wall}
     rec["time_s"] = {k: round(v, 6) for k, v in times.items()}
     rec["time_s"]["total"] = round(sum(times.values()), 6)
+    if job.tag is not None:  # a clip's frame: what its caller routes and writes in order
+        rec.update(tag=job.tag, labels=res.labels, overlay_pixels=res.overlay)
+    return rec
+
+
+def failure_record(job: Job, reason: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {"input": str(job.path), "reason": reason}
+    if job.tag is not None:
+        rec["tag"] = job.tag
     return rec
 
 

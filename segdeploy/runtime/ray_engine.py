@@ -45,7 +45,7 @@ import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime import pipeline
+from segdeploy.runtime import pipeline, ray_video
 from segdeploy.runtime.image_io import MAX_PIXELS
 from segdeploy.runtime.infer import (
     SUMMARY_NAME,
@@ -366,6 +366,7 @@ def run_infer_ray(
     skip_existing: bool = False,
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
+    video=None,
 ) -> dict[str, Any]:
     """`run_infer` on Ray Data: same inputs, outputs, summary.json and return value.
 
@@ -427,17 +428,24 @@ def run_infer_ray(
             _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
             model_kwargs=model_kwargs,
         )  # fmt: skip
+        # Clips and streams (segdeploy.runtime.ray_video): their frames go to the same actors.
+        model_stage = {"fn": _ModelStage, "compute": _actor_pool(ray, actors),
+                       "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                       "fn_constructor_kwargs": model_kwargs}  # fmt: skip
+        clips = ray_video.ClipRun(ray, probe, out, video, overlay, skip_existing, model_stage)
         # The host stages run on every CPU of the cluster: the stage table's parallelism.
         outcome = pipeline.Outcome(workers=int(ray.cluster_resources().get("CPU", 1)))
         return _drive(
-            inputs, out, probe, stages, overlay, skip_existing, provider, progress, outcome
+            inputs, out, probe, stages, overlay, skip_existing, provider, progress, outcome, clips
         )
     finally:
         if started:
             ray.shutdown()
 
 
-def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress, outcome):
+def _drive(
+    inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress, outcome, clips
+):
     """List the inputs, run `stages(rows)` on the rest, and stream the records into
     summary.json (also when interrupted, marked so)."""
     from tqdm import tqdm
@@ -461,6 +469,9 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
             if isinstance(item, Failure):
                 record({"input": item.path, "reason": item.reason})
                 continue
+            if ray_video.is_video_name(item.path):
+                clips.add_file(item.path, item.out)
+                continue
             if skip_existing:
                 rec = _existing_record(out, item, overlay, probe.id2label)
                 if rec is not None:
@@ -483,6 +494,7 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
                         outcome.model_s += float(model_s)
                         outcome.add(json.loads(cpu), float(model_s), {})
                     record(rec)
+        clips.run(record, bar)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: the files written so far are complete; stopping")
@@ -494,10 +506,11 @@ def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, p
             raise
         raise cause from None
     finally:
+        clips.close()
         bar.close()
         wall = time.perf_counter() - start
         header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall, outcome)
+        totals = summary_totals(records, counts["ignored"], wall, outcome, clips.frames)
         try:
             records.write_summary(out / SUMMARY_NAME, header, totals)
         finally:

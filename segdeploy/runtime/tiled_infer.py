@@ -39,6 +39,27 @@ log = logging.getLogger(__name__)
 OVERLAY_ROWS = large_image.TIFF_TILE
 
 
+def check_run(video) -> None:
+    """Refuse what tiling does not do, before anything is written: --stream."""
+    if video is not None and video.streams:
+        raise SegdeployError("--tile", "tiles images; run --stream without it")
+
+
+def images_only(items: Iterable) -> Iterator:
+    """The planned items, a video clip turned into a failure record: clips are segmented
+    frame by frame without --tile."""
+    from segdeploy.runtime.infer import Failure
+    from segdeploy.runtime.video import is_video_name
+
+    for item in items:
+        if not isinstance(item, Failure) and is_video_name(item.path):
+            yield Failure(
+                str(item.path), "a video clip: --tile segments images; run clips without it"
+            )
+        else:
+            yield item
+
+
 def run(
     entries: Iterable[pipeline.Job | dict],
     seg,
