@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import click
 
-from segdeploy.cli.options import settings_from, tile_options
+from segdeploy.cli.options import (
+    ray_address_option,
+    ray_timeout_option,
+    settings_from,
+    tile_options,
+)
 from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
 from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
@@ -93,8 +98,9 @@ def video_options(func):
     show_default=True,
     type=click.Path(file_okay=False),
     help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...). It is "
-    "never read as input and must not hold the inputs: a run that would write over an input "
-    "file or outside OUTPUT exits with status 2 before writing anything.",
+    "never read as input and must not hold the inputs: a run that would write over an input, "
+    "over a file segdeploy did not write (see --overwrite) or outside OUTPUT exits with "
+    "status 2 before writing anything.",
 )
 @click.option(
     "--provider",
@@ -156,13 +162,22 @@ def video_options(func):
 @click.option(
     "--skip-existing",
     is_flag=True,
-    help="Skip images whose outputs already exist: resumes an interrupted run.",
+    help="Skip images whose outputs this model already wrote (checked by the mark segdeploy "
+    "puts in each output, the model's fingerprint and the photo's size): resumes an "
+    "interrupted or killed run.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace files at output paths that segdeploy did not write (or that changed "
+    "since). Without it such a file stops the run before any work, with exit status 2.",
 )
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
     default=None,
-    help="Refuse images larger than this many pixels (decompression-bomb guard)  "
+    help="Refuse images larger than this many pixels, decoded or as the image processor "
+    "resizes them (memory guard: a 1-pixel-high strip can become billions of pixels)  "
     "[default: Pillow's, about 89 million].",
 )
 @click.option(
@@ -170,16 +185,12 @@ def video_options(func):
     type=click.Choice(["local", "ray"]),  # the keys of ENGINES below
     default="local",
     show_default=True,
-    help="local: threads on this machine. ray: Ray Data on a Ray cluster (pip install "
-    "'segdeploy[ray]'); OUTPUT and the inputs must then be paths every node reaches.",
+    help="local: processes on this machine. ray: Ray Data (pip install 'segdeploy[ray]'), "
+    "on a private Ray here or on the cluster of --ray-address, where OUTPUT and the inputs "
+    "must be paths every node reaches.",
 )
-@click.option(
-    "--ray-address",
-    default=None,
-    metavar="ADDR",
-    help="With --engine ray: the cluster to join (HOST:PORT of `ray start --head`)  "
-    "[default: $RAY_ADDRESS, else Ray starts here on this machine's cores].",
-)
+@ray_address_option("With --engine ray. ")
+@ray_timeout_option("With --engine ray. ")
 @click.option(
     "--actors",
     default=None,
@@ -203,9 +214,11 @@ def infer(
     workers: int | None,
     overlay: bool,
     skip_existing: bool,
+    overwrite: bool,
     max_pixels: int | None,
     engine: str,
     ray_address: str | None,
+    ray_timeout: float,
     actors: str | None,
     tile: str | None,
     stride: str | None,
@@ -235,15 +248,14 @@ def infer(
     Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
     segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
 
-    A file that cannot be read (corrupt, not an image, empty, too large) is
-    reported and skipped; the exit status is then 1. A missing model or
-    provider exits with status 2 at once. Ctrl-C and SIGTERM leave only complete
-    files and summary.json ("interrupted": true), exit status 130; rerun with
-    --skip-existing to continue. A full disk stops the run: exit status 1.
+    An image that cannot be read or run is reported and skipped: exit status 1 (also
+    when nothing was segmented). A missing model, provider or input, no image at all,
+    or a file at an output path that segdeploy did not write: status 2, nothing written.
+    Ctrl-C and SIGTERM leave only complete files and summary.json ("interrupted":
+    true), status 130; rerun with --skip-existing. A full disk stops the run: status 1.
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from segdeploy.errors import SegdeployError
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
     from segdeploy.runtime.tiles import TileOptions
@@ -251,21 +263,7 @@ def infer(
     video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
     tiling = TileOptions.from_text(tile, stride, overlap, blend)
 
-    if engine == "local":
-        for name, value in (("--ray-address", ray_address), ("--actors", actors)):
-            if value is not None:
-                raise SegdeployError(name, "only with --engine ray")
-        engine_opts: dict = {"workers": workers, "video": video}
-        if tiling.enabled:
-            engine_opts["tiling"] = tiling
-    else:
-        from segdeploy.runtime.ray_engine import parse_actors
-
-        engine_opts = {"address": ray_address, "actors": parse_actors(actors), "video": video}
-        if tiling.enabled:
-            raise SegdeployError("--tile", "only with --engine local")
-        if workers is not None:
-            raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
+    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors, tiling)
     if model_dir is None:
         model_dir = newest_export()
         click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
@@ -284,26 +282,62 @@ def infer(
             fp16=fp16,
             overlay=overlay,
             skip_existing=skip_existing,
+            overwrite=overwrite,
             max_pixels=max_pixels or MAX_PIXELS,
             **engine_opts,
         )
     _report(result)
 
 
+def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors, tiling) -> dict:
+    """The engine's own keyword arguments; another engine's options are refused (--tile is
+    the local engine's: a tiled image's windows are one batch, in one process)."""
+    from segdeploy.errors import SegdeployError
+
+    if engine == "local":
+        given = click.get_current_context().get_parameter_source("ray_timeout")
+        ray_timeout_given = None if given is click.core.ParameterSource.DEFAULT else ray_timeout
+        for name, value in (
+            ("--ray-address", ray_address), ("--ray-timeout", ray_timeout_given),
+            ("--actors", actors),
+        ):  # fmt: skip
+            if value is not None:
+                raise SegdeployError(name, "only with --engine ray")
+        opts: dict = {"workers": workers, "video": video}
+        if tiling.enabled:
+            opts["tiling"] = tiling
+        return opts
+    from segdeploy.runtime.ray_engine import parse_actors
+
+    if tiling.enabled:
+        raise SegdeployError("--tile", "only with --engine local")
+
+    if workers is not None:
+        raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
+    return {
+        "address": ray_address,
+        "actors": parse_actors(actors),
+        "ray_timeout": ray_timeout,
+        "video": video,
+    }
+
+
 def _report(result: dict) -> None:
     """The run's two lines on stdout; exit status 1 when an input failed."""
+    from segdeploy.errors import shown
+
     t = result["totals"]
     frames = f" and {t['frames']} video frames ({t['frames_per_s']:.2f}/s)" if t["frames"] else ""
     click.echo(
         f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed){frames} "
         f"in {t['seconds']:.1f} s on {result['provider']}"
         + (f", {t['images_per_s']:.2f} images/s" if t["images"] and t["images_per_s"] else "")
-        + f"; summary: {result['summary']}"
+        + f"; summary: {shown(result['summary'])}"
     )
     if t.get("stage_ms_per_image") and t["images"]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in t["stage_ms_per_image"].items())
         click.echo(
-            f"per image, ms ({t['workers']} workers; model: wall time, others: CPU time): "
+            f"per image, ms ({_parallelism(result)}; model: wall time, others: CPU time): "
             f"{stages}; bound by {t['bound_by']}"
         )
     if t["failed"]:
@@ -316,6 +350,17 @@ ENGINES = {
     "local": "segdeploy.runtime.infer:run_infer",
     "ray": "segdeploy.runtime.ray_engine:run_infer_ray",
 }
+
+
+def _parallelism(result: dict) -> str:
+    """Who did the host stages: the local engine's workers, or Ray's actors and tasks."""
+    ray = result.get("ray")
+    if ray is None:
+        return f"{result['totals']['workers']} workers"
+    nodes = len(ray["nodes_used"]) or ray["nodes"]
+    return (
+        f"Ray: {ray['model_actors']} model actor(s), tasks on {ray['cpus']:g} CPUs, {nodes} node(s)"
+    )
 
 
 def _engine(name: str):

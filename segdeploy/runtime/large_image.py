@@ -33,7 +33,8 @@ import numpy as np
 
 from segdeploy.atomic import atomic_path
 from segdeploy.errors import SegdeployError
-from segdeploy.runtime.image_io import MAX_PIXELS, load_image
+from segdeploy.runtime.image_io import MAX_PIXELS, image_size, load_image
+from segdeploy.runtime.provenance import Mark, mark_tiff, tiff_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -302,18 +303,36 @@ def open_source(
         source.close()
 
 
-def _tiff_source(path: Path, max_pixels: int | None) -> TiffSource | None:
+def _tiff_source(path: Path, max_pixels: int | None, warn: bool = True) -> TiffSource | None:
     try:
         import tifffile  # noqa: F401
     except ImportError:
-        log.warning(
-            "%s: decoding the whole TIFF; pip install 'segdeploy[tiles]' to read it by window",
-            path,
-        )
+        if warn:
+            log.warning(
+                "%s: decoding the whole TIFF; pip install 'segdeploy[tiles]' to read it by window",
+                path,
+            )
         return None
     if not path.is_file():
         raise SegdeployError(path, "no such file")
     return TiffSource.open(path, max_pixels)
+
+
+def peek(path: str | os.PathLike) -> tuple[int, int, dict] | None:
+    """(height, width, carried tags) of the image at `path` as `open_source` will see it,
+    from its header alone (what a run plans its outputs by); None when it cannot be read
+    (segmenting it will fail, and say why)."""
+    path = Path(path)
+    if is_tiff(path):
+        try:
+            source = _tiff_source(path, None, warn=False)
+        except SegdeployError:
+            return None
+        if source is not None:
+            with source:
+                return source.height, source.width, source.tags
+    size = image_size(path)
+    return None if size is None else (size[0], size[1], {})
 
 
 # -- outputs ---------------------------------------------------------------------------
@@ -336,10 +355,12 @@ def write_tiff(
     shape: tuple[int, ...],
     dtype,
     tags: dict | None = None,
+    mark: Mark | None = None,
 ) -> None:
     """Write `bands` ((first row, rows) top to bottom, covering `shape` = (height, width)
     or (height, width, 3)) as a tiled, zlib-compressed TIFF (BigTIFF past 4 GB), atomically,
-    with `tags` (TiffSource.tags of the input) carried over. Only one row of tiles is held."""
+    with `tags` (TiffSource.tags of the input) carried over and the provenance `mark`
+    (segdeploy.runtime.provenance) when given. Only one row of tiles is held."""
     import tifffile
 
     tags = tags or {}
@@ -351,20 +372,25 @@ def write_tiff(
         resolution["resolution"] = (tags[282].value, tags[283].value)
         if 296 in tags:
             resolution["resolutionunit"] = tags[296].value
+    if mark is not None:
+        extratags.append(tiff_placeholder(mark))
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**25) as tif:
-        tif.write(
-            _tiles(bands, shape, np.dtype(dtype)),
-            shape=shape,
-            dtype=dtype,
-            tile=(TIFF_TILE, TIFF_TILE),
-            compression="zlib",
-            compressionargs={"level": 1},
-            photometric="rgb" if len(shape) == 3 else "minisblack",
-            extratags=extratags,
-            metadata=None,
-            **resolution,
-        )
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**25) as tif:
+            tif.write(
+                _tiles(bands, shape, np.dtype(dtype)),
+                shape=shape,
+                dtype=dtype,
+                tile=(TIFF_TILE, TIFF_TILE),
+                compression="zlib",
+                compressionargs={"level": 1},
+                photometric="rgb" if len(shape) == 3 else "minisblack",
+                extratags=extratags,
+                metadata=None,
+                **resolution,
+            )
+        if mark is not None:
+            mark_tiff(tmp, mark)
 
 
 def _tiles(bands, shape, dtype) -> Iterator[np.ndarray]:

@@ -59,10 +59,11 @@ import numpy as np
 from PIL import Image
 
 from segdeploy.atomic import write_bytes
-from segdeploy.errors import SegdeployError
+from segdeploy.errors import SegdeployError, first_line
 from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
 from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.processors import ImageProcessor
+from segdeploy.runtime.provenance import Mark, mark_jpeg, mark_png, rel_name
 from segdeploy.runtime.upsample import upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,42 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     Pillow) takes 0.2-0.3 s. Calling this as soon as a run knows it will use
     workers lets that happen on another core while the caller loads the model
     and plans the run; the pool then finds the server ready. A server already
-    running is reused."""
+    running is reused.
+
+    The server is a `python -c` process, whose first import path is the working
+    directory: a folder named `segdeploy` there (the parent of a clone) would be
+    imported as an empty namespace package in place of the installed one (an
+    editable install's finder comes after the path), and every worker would die
+    importing it. So the server starts with PYTHONSAFEPATH (no working directory on
+    its path) and the installed package's folder first on PYTHONPATH."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    multiprocessing.forkserver.ensure_running()
+    with _environment(PYTHONSAFEPATH="1", PYTHONPATH=_installed_root()):
+        multiprocessing.forkserver.ensure_running()
     return ctx
+
+
+def _installed_root() -> str:
+    """PYTHONPATH for the fork server: the folder holding this segdeploy package, then
+    whatever PYTHONPATH already says."""
+    root = str(Path(__file__).resolve().parents[2])
+    rest = os.environ.get("PYTHONPATH")
+    return root if not rest else os.pathsep.join([root, rest])
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """os.environ with `values` set for the block (what a process started in it inherits)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def chunk_size(batch_size: int, workers: int) -> int:
@@ -142,9 +174,15 @@ class StageConfig:
     id2label: dict[int, str]
     max_pixels: int | None = MAX_PIXELS
     palette: np.ndarray | None = None  # set: write overlays with these colours
+    #: OUT, which the marks' paths are relative to (segdeploy.runtime.provenance); None:
+    #: marks name the file alone.
+    output: str | None = None
+    model: str | None = None  # the model's fingerprint, for the marks
 
     @classmethod
-    def for_segmenter(cls, seg, *, overlay: bool = False) -> StageConfig:
+    def for_segmenter(
+        cls, seg, *, overlay: bool = False, output: str | os.PathLike | None = None
+    ) -> StageConfig:
         from segdeploy.runtime.palette import palette_for
 
         return cls(
@@ -152,7 +190,14 @@ class StageConfig:
             dict(seg.id2label),
             seg.max_pixels,
             palette_for(seg.num_labels) if overlay else None,
+            None if output is None else os.fspath(output),
+            seg.fingerprint,
         )
+
+    def mark(self, path: str | os.PathLike, size: tuple[int, int]) -> Mark:
+        """The provenance mark of the output written at `path` (a label map of `size`)."""
+        rel = rel_name(path, self.output) if self.output is not None else Path(path).name
+        return Mark(rel, self.model, (int(size[0]), int(size[1])))
 
 
 @dataclass
@@ -194,9 +239,10 @@ def prepare_image(path: str | os.PathLike | np.ndarray, cfg: StageConfig) -> Pre
         else:
             image = load_image(path, max_pixels=cfg.max_pixels)
         t1 = time.thread_time()
+        cfg.preprocessor.check_pixels(image.height, image.width, cfg.max_pixels)
         x = cfg.preprocessor.to_array(image)
-    except SegdeployError:
-        raise
+    except SegdeployError as err:  # a frame (an array) is named by its record, not here
+        raise SegdeployError(None if isinstance(path, np.ndarray) else path, err.problem) from None
     except (OSError, ValueError, MemoryError) as err:  # Pillow's resize on odd data, memory
         raise SegdeployError(path, f"cannot preprocess: {type(err).__name__}: {err}") from None
     t2 = time.thread_time()
@@ -210,10 +256,28 @@ def prepare_image(path: str | os.PathLike | np.ndarray, cfg: StageConfig) -> Pre
     )
 
 
-def model_batch(seg, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list:
+def model_batch(
+    seg, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]], *, isolate: bool = False
+) -> list:
     """The model on one batch (`Segmenter.forward`, IO binding on CUDA): per image its output
-    on the host, logits [C, h, w] (or the labels, when `seg.fused`)."""
-    return [p.raw() for p in seg.forward(inputs, sizes)]
+    on the host, logits [C, h, w] (or the labels, when `seg.fused`).
+
+    `isolate`: when the model fails on the batch, run its images one by one, so that only
+    an image the model cannot run (a 1x1 input where the graph's strides need more) fails,
+    as a string (the reason) in its place, and the others still get their output."""
+    try:
+        return [p.raw() for p in seg.forward(inputs, sizes)]
+    except Exception as err:  # onnxruntime's errors (InvalidArgument, Fail...) are plain Exceptions
+        if not isolate:
+            raise
+        if len(inputs) > 1:
+            return [
+                model_batch(seg, [x], [s], isolate=True)[0]
+                for x, s in zip(inputs, sizes, strict=True)
+            ]
+        log.debug("the model failed on one image", exc_info=True)
+        shape = "x".join(str(d) for d in inputs[0].shape[1:])
+        return [f"the model cannot run this image ({shape} input): {first_line(err)}"]
 
 
 def finish_image(
@@ -238,7 +302,7 @@ def finish_image(
     classes = class_shares(labels, cfg.id2label)
     t2 = time.thread_time()
     if label is not None:
-        save_labels(label, labels)
+        save_labels(label, labels, mark=cfg.mark(label, labels.shape))
     t3 = time.thread_time()
     cpu = {"upsample_argmax": t1 - t0, "class_shares": t2 - t1, "png_encode": t3 - t2}
     keep = keep or Keep()
@@ -248,7 +312,7 @@ def finish_image(
         if overlay is not None:
             jpeg = io.BytesIO()
             blended.save(jpeg, format="JPEG", quality=90)
-            write_bytes(overlay, jpeg.getvalue())
+            write_bytes(overlay, mark_jpeg(jpeg.getvalue(), cfg.mark(overlay, labels.shape)))
         cpu["overlay"] = time.thread_time() - t3
     return Finished(
         (int(labels.shape[0]), int(labels.shape[1])),
@@ -260,13 +324,15 @@ def finish_image(
     )
 
 
-def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """8-bit PNG when ids fit, else 16-bit (`label_png`); atomically."""
+def save_labels(path: str | os.PathLike, labels: np.ndarray, *, mark: Mark | None = None) -> None:
+    """8-bit PNG when ids fit, else 16-bit (`label_png`); atomically, with the provenance
+    `mark` (segdeploy.runtime.provenance) when given."""
     if labels.dtype != np.uint8:
         if labels.max(initial=0) >= 1 << 16:
             raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
         labels = labels.astype(np.uint16)
-    write_bytes(path, label_png(labels))
+    png = label_png(labels)
+    write_bytes(path, png if mark is None else mark_png(png, mark))
 
 
 def class_shares(labels: np.ndarray, id2label: dict[int, str]) -> list[dict[str, Any]]:
@@ -682,10 +748,15 @@ class _Engine:
         batch = self.waiting[:n]
         del self.waiting[:n]
         t = time.perf_counter()
-        raws = model_batch(self.seg, [p.x for _, _, p in batch], [p.size for _, _, p in batch])
+        raws = model_batch(
+            self.seg, [p.x for _, _, p in batch], [p.size for _, _, p in batch], isolate=True
+        )
         model_s = time.perf_counter() - t
         self.outcome.model_s += model_s
         for (seq, job, p), raw in zip(batch, raws, strict=True):
+            if isinstance(raw, str):  # this image alone: the others go on
+                self.ordered.put(seq, failure_record(job, raw))
+                continue
             task = (raw, p.size, job.label, job.overlay, p.image, self.seg.fused, job.keep)
             self.computed.append(((seq, job, p, model_s / len(batch)), task))
         if len(self.computed) >= self.chunk_size:

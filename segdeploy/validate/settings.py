@@ -6,6 +6,7 @@ derive their shared Click options from it (segdeploy/cli/options.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,3 +60,9 @@ class ValidationSettings:
         if self.threads is not None and self.threads < 1:
             raise SegdeployError("--threads", "must be at least 1")
         self.tiling  # noqa: B018 (parses the tile options: a bad one is refused here)
+        # NaN passes every range check (all its comparisons are false): refused by name,
+        # or every comparison with it would pass and the report would hold NaN (not JSON).
+        for option, value in (("--tolerance", self.tolerance),
+                              ("--logit-tolerance", self.logit_tolerance)):  # fmt: skip
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise SegdeployError(option, f"must be a number >= 0, got {value}")
