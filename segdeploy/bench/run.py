@@ -598,19 +598,7 @@ def run_bench(
                 "ignore_index": inputs.ignore_index,
                 "reduce_labels": inputs.reduce_labels,
             },
-            "settings": {
-                "batch_sizes": list(settings.batch_sizes),
-                "runs": settings.runs,
-                "model_runs": settings.model_runs,
-                "threads": settings.threads,
-                "targets": settings.targets and not tiling.enabled,
-                "tiles": tiling.to_json() if tiling.enabled else None,
-                "warmup": "per row, before timing: one end-to-end pass over min(images, "
-                "2 x batch) images and 2 forward calls",
-                "order": "rows interleaved: each round runs every row once (one end-to-end "
-                "pass and its share of the forward calls), one row at a time, starting one "
-                "row later each round",
-            },
+            "settings": _settings_record(settings),
             "failed_images": bad_images,
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
             # The targets were set for whole images resized to the model (not windows).
@@ -625,6 +613,24 @@ def run_bench(
     if console is not None:
         rep.print_report(report, console, output)
     return report
+
+
+def _settings_record(settings: BenchSettings) -> dict[str, Any]:
+    """The report's "settings": what was measured, and how."""
+    tiling = settings.tiling
+    return {
+        "batch_sizes": list(settings.batch_sizes),
+        "runs": settings.runs,
+        "model_runs": settings.model_runs,
+        "threads": settings.threads,
+        "targets": settings.targets and not tiling.enabled,
+        "tiles": tiling.to_json() if tiling.enabled else None,
+        "warmup": "per row, before timing: one end-to-end pass over min(images, "
+        "2 x batch) images and 2 forward calls",
+        "order": "rows interleaved: each round runs every row once (one end-to-end "
+        "pass and its share of the forward calls), one row at a time, starting one "
+        "row later each round",
+    }
 
 
 def check_output(output: Path) -> None:
