@@ -243,7 +243,7 @@ def infer(
       segdeploy infer --model models/tiny photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
-      segdeploy infer --tile auto --overlap 0.5 --blend gaussian scene.tif -o masks
+      segdeploy infer --model models/tiny scene.tif -o masks --tile auto --blend gaussian
 
     Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
     segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
