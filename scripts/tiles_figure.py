@@ -9,7 +9,7 @@ over the image with the run's palette, the window borders of the no-overlap run 
 white.
 
     segdeploy demo                      # trains models/demo (a minute or two)
-    python scripts/tiles_figure.py --model models/demo/onnx -o docs/images/tiles_seams.png
+    python scripts/tiles_figure.py --model models/demo/model/onnx -o docs/images/tiles_seams.jpg
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def panel(image: np.ndarray, labels: np.ndarray, palette, title: str, grid: bool
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, type=Path, help="the demo's ONNX folder")
-    ap.add_argument("-o", "--output", type=Path, default=Path("docs/images/tiles_seams.png"))
+    ap.add_argument("-o", "--output", type=Path, default=Path("docs/images/tiles_seams.jpg"))
     args = ap.parse_args(argv)
     seg = Segmenter(args.model, provider="cpu")
     image = scene()
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     for i, p in enumerate(panels):
         out.paste(p, ((i % 2) * (w + 8), (i // 2) * (h + 8)))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    out.save(args.output, optimize=True)
+    out.save(args.output, quality=88)
     for name, labels in (("side by side", side), ("gaussian", gauss)):
         print(f"{name}: {np.mean(labels != mean):.1%} of pixels differ from mean")
     print(f"wrote {args.output}")
