@@ -476,23 +476,28 @@ def test_ray_address_auto_joins_the_running_cluster(beside, tiny_onnx_dir, tmp_p
 
 def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
     """The module `serve` shares: a private Ray on the loopback only, sized as asked, gone
-    with every process it started at the end of the block, signal handlers as before;
-    sizing a cluster to join is refused."""
+    with every process it started at the end of the block (and only those), signal
+    handlers as before; sizing a cluster to join is refused."""
     code = textwrap.dedent(
         """
-        import json, signal, psutil
+        import json, signal, subprocess, sys, psutil
         from segdeploy.errors import SegdeployError
         from segdeploy.runtime.ray_session import ray_session
 
         handler = signal.getsignal(signal.SIGTERM)
         with ray_session(None, num_cpus=1) as info:
             import ray
-            procs = psutil.Process().children(recursive=True)
+            # A child of the caller's, started inside the block: not Ray's to stop.
+            mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            procs = [p for p in psutil.Process().children(recursive=True) if p.pid != mine.pid]
             listening = sorted({
                 c.laddr.ip for p in procs for c in p.net_connections("inet")
                 if c.status == psutil.CONN_LISTEN
             })
         gone, alive = psutil.wait_procs(procs, timeout=1)
+        kept = mine.poll() is None
+        mine.kill()
+        mine.wait()
         try:
             with ray_session("auto", num_cpus=2):
                 pass
@@ -503,6 +508,7 @@ def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
             "listening": listening, "processes": len(procs), "alive": len(alive),
             "initialized": ray.is_initialized(),
             "handler": signal.getsignal(signal.SIGTERM) == handler, "refused": refused,
+            "kept": kept,
         }))
         """
     )
@@ -521,6 +527,7 @@ def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
     assert {ip.removeprefix("::ffff:") for ip in seen["listening"]} == {"127.0.0.1"}
     assert seen["processes"] >= 2
     assert seen["alive"] == 0 and seen["initialized"] is False and seen["handler"] is True
+    assert seen["kept"] is True  # the caller's own child outlives the block
     assert seen["refused"] == (
         "--ray-address: num_cpus and num_gpus size a private Ray, not a cluster"
     )
