@@ -17,7 +17,11 @@ machine's CPU. Every step is the project's own command, run as a user would:
    benchmarks/results/pipeline_cpu.{json,md};
 5. `benchmarks/bench_video.py`: infer on a clip against the same frames as JPEGs,
    lossless clips against PNG frames, memory over clip length, to
-   benchmarks/results/video_cpu.{json,md}.
+   benchmarks/results/video_cpu.{json,md};
+6. `benchmarks/bench_tiles.py`: `segdeploy infer --tile` on generated 1k to 16k
+   TIFFs with a 150-class SegFormer b0 (megapixels/s, peak RSS, batched windows
+   against one per call, the tiled run against the model alone), to
+   benchmarks/results/tiles_cpu.{json,md}.
 
 Why 512x512 (SegFormer's and the guide's input size), though a smaller size
 trains several times faster: at 512 the model is most of the end-to-end time,
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )  # fmt: skip
     rc = 0
-    for script in ("bench_pipeline.py", "bench_video.py"):
+    for script in ("bench_pipeline.py", "bench_video.py", "bench_tiles.py"):
         print("$ " + shlex.join(["python", f"benchmarks/{script}"]), flush=True)
         rc = (
             rc

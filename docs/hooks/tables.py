@@ -210,6 +210,10 @@ def validation_floors() -> str:
     return "\n".join(lines)
 
 
+def tiles() -> str:
+    return _demote(_script("bench_tiles.py").render(load("tiles_cpu")))
+
+
 RENDERERS = {
     "folder_variants": folder_variants,
     "folder_files": folder_files,
@@ -220,6 +224,7 @@ RENDERERS = {
     "ray": ray,
     "families": families,
     "validation": validation,
+    "tiles": tiles,
 }
 
 

@@ -111,11 +111,15 @@ def check_backend(
     model_dir: Path | None,
     onnx_dir: Path | None,
     available: Sequence[str],
+    tiling=None,
 ) -> str | None:
     """Why `backend` cannot run here, or None when it can.
 
-    `available` is onnxruntime's list of provider names (get_available_providers()).
+    `available` is onnxruntime's list of provider names (get_available_providers());
+    `tiling` (tiles.TileOptions): only runners with a sliding-window mode can run.
     """
+    if tiling is not None and tiling.enabled and not backend.runner.tiles:
+        return "no sliding-window mode (with --tile only torch and onnx-* rows run)"
     return backend.runner.unavailable(backend, model_dir, onnx_dir, available)
 
 
@@ -170,6 +174,10 @@ class Runner:
     cheap), and, built in the worker, the three calls the measurement drives."""
 
     kind: str = ""
+    #: Whether it runs sliding windows (`tiled`) for --tile.
+    tiles: bool = False
+    #: The tile options it runs (tiles.TileOptions), None: whole images.
+    tiling = None
     #: What the end-to-end figure includes, written under the report's table.
     end_to_end_includes = (
         "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
@@ -209,6 +217,28 @@ class Runner:
     def forward(self, batch) -> None:
         raise NotImplementedError
 
+    def tiled(self, tiling) -> Runner:
+        """This runner running sliding windows (`tiles` runners only)."""
+        self.tiling = tiling
+        return self
+
+
+def _window_batches(items, plan, prepare, batch_size: int, count: int) -> list[np.ndarray]:
+    """Up to `count` batches of `batch_size` windows, cut as `segdeploy infer --tile` cuts
+    them, from the images in turn (model-only inputs of a tiled row)."""
+    from segdeploy.runtime.large_image import open_source
+    from segdeploy.runtime.tiles import window_batches
+
+    batches = []
+    for item in items:
+        with open_source(item.path) as source:
+            for _, x, _ in window_batches(source, plan, prepare, batch_size):
+                if len(x) == batch_size or not batches:
+                    batches.append(x)
+                if len(batches) == count:
+                    return batches
+    return batches
+
 
 @register
 class TorchRunner(Runner):
@@ -216,6 +246,7 @@ class TorchRunner(Runner):
 
     kind = "torch"
     description = "transformers model, eager: processor, forward, bilinear upsample, argmax"
+    tiles = True
 
     @classmethod
     def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
@@ -235,6 +266,7 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
         self.torch = torch
         self.batch_size = batch_size
+        self.model_dir = model_dir
         self.model = AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
         self.processor = processor_class(family_of(model_dir)).from_pretrained(model_dir)
         self.dtype = _label_dtype(self.model.config.num_labels)
@@ -243,7 +275,43 @@ class TorchRunner(Runner):
     def _load(self, path: Path):
         return load_rgb(path)
 
+    def _plan(self):
+        """The tiling of the PyTorch model: segdeploy's windows and window inputs, at the
+        model's size where the family runs only that (its exported graph's)."""
+        from segdeploy.families import family_of
+        from segdeploy.runtime.processors import model_processor
+        from segdeploy.runtime.tiles import plan_tiles
+
+        family = family_of(self.model_dir)
+        processor = model_processor(self.model_dir)
+        fixed = None if family.dynamic_spatial else processor.size
+        plan = plan_tiles(
+            self.tiling, graph_size=fixed, processor=processor, square_only=family.square_only
+        )
+        return plan, processor
+
+    def _tiled_end_to_end(self, items) -> list[np.ndarray]:
+        from segdeploy.runtime.large_image import open_source
+        from segdeploy.runtime.tiles import WindowModel, predict_bands
+
+        plan, processor = self._plan()
+        model = WindowModel(processor.normalize, self._logits, self.model.config.num_labels)
+        labels = []
+        for item in items:
+            with open_source(item.path) as source:
+                out = np.empty((source.height, source.width), self.dtype)
+                for y0, band in predict_bands(source, model, plan, self.batch_size):
+                    out[y0 : y0 + len(band)] = band
+            labels.append(out)
+        return labels
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(pixel_values=self.torch.from_numpy(x)).logits.numpy()
+
     def end_to_end(self, items, out: Path, inputs: Sequence[str]) -> list[np.ndarray]:
+        if self.tiling is not None:
+            return self._tiled_end_to_end(items)
         torch, F = self.torch, self.torch.nn.functional
         labels = []
         for chunk in _chunks(items, self.batch_size):
@@ -262,6 +330,10 @@ class TorchRunner(Runner):
         return labels
 
     def model_inputs(self, items, count: int):
+        if self.tiling is not None:
+            plan, processor = self._plan()
+            batches = _window_batches(items, plan, processor.normalize, self.batch_size, count)
+            return [self.torch.from_numpy(b) for b in batches]
         return [
             self.processor(images=[self._load(i.path) for i in batch], return_tensors="pt")[
                 "pixel_values"
@@ -386,6 +458,7 @@ class SegdeployRunner(Runner):
     end_to_end_includes = (
         "listing, decoding, preprocessing, model, upsampling, writing label PNGs and summary.json"
     )
+    tiles = True
 
     @classmethod
     def describe(cls, backend: Backend) -> str:
@@ -466,10 +539,16 @@ class SegdeployRunner(Runner):
             out,
             segmenter=self.segmenter,
             progress=False,
+            tiling=self.tiling,
         )
 
     def model_inputs(self, items, count: int):
         seg = self.segmenter
+        if self.tiling is not None:
+            from segdeploy.runtime.tiles import plan_for
+
+            plan = plan_for(seg, self.tiling)
+            return _window_batches(items, plan, seg.preprocessor.normalize, self.batch_size, count)
         return [
             np.stack([seg.prepare(seg.load(i.path)) for i in batch])
             for batch in _model_batches(items, self.batch_size, count)
@@ -497,8 +576,10 @@ def make_runner(
     onnx_dir: Path | None,
     batch_size: int,
     threads: int | None = None,
+    tiling=None,
 ):
-    return backend.runner.create(backend, model_dir, onnx_dir, batch_size, threads)
+    runner = backend.runner.create(backend, model_dir, onnx_dir, batch_size, threads)
+    return runner.tiled(tiling) if tiling is not None and tiling.enabled else runner
 
 
 def _label_dtype(num_labels: int) -> np.dtype:

@@ -97,9 +97,22 @@ class BenchSettings:
     #: measured); off for models they mean nothing for, such as the 64-px demo model.
     targets: bool = True
     inputs: InputOptions = field(default_factory=InputOptions)
+    #: Sliding windows (--tile, --stride, --overlap, --blend; segdeploy.runtime.tiles): the
+    #: onnx-* rows run `segdeploy infer --tile`, the torch row the same windows in PyTorch,
+    #: model-only batches are batches of windows; rows with no tiled mode are skipped.
+    tile: str | None = None
+    stride: str | None = None
+    overlap: float | None = None
+    blend: str = "mean"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def tiling(self):
+        from segdeploy.runtime.tiles import TileOptions
+
+        return TileOptions.from_text(self.tile, self.stride, self.overlap, self.blend)
 
     def check(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -110,6 +123,7 @@ class BenchSettings:
             raise SegdeployError("--model-runs", f"must be at least 1, got {self.model_runs}")
         if self.threads is not None and self.threads < 1:
             raise SegdeployError("--threads", f"must be at least 1, got {self.threads}")
+        self.tiling  # noqa: B018 (parses the tile options: a bad one is refused here)
         # NaN passes every range check (all its comparisons are false) and is not JSON.
         if self.timeout_s is not None and not (
             math.isfinite(self.timeout_s) and self.timeout_s > 0
@@ -356,6 +370,7 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     from PIL import Image
 
     from segdeploy.runtime.infer import label_path
+    from segdeploy.runtime.large_image import read_labels, tiff_name
     from segdeploy.train.metrics import MeanIoU, finite
 
     ok = [r for r in rows if r["status"] == "ok"]
@@ -371,6 +386,8 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     pixels = 0
 
     def read(path: Path) -> np.ndarray:
+        if not path.exists() and tiff_name(path).exists():  # a large tiled output
+            return read_labels(tiff_name(path))
         with Image.open(path) as im:
             return np.asarray(im)
 
@@ -538,7 +555,8 @@ def run_bench(
     output = Path(output) if output is not None else Path(model) / "bench.json"
     check_output(output)
     available = ort.get_available_providers()
-    skip = {b: check_backend(b, model_dir, onnx_dir, available) for b in parsed}
+    tiling = settings.tiling
+    skip = {b: check_backend(b, model_dir, onnx_dir, available, tiling) for b in parsed}
 
     work = Path(tempfile.mkdtemp(prefix="segdeploy-bench-"))
     load_before = _loadavg()
@@ -580,21 +598,11 @@ def run_bench(
                 "ignore_index": inputs.ignore_index,
                 "reduce_labels": inputs.reduce_labels,
             },
-            "settings": {
-                "batch_sizes": list(settings.batch_sizes),
-                "runs": settings.runs,
-                "model_runs": settings.model_runs,
-                "threads": settings.threads,
-                "targets": settings.targets,
-                "warmup": "per row, before timing: one end-to-end pass over min(images, "
-                "2 x batch) images and 2 forward calls",
-                "order": "rows interleaved: each round runs every row once (one end-to-end "
-                "pass and its share of the forward calls), one row at a time, starting one "
-                "row later each round",
-            },
+            "settings": _settings_record(settings),
             "failed_images": bad_images,
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-            "targets": judge_targets(rows) if settings.targets else [],
+            # The targets were set for whole images resized to the model (not windows).
+            "targets": judge_targets(rows) if settings.targets and not tiling.enabled else [],
         }
         rep.write_reports(report, output)
     finally:
@@ -605,6 +613,24 @@ def run_bench(
     if console is not None:
         rep.print_report(report, console, output)
     return report
+
+
+def _settings_record(settings: BenchSettings) -> dict[str, Any]:
+    """The report's "settings": what was measured, and how."""
+    tiling = settings.tiling
+    return {
+        "batch_sizes": list(settings.batch_sizes),
+        "runs": settings.runs,
+        "model_runs": settings.model_runs,
+        "threads": settings.threads,
+        "targets": settings.targets and not tiling.enabled,
+        "tiles": tiling.to_json() if tiling.enabled else None,
+        "warmup": "per row, before timing: one end-to-end pass over min(images, "
+        "2 x batch) images and 2 forward calls",
+        "order": "rows interleaved: each round runs every row once (one end-to-end "
+        "pass and its share of the forward calls), one row at a time, starting one "
+        "row later each round",
+    }
 
 
 def check_output(output: Path) -> None:
@@ -713,6 +739,7 @@ def _measure_rows(
                 "out": row["_out"],
                 "model_runs": settings.model_runs,
                 "threads": settings.threads,
+                "tiling": settings.tiling.to_json() if settings.tiling.enabled else None,
             }
         )
     measured = iter(measure_batch_size(jobs, settings, work, console))

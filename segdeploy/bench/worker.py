@@ -72,6 +72,11 @@ def list_items(images: Path, out: Path | None = None) -> list:
     return items
 
 
+def _tuple(value):
+    """JSON gives lists where the options had (height, width) tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class Row:
     """A backend set up for one batch size: warm-up done, ready for timed rounds."""
 
@@ -85,8 +90,13 @@ class Row:
         onnx_dir = Path(job["onnx_dir"]) if job.get("onnx_dir") else None
 
         start = time.perf_counter()
+        tiling = None
+        if job.get("tiling"):
+            from segdeploy.runtime.tiles import TileOptions
+
+            tiling = TileOptions(**{k: _tuple(v) for k, v in job["tiling"].items()})
         self.runner = make_runner(
-            self.backend, model_dir, onnx_dir, self.batch_size, job.get("threads")
+            self.backend, model_dir, onnx_dir, self.batch_size, job.get("threads"), tiling
         )
         self.setup_s = time.perf_counter() - start
         self.items = list_items(self.images, self.out)

@@ -7,7 +7,7 @@ import shlex
 import click
 
 from segdeploy.bench.run import BenchSettings
-from segdeploy.cli.options import threads_option
+from segdeploy.cli.options import threads_option, tile_options
 from segdeploy.errors import SegdeployError
 
 
@@ -146,6 +146,7 @@ def command_line(ctx: click.Context) -> str:
     "512x512, e.g. CamVid b0); --no-targets for models they mean nothing for.",
 )
 @click.option("--keep-work", is_flag=True, help="Keep the work folder (label maps, worker logs).")
+@tile_options
 def bench(
     model: str | None,
     onnx: str | None,
@@ -165,6 +166,10 @@ def bench(
     output: str | None,
     targets: bool,
     keep_work: bool,
+    tile: str | None,
+    stride: str | None,
+    overlap: float | None,
+    blend: str,
 ) -> None:
     """Compare segdeploy's ONNX Runtime inference with the pipelines users would pick instead.
 
@@ -201,6 +206,10 @@ def bench(
         threads=threads,
         timeout_s=timeout,
         targets=targets,
+        tile=tile,
+        stride=stride,
+        overlap=overlap,
+        blend=blend,
         inputs=InputOptions(
             images=images,
             labels=labels,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import click
 
-from segdeploy.cli.options import ray_address_option, ray_timeout_option, settings_from
+from segdeploy.cli.options import (
+    ray_address_option,
+    ray_timeout_option,
+    settings_from,
+    tile_options,
+)
 from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
 from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
@@ -194,6 +199,7 @@ def video_options(func):
     "cuda/tensorrt); MIN-MAX lets Ray scale the pool  [default: one per GPU, else one per node].",
 )
 @video_options
+@tile_options
 def infer(
     inputs: tuple[str, ...],
     model_dir: str | None,
@@ -214,6 +220,10 @@ def infer(
     ray_address: str | None,
     ray_timeout: float,
     actors: str | None,
+    tile: str | None,
+    stride: str | None,
+    overlap: float | None,
+    blend: str,
     **video_opts,
 ) -> None:
     """Segment images with an exported model on ONNX Runtime; no torch needed.
@@ -233,6 +243,7 @@ def infer(
       segdeploy infer --model models/tiny photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
+      segdeploy infer --model models/tiny scene.tif -o masks --tile auto --blend gaussian
 
     Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
     segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
@@ -247,10 +258,12 @@ def infer(
 
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
+    from segdeploy.runtime.tiles import TileOptions
 
     video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
+    tiling = TileOptions.from_text(tile, stride, overlap, blend)
 
-    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors)
+    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors, tiling)
     if model_dir is None:
         model_dir = newest_export()
         click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
@@ -276,8 +289,9 @@ def infer(
     _report(result)
 
 
-def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors) -> dict:
-    """The engine's own keyword arguments; another engine's options are refused."""
+def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors, tiling) -> dict:
+    """The engine's own keyword arguments; another engine's options are refused (--tile is
+    the local engine's: a tiled image's windows are one batch, in one process)."""
     from segdeploy.errors import SegdeployError
 
     if engine == "local":
@@ -289,8 +303,14 @@ def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actor
         ):  # fmt: skip
             if value is not None:
                 raise SegdeployError(name, "only with --engine ray")
-        return {"workers": workers, "video": video}
+        opts: dict = {"workers": workers, "video": video}
+        if tiling.enabled:
+            opts["tiling"] = tiling
+        return opts
     from segdeploy.runtime.ray_engine import parse_actors
+
+    if tiling.enabled:
+        raise SegdeployError("--tile", "only with --engine local")
 
     if workers is not None:
         raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")

@@ -392,8 +392,25 @@ class Segmenter:
         return _BatchOutput(out).host()
 
     # -- convenience -----------------------------------------------------------
-    def predict(self, image: ImageLike) -> np.ndarray:
-        """(H, W) class ids for one image, at the image's own size."""
+    def predict(
+        self,
+        image: ImageLike,
+        tile: int | tuple[int, int] | str | None = None,
+        *,
+        stride: int | tuple[int, int] | None = None,
+        overlap: float | None = None,
+        blend: str = "mean",
+    ) -> np.ndarray:
+        """(H, W) class ids for one image, at the image's own size.
+
+        With `tile` ("auto": the model's input size, a side, or (height, width)) the
+        image is segmented by sliding windows at its own resolution, MMSegmentation's
+        slide mode (segdeploy.runtime.tiles; `stride` or `overlap`, `blend` "mean" or
+        "gaussian"); a TIFF path is then read by window."""
+        if tile is not None:
+            from segdeploy.runtime.tiles import TileOptions, predict_tiled
+
+            return predict_tiled(self, image, TileOptions(tile, stride, overlap, blend))
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
