@@ -500,6 +500,7 @@ def run_infer(
     threads: int | None = None,
     workers: int | None = None,
     trt_cache: str | os.PathLike | None = None,
+    ov_cache: str | os.PathLike | None = None,
     fp16: bool = False,
     overlay: bool = False,
     skip_existing: bool = False,
@@ -533,6 +534,7 @@ def run_infer(
         batch_size=batch_size,
         max_pixels=max_pixels,
         spin=workers == 0,  # worker processes need the cores ONNX Runtime would spin on
+        ov_cache=ov_cache,
     )
     out = Path(output)
     total = check_plan(inputs, out)  # refuses a run that would harm a user file: nothing written

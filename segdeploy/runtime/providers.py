@@ -27,13 +27,21 @@ log = logging.getLogger(__name__)
 
 #: Short names, best first: the order `--fallback` walks down.
 CHAIN = ("tensorrt", "cuda", "cpu")
-PROVIDERS = ("auto", *CHAIN)
+#: OpenVINO's own runtime on the CPU (segdeploy.runtime.openvino_runner), beside
+#: onnxruntime's chain; `--fallback` steps from it to onnxruntime's CPU provider.
+OPENVINO = "openvino"
+PROVIDERS = ("auto", *CHAIN, OPENVINO)
 ORT_NAME = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-SHORT_NAME = {v: k for k, v in ORT_NAME.items()}
+#: How each provider shows in `available_providers()`: onnxruntime's providers by their
+#: names, OpenVINO's runtime as "OpenVINO" (when the openvino package is installed).
+AVAILABLE_NAME = {**ORT_NAME, OPENVINO: "OpenVINO"}
+SHORT_NAME = {v: k for k, v in AVAILABLE_NAME.items()}
+#: Where `--fallback` goes when a provider is missing or fails to start.
+NEXT = {"tensorrt": "cuda", "cuda": "cpu", OPENVINO: "cpu"}
 
 #: TensorRT builder workspace; 4 GiB fits every SegFormer size at batch 16 and
 #: leaves room on a 16 GB card.
@@ -54,8 +62,29 @@ class ProviderChoice:
         return bool(self.skipped)
 
 
+def available_providers() -> list[str]:
+    """onnxruntime's available providers, and "OpenVINO" when the openvino package is
+    installed (found without importing it)."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    try:
+        if importlib.util.find_spec("openvino") is not None:
+            available.append(AVAILABLE_NAME[OPENVINO])
+    except (ImportError, ValueError):
+        pass
+    return available
+
+
 def missing_provider_message(name: str, available: Sequence[str]) -> str:
     """Say what is missing and how to get it."""
+    if name == OPENVINO:
+        return (
+            "OpenVINO is not installed here: pip install 'segdeploy[openvino]', or pass "
+            "--fallback to run on onnxruntime's CPU provider."
+        )
     have = ", ".join(SHORT_NAME.get(p, p) for p in available if p in SHORT_NAME) or "none"
     msg = (
         f"onnxruntime here has no {ORT_NAME[name]} (available: {have}). "
@@ -70,12 +99,15 @@ def missing_provider_message(name: str, available: Sequence[str]) -> str:
 def choose_provider(
     requested: str, available: Sequence[str], *, fallback: bool = False
 ) -> ProviderChoice:
-    """Pick the provider to start, from the ORT provider names in `available`.
+    """Pick the provider to start, from the provider names in `available`
+    (`available_providers()`: onnxruntime's, and "OpenVINO").
 
-    `auto` means CUDA when present, else CPU. It never picks TensorRT: a TensorRT
-    engine takes minutes to build on first use, and onnxruntime-gpu lists the
-    TensorRT provider even where the TensorRT libraries are absent, so TensorRT
-    is only used when asked for by name.
+    `auto` means CUDA when present, else onnxruntime's CPU provider. It never picks
+    TensorRT: a TensorRT engine takes minutes to build on first use, and
+    onnxruntime-gpu lists the TensorRT provider even where the TensorRT libraries
+    are absent, so TensorRT is only used when asked for by name. Nor OpenVINO:
+    which runtime is fastest on a CPU depends on the CPU and the graph, and
+    `segdeploy bench` says which it is here; it is used when asked for by name.
     """
     requested = requested.lower()
     if requested not in PROVIDERS:
@@ -85,15 +117,17 @@ def choose_provider(
     if requested == "auto":
         name = "cuda" if ORT_NAME["cuda"] in available else "cpu"
         return ProviderChoice(name, requested)
-    if ORT_NAME[requested] in available:
+    if AVAILABLE_NAME[requested] in available:
         return ProviderChoice(requested, requested)
     if not fallback:
         raise SegdeployError("--provider", missing_provider_message(requested, available))
     skipped = []
-    for name in CHAIN[CHAIN.index(requested) :]:
-        if ORT_NAME[name] in available:
+    name: str | None = requested
+    while name is not None:
+        if AVAILABLE_NAME[name] in available:
             return ProviderChoice(name, requested, tuple(skipped))
         skipped.append(name)
+        name = NEXT.get(name)
     # The CPU provider is in every onnxruntime build; reaching here means a broken install.
     raise SegdeployError("--provider", f"no usable provider in {list(available)}")
 
@@ -236,24 +270,28 @@ def create_session(
     input_name: str = DEFAULT_INPUT_NAME,
     available: Sequence[str] | None = None,
     spin: bool = True,
+    ov_cache: str | os.PathLike | None = None,
 ):
-    """An `onnxruntime.InferenceSession` on `provider` ("auto", "cpu", "cuda", "tensorrt").
+    """A session on `provider` ("auto", "cpu", "cuda", "tensorrt", "openvino"): an
+    `onnxruntime.InferenceSession`, or for "openvino" an `OpenVINOSession`, which
+    answers the same calls (segdeploy.runtime.openvino_runner).
 
     Raises SegdeployError when the model file is missing or unreadable, or when
     the provider is absent or fails to start, unless `fallback` is set: then
-    TensorRT -> CUDA -> CPU is walked down with a logged warning at each step.
-    `fp16` builds TensorRT engines in fp16 (other providers run the graph as it
-    is; pick the fp16 graph with Segmenter's `variant`). `image_size` and
-    `batch_size` set the TensorRT shape profile; `image_size` defaults to the
-    preprocessor_config.json beside the model.
+    TensorRT -> CUDA -> CPU (and OpenVINO -> CPU) is walked down with a logged
+    warning at each step. `fp16` builds TensorRT engines in fp16 (other providers run
+    the graph as it is; pick the fp16 graph with Segmenter's `variant`). `image_size`
+    and `batch_size` set the TensorRT shape profile, and OpenVINO's input shape and
+    settings; `image_size` defaults to the preprocessor_config.json beside the model
+    for TensorRT. `ov_cache`: OpenVINO's compiled-model folder (None: the user cache).
+    An OpenVINO IR graph (.xml) runs on OpenVINO only (`graph_provider`).
     """
-    import onnxruntime as ort
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise SegdeployError(onnx_path, "model file not found")
     if available is None:
-        available = ort.get_available_providers()
+        available = available_providers()
+    provider, fallback = graph_provider(onnx_path, provider, fallback)
     choice = choose_provider(provider, available, fallback=fallback)
     if choice.fell_back:
         log.warning(
@@ -262,20 +300,61 @@ def create_session(
             ", ".join(choice.skipped),
             choice.name,
         )
-    opts = session_options(threads, spin=spin)
     name = choice.name
-    while True:
-        providers = _providers_for(
-            name,
-            onnx_path,
-            fp16,
-            trt_cache,
-            batch_size,
-            image_size,
-            device_id,
-            trt_workspace,
-            input_name,
+    if name == OPENVINO:
+        session = _openvino_session(onnx_path, threads, batch_size, image_size, ov_cache, fallback)
+        if session is not None:
+            return session
+        name = NEXT[OPENVINO]
+    ort_options = (fp16, trt_cache, batch_size, image_size, device_id, trt_workspace, input_name)
+    return _ort_session(onnx_path, name, available, fallback, threads, spin, ort_options)
+
+
+def graph_provider(path: Path, provider: str, fallback: bool) -> tuple[str, bool]:
+    """(provider, fallback) for the graph at `path`: an OpenVINO IR runs on OpenVINO only,
+    so `auto` means openvino there, another provider is refused and nothing to fall back
+    to; any other graph keeps both."""
+    from segdeploy.runtime.openvino_runner import is_ir
+
+    if not is_ir(path):
+        return provider, fallback
+    if provider.lower() not in ("auto", OPENVINO):
+        raise SegdeployError(
+            path,
+            f"is an OpenVINO IR graph, which only OpenVINO runs, not --provider {provider}: "
+            "use --provider openvino",
         )
+    return OPENVINO, False
+
+
+def _openvino_session(path: Path, threads, batch_size, image_size, cache, fallback: bool):
+    """An OpenVINOSession; None when it cannot start and `fallback` (warned: onnxruntime's
+    CPU provider runs the graph instead)."""
+    from segdeploy.runtime.openvino_runner import open_session
+    from segdeploy.runtime.pipeline import available_cores
+
+    try:
+        return open_session(
+            path,
+            threads=threads or available_cores(),
+            batch_size=batch_size,
+            image_size=image_size,
+            cache=cache,
+        )
+    except SegdeployError as err:
+        if not fallback:
+            raise
+        log.warning("provider openvino failed to start (%s); falling back to cpu", err.problem)
+        return None
+
+
+def _ort_session(onnx_path: Path, name, available, fallback, threads, spin, ort_options):
+    """An onnxruntime session on `name`, walking down NEXT with `fallback`."""
+    import onnxruntime as ort
+
+    opts = session_options(threads, spin=spin)
+    while True:
+        providers = _providers_for(name, onnx_path, *ort_options)
         try:
             # enable_fallback=0: onnxruntime's own fallback would print to stdout and
             # switch providers silently; we decide, and say so, below.
@@ -309,17 +388,15 @@ def create_session(
 
 
 def check_provider(provider: str, fallback: bool = False) -> None:
-    """SegdeployError now if onnxruntime here lacks `provider`, rather than after a long run."""
-    import onnxruntime as ort
-
-    choose_provider(provider, ort.get_available_providers(), fallback=fallback)
+    """SegdeployError now if `provider` is missing here, rather than after a long run."""
+    choose_provider(provider, available_providers(), fallback=fallback)
 
 
 def _next_available(name: str, available: Sequence[str]) -> str:
-    for nxt in CHAIN[CHAIN.index(name) + 1 :]:
-        if ORT_NAME[nxt] in available:
-            return nxt
-    return "cpu"
+    nxt = NEXT.get(name)
+    while nxt is not None and AVAILABLE_NAME[nxt] not in available:
+        nxt = NEXT.get(nxt)
+    return nxt or "cpu"
 
 
 def _providers_for(

@@ -45,6 +45,7 @@ import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError
+from segdeploy.folders import variant_file
 from segdeploy.runtime import pipeline
 from segdeploy.runtime.image_io import MAX_PIXELS
 from segdeploy.runtime.infer import (
@@ -62,6 +63,7 @@ from segdeploy.runtime.infer import (
     summary_header,
     summary_totals,
 )
+from segdeploy.runtime.openvino_runner import is_ir
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,7 @@ class SegmentBatch:
         max_pixels: int | None = MAX_PIXELS,
         image_column: str = "image",
         label_column: str = "labels",
+        ov_cache: str | os.PathLike | None = None,
     ):
         from segdeploy.runtime.segmenter import Segmenter
 
@@ -215,6 +218,7 @@ class SegmentBatch:
             fp16=fp16,
             batch_size=batch_size,
             max_pixels=max_pixels,
+            ov_cache=ov_cache,
         )
         self.image_column, self.label_column = image_column, label_column
 
@@ -361,6 +365,7 @@ def run_infer_ray(
     batch_size: int | None = None,
     threads: int | None = None,
     trt_cache: str | os.PathLike | None = None,
+    ov_cache: str | os.PathLike | None = None,
     fp16: bool = False,
     overlay: bool = False,
     skip_existing: bool = False,
@@ -391,8 +396,15 @@ def run_infer_ray(
     # (graph, classes) go into summary.json.
     graph_variant = "fp16" if fp16 and variant == "fp32" and provider != "tensorrt" else variant
     batch_size = batch_size or (16 if provider in GPU_PROVIDERS else 4)
+    # An OpenVINO IR variant opens on OpenVINO only; every other graph on onnxruntime's CPU.
     probe = Segmenter(
-        model_dir, "cpu", graph_variant, threads=1, batch_size=batch_size, max_pixels=max_pixels
+        model_dir,
+        "openvino" if is_ir(variant_file(graph_variant)) else "cpu",
+        graph_variant,
+        threads=1,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        ov_cache=ov_cache,
     )
     out = Path(output).absolute()
     # The local engine's planning, so the same rules keep user files safe: nothing is
@@ -407,6 +419,7 @@ def run_infer_ray(
         "fallback": fallback,
         "threads": threads,
         "trt_cache": str(Path(trt_cache).absolute()) if trt_cache else None,
+        "ov_cache": str(Path(ov_cache).absolute()) if ov_cache else None,
         "fp16": fp16,
         "batch_size": batch_size,
         "max_pixels": max_pixels,

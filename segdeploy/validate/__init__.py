@@ -170,7 +170,7 @@ def validate_export(
     onnx_dir = Path(onnx_dir)
     open_model(onnx_dir, need_weights=False)
     onnx_path = onnx_dir / graph if graph else onnx_dir / variant_file(variant or "fp32")
-    load_graph(onnx_path)  # a missing or corrupt graph is reported before any data is loaded
+    inspect(onnx_path)  # a missing or corrupt graph is reported before any data is loaded
     if model_dir is None:
         parent = onnx_dir.resolve().parent
         if not has_weights(parent):
