@@ -60,7 +60,7 @@ import numpy as np
 from segdeploy.atomic import write_bytes
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
-from segdeploy.runtime.palette import overlay as blend_overlay
+from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.upsample import upsample_argmax
 
@@ -232,7 +232,9 @@ def finish_image(
     cpu = {"upsample_argmax": t1 - t0, "class_shares": t2 - t1, "png_encode": t3 - t2}
     if overlay is not None and cfg.palette is not None and image is not None:
         jpeg = io.BytesIO()
-        blend_overlay(image, labels, cfg.palette).save(jpeg, format="JPEG", quality=90)
+        render_overlay(image, labels, cfg.palette, cfg.id2label).save(
+            jpeg, format="JPEG", quality=90
+        )
         write_bytes(overlay, jpeg.getvalue())
         cpu["overlay"] = time.thread_time() - t3
     return Finished(

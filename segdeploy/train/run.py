@@ -146,6 +146,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     )
     if result.is_main_process:
         train_args = _train_args(config, record, args, out, result)
+        train_args["dataset_choices"] = data.choices  # what the data decided, and why
         with environment_errors_as_input(out, "the previous model files, if any, are kept"):
             write_model_folder(out, trainer.model, processor, metrics, train_args, history)
         if hub_repo is not None:
