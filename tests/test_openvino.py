@@ -344,3 +344,18 @@ def test_export_accuracy_control_keeps_the_drop_within_max_drop(trained, tmp_pat
     quant = json.loads((out / "quantization_openvino_int8.json").read_text())
     assert quant["method"] == "nncf.quantize_with_accuracy_control"
     assert quant["max_drop"] == 0.05 and quant["held_out_images"] > 0
+
+
+def test_ray_engine_model_stage_runs_on_openvino(tiny_onnx_dir, photos):
+    """The Ray engine's building block (one Segmenter per actor) takes the provider: its
+    label maps on OpenVINO are onnxruntime's (no Ray cluster needed to call it)."""
+    from segdeploy.runtime.ray_engine import SegmentBatch
+
+    images = np.array([str(p) for p in sorted(photos.iterdir())], dtype=object)
+    out = {
+        provider: SegmentBatch(tiny_onnx_dir, provider=provider, threads=1)({"image": images})
+        for provider in ("cpu", "openvino")
+    }
+    assert out["openvino"]["labels"].shape == out["cpu"]["labels"].shape == (6,)
+    for a, b in zip(out["openvino"]["labels"], out["cpu"]["labels"], strict=True):
+        assert a.shape == b.shape and float((a == b).mean()) >= 0.999
