@@ -8,7 +8,8 @@ For the whole folder job on a cluster, `segdeploy infer --engine ray --ray-addre
 import sys
 from pathlib import Path
 
-from segdeploy.runtime.ray_engine import SegmentBatch, import_ray
+from segdeploy.runtime.ray_engine import SegmentBatch
+from segdeploy.runtime.ray_session import ray_session
 
 
 def main() -> None:
@@ -17,10 +18,11 @@ def main() -> None:
         Path(sys.argv[2] if len(sys.argv) > 2 else "models/demo/data/images").glob("*.png")
     )
 
-    # A private Ray for this script, on 127.0.0.1 only (as segdeploy starts its own), gone at the end.
-    ray = import_ray(loopback=True)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
+    # A private Ray for this script, on 127.0.0.1 only, gone at the end: the one segdeploy
+    # starts for itself (ray_session("auto") would join `ray start --head`'s instead).
+    with ray_session(None, num_cpus=2):
+        import ray
+
         ds = ray.data.from_items([{"image": str(p)} for p in photos[:8]])  # paths or HxWx3 arrays
         ds = ds.map_batches(
             SegmentBatch,
@@ -30,8 +32,6 @@ def main() -> None:
         )
         for row in ds.take_all():
             print(Path(row["image"]).name, row["labels"].shape)
-    finally:
-        ray.shutdown()
 
 
 # The guard matters: segdeploy's worker processes import this script again, and a script

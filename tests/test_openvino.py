@@ -192,7 +192,9 @@ def test_an_openvino_ir_runs_on_openvino_only(tiny_onnx_dir, tmp_path):
 
     xml = save_ir(ov.Core().read_model(tiny_onnx_dir / "model.onnx"), tmp_path / "m.xml")
     assert prov.active_provider(prov.create_session(xml, "auto", threads=1)) == "openvino"
-    with pytest.raises(SegdeployError, match="only OpenVINO runs"):
+    with pytest.raises(
+        SegdeployError, match="OpenVINO IR graph, which runs on --provider openvino only"
+    ):
         prov.create_session(xml, "cpu", fallback=True)
     assert ovr.ir_precision(xml) == "fp32"
     xml.with_suffix(".bin").unlink()

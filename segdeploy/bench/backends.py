@@ -478,6 +478,12 @@ class SegdeployRunner(Runner):
             return (
                 f"{variant_file(graph_variant)} is an OpenVINO IR graph: only onnx-openvino runs it"
             )
+        if graph_variant.endswith("fused"):
+            return (
+                f"{variant_file(graph_variant)} has argmax fused in (export --fuse-argmax): it "
+                "returns label maps, not the logits that the model-only figures time; time it "
+                f"end to end with `segdeploy infer --variant {graph_variant}`"
+            )
         return None
 
     @classmethod

@@ -65,7 +65,9 @@ def command_line(ctx: click.Context) -> str:
     "--labels",
     type=click.Path(file_okay=False),
     default=None,
-    help="With --images: label PNGs with the same relative names, for mean IoU.",
+    help="With --images: label PNGs with the same relative names (photos/a/frame.000.jpg -> "
+    "LABELS/a/frame.000.png), for mean IoU; read with the recorded dataset's ignore index and "
+    "label reduction unless --ignore-index or --reduce-labels say otherwise.",
 )
 @click.option(
     "--dataset",
@@ -96,8 +98,8 @@ def command_line(ctx: click.Context) -> str:
     help="Comma-separated: torch, hf-pipeline, optimum, onnx-cpu, onnx-cuda, onnx-tensorrt, "
     "onnx-openvino (segdeploy infer --provider openvino), onnx-<provider>-<variant> (e.g. "
     "onnx-cpu-int8, onnx-openvino-openvino_int8), openvino, openvino-int8 (OpenVINO's own "
-    "pipeline on the CPU, fp32 or NNCF int8; these need the openvino extra)  [default: all but openvino, with "
-    "every variant in the ONNX folder].",
+    "pipeline on the CPU, fp32 or NNCF int8; these need the openvino extra)  [default: all "
+    "but openvino and openvino-int8, with every variant in the ONNX folder].",
 )
 @click.option(
     "--batch-sizes",
