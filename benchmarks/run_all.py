@@ -110,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--backends", default=BACKENDS)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="bench on the first N val images only"
+    )
     parser.add_argument("--model-runs", type=int, default=10)
     parser.add_argument("--no-int8", action="store_true", help="benchmark the fp32 graph only")
     parser.add_argument("--retrain", action="store_true", help="train again even if MODEL is there")
     parser.add_argument(
-        "--no-pipeline", action="store_true", help="skip benchmarks/bench_pipeline.py"
+        "--no-pipeline",
+        action="store_true",
+        help="skip benchmarks/bench_pipeline.py and bench_video.py",
     )
     parser.add_argument(
         "--reuse-export",
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "--backends", args.backends,
             "--runs", str(args.runs),
             "--model-runs", str(args.model_runs),
+            *(["--max-images", str(args.max_images)] if args.max_images else []),
             "--output", rel(args.output),
         ]
     )  # fmt: skip

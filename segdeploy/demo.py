@@ -47,7 +47,9 @@ class DemoSettings:
     #: machine), and on a busy machine a waiting thread stalls every operation.
     #: None keeps torch's default (all cores).
     train_threads: int | None = 1
-    bench_backends: tuple[str, ...] | None = None  # None: every backend, skipped ones listed
+    #: None: every default backend and OpenVINO's own pipeline (fp32), the peer a user on a
+    #: CPU would otherwise pick; those that cannot run here are listed as skipped.
+    bench_backends: tuple[str, ...] | None = None
     #: Images the bench runs on (more synthetic ones than the validation split, laid out
     #: as files): enough that a pass's fixed start-up (a process pool, listing) is a few
     #: percent of it and the figures are each row's steady rate. None: the validation images.
@@ -261,13 +263,14 @@ def _bench_inputs(spec, folder: Path, n: int, num_labels: int):
 
 
 def _bench(model_dir: Path, onnx_dir: Path, inputs, settings: DemoSettings, output: Path, console):
-    from segdeploy.bench import BenchSettings, from_folders, run_bench
+    from segdeploy.bench import BenchSettings, default_backends, from_folders, run_bench
 
+    backends = settings.bench_backends or (*default_backends(onnx_dir), "openvino")
     return run_bench(
         model_dir,
         lambda work, n: from_folders(inputs.images, inputs.labels, work),
         onnx=onnx_dir,
-        backends=settings.bench_backends,
+        backends=backends,
         settings=BenchSettings(
             batch_sizes=settings.bench_batch_sizes,
             runs=settings.bench_runs,
