@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +19,7 @@ from segdeploy.bench import (
     judge_targets,
     parse_backend,
 )
+from segdeploy.bench.report import CPU_FEATURES
 from segdeploy.cli import main
 from segdeploy.data.synthetic import write_synthetic_folder
 from segdeploy.errors import SegdeployError
@@ -63,6 +64,9 @@ def test_bench_writes_json_markdown_and_chart(cli_run):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["machine"]["cpu"] and report["machine"]["cpu_count"] >= 1
+    # The CPU features that decide the int8 kernels (AVX2 vs AVX-512 VNNI), as /proc says.
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert report["machine"]["cpu_features"] == [f for f in CPU_FEATURES if f in flags]
     assert {"torch", "onnxruntime", "transformers"} <= set(report["versions"])
     assert report["date"][:2] == "20" and "--backends torch,onnx-cpu,onnx-cuda" in report["command"]
     assert len(report["load_average"]["before"]) == 3

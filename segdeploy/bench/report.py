@@ -48,6 +48,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The CPU features that decide which int8 and fp32 kernels ONNX Runtime and OpenVINO
+#: pick (VNNI: int8 dot products; AMX: int8/bf16 tiles): a "2-core AMD EPYC" was once
+#: AVX-512 VNNI and once AVX2 only, and the OpenVINO-vs-ORT ratios differ between them.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in CPU_FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -60,6 +79,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "hostname": platform.node(),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable,
         "memory_gb": memory_gb,
@@ -148,7 +168,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['cpu_count']}, "
+        f"- machine: {m['cpu']} ({', '.join(m.get('cpu_features') or ['features unknown'])}), "
+        f"{m['usable_cores']} usable cores of {m['cpu_count']}, "
         f"{m['memory_gb']} GB, {m['os']}; load average before/after: "
         f"{report['load_average']['before']} / {report['load_average']['after']}",
         f"- model: {model['model_dir']} (ONNX: {model['onnx_dir']}), {model['num_labels']} classes, "
