@@ -45,6 +45,10 @@ VARIANTS = ("validation.json", "validation_fp16.json", "validation_fused.json")
 #: int8 for OpenVINO and inferred on OpenVINO, fp32 and int8.
 HAS_OPENVINO = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
 OPENVINO_EXPORT = ["--int8-engine", "onnxruntime", "--int8-engine", "openvino"]
+#: Families whose NNCF int8 IR OpenVINO's CPU plugin cannot compile (openvino 2026.4.1:
+#: in MobileViTV2's, a Gather's shape inference fails at compile): export refuses it
+#: with OpenVINO's reason, as issue 27 asks; their fp32 graph still runs on OpenVINO.
+OPENVINO_INT8_REFUSED = {"mobilevitv2"}
 
 
 def _run(*args: str):
@@ -89,23 +93,28 @@ def test_train_export_validate_infer(case, synthetic_dir, photos, tmp_path):
     # export + validate on the recorded split: the exact graphs (fp32, fused argmax) pass;
     # fp16 and int8 (with the family's float op types) are held to the same rules, and the
     # exit status follows their verdicts.
-    result = _run(
-        "export", str(model), "--fp16", "--fuse-argmax", "--quantize", "int8",
-        "--calibration-images", "8", "--max-images", "8", *(OPENVINO_EXPORT if HAS_OPENVINO else []),
-    )  # fmt: skip
+    export = ["export", str(model), "--fp16", "--fuse-argmax", "--quantize", "int8",
+              "--calibration-images", "8", "--max-images", "8"]  # fmt: skip
+    ov_int8 = HAS_OPENVINO and model_type not in OPENVINO_INT8_REFUSED
+    if HAS_OPENVINO and not ov_int8:
+        refused = _run(*export, *OPENVINO_EXPORT)
+        assert refused.exit_code == 2, refused.output
+        assert "OpenVINO cannot compile the graph" in refused.output, refused.output
+        assert not (model / "onnx").exists()  # nothing of the refused export is left
+    result = _run(*export, *(OPENVINO_EXPORT if ov_int8 else []))
     onnx_dir = model / "onnx"
     assert f"(opset {family.default_opset}, {family.route} route)" in result.output, result.output
     names = ("", "_fused", "_fp16", "_fp16_fused", "_int8")
     reports = {
         name: json.loads((onnx_dir / f"validation{name}.json").read_text())
-        for name in (*names, *(("_openvino_int8",) if HAS_OPENVINO else ()))
+        for name in (*names, *(("_openvino_int8",) if ov_int8 else ()))
     }
     for name in ("", "_fused"):
         assert reports[name]["passed"] is True, (name, reports[name]["reason"])
         assert reports[name]["exporter"]["route"] == family.route
         assert reports[name]["mode"] == "dataset" and reports[name]["images"] > 0, name
     assert reports["_int8"]["precision"] == "int8" and reports["_fp16"]["precision"] == "fp16"
-    if HAS_OPENVINO:
+    if ov_int8:
         assert reports["_openvino_int8"]["precision"] == "int8"
         assert reports["_openvino_int8"]["provider"] == "openvino"
     quantized = json.loads((onnx_dir / "quantization_int8.json").read_text())
@@ -122,9 +131,8 @@ def test_train_export_validate_infer(case, synthetic_dir, photos, tmp_path):
     # infer: label maps of photos of several sizes equal the guide's torch path, on
     # onnxruntime and on OpenVINO; OpenVINO's NNCF int8 is measured against it.
     expected = {name: torch_mask(model, load_image(photos / name)) for name, _, _ in PHOTOS}
-    runs = [("cpu", "fp32")] + (
-        [("openvino", "fp32"), ("openvino", "openvino_int8")] if HAS_OPENVINO else []
-    )
+    runs = [("cpu", "fp32")] + ([("openvino", "fp32")] if HAS_OPENVINO else [])
+    runs += [("openvino", "openvino_int8")] if ov_int8 else []
     for provider, variant in runs:
         out = tmp_path / f"masks-{provider}-{variant}"
         result = _run(
