@@ -162,6 +162,28 @@ def test_engine_ray_runs_a_cropping_family(ray_cluster, tmp_path):
     assert {tuple(r["size"]) for r in summary["images"]} == {(48, 64), (90, 41)}
 
 
+def test_engine_ray_runs_an_openvino_ir_on_openvino(ray_cluster, tiny_onnx_dir, tmp_path):
+    """--engine ray --provider openvino on an OpenVINO IR variant (export's
+    model_openvino_int8.xml): the driver checks the model on OpenVINO (an IR opens on
+    nothing else), the actors run it, and the outputs are the local engine's."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    import openvino as ov
+
+    from segdeploy.export.quantize.openvino_int8 import save_ir
+
+    model = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx_dir, model)
+    save_ir(ov.Core().read_model(model / "model.onnx"), model / "model_openvino_int8.xml")
+    root = tmp_path / "photos"
+    files = _photos(root, 4)
+    _bad_files(root)
+    summary = _same_as_local(
+        model, root, tmp_path, ray_cluster, "--provider", "openvino", "--variant",
+        "openvino_int8", "--batch-size", "2", "--ov-cache", str(tmp_path / "ov-cache"),
+    )  # fmt: skip
+    assert summary["provider"] == "openvino" and summary["totals"]["images"] == len(files)
+
+
 @pytest.mark.slow
 def test_engine_ray_on_camvid_photos(ray_cluster, camvid, tiny_onnx_dir, tmp_path):
     root = tmp_path / "street"

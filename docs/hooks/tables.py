@@ -129,7 +129,11 @@ def validation() -> str:
         "| max \\|Δ logit\\| | rules | passed |",
         "|---|---:|---:|---:|---:|---:|---:|---|:---:|",
     ]
-    for name in ("camvid_validation_fp32", "camvid_validation_int8"):
+    for name in (
+        "camvid_validation_fp32",
+        "camvid_validation_int8",
+        "camvid_validation_openvino_int8",
+    ):
         v = load(name)
         rules = ", ".join(k for k in v["rules"])
         lines.append(

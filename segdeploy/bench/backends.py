@@ -8,7 +8,8 @@ Backend names are what `--backends` takes:
     optimum         optimum's pipeline("image-segmentation", accelerator="ort"): the same
                     transformers pipeline around ORTModelForSemanticSegmentation
     onnx-<p>[-<v>]  segdeploy's own path (`segdeploy infer`, `Segmenter`) on provider
-                    p = cpu | cuda | tensorrt with graph variant v = fp16 | int8 | optimized | ...
+                    p = cpu | cuda | tensorrt | openvino with graph variant
+                    v = fp16 | int8 | optimized | openvino_int8 | ...
 
 `check_backend` decides in the parent process, cheaply, whether a backend can run
 here (and why not). `make_runner` builds, inside a fresh worker process, the
@@ -16,6 +17,9 @@ object that the measurement drives:
 
     runner.end_to_end(items, out, inputs)  files -> label maps (the user's path, timed);
                                    segdeploy takes `inputs` as the CLI does (the folder)
+                                   and writes its label PNGs; the others return the label
+                                   maps, which the worker writes with Pillow in the same
+                                   timed pass (or keeps in memory: BenchSettings.in_memory)
     runner.model_inputs(items)     preprocessed batches for the model alone (not timed)
     runner.forward(batch)          the model alone (timed)
 
@@ -37,7 +41,7 @@ import numpy as np
 
 from segdeploy.errors import SegdeployError
 
-ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt")
+ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
 REFERENCE = "torch"  # the backend every other one's masks are compared with
 
 
@@ -63,6 +67,21 @@ class Backend:
     def end_to_end_includes(self) -> str:
         return self.runner.end_to_end_includes
 
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: the numbers its model computes with."""
+        return self.runner.precision_of(self)
+
+    @property
+    def graph(self) -> str | None:
+        """The graph file in the ONNX folder that segdeploy's row runs (None for the others)."""
+        return self.runner.graph_of(self)
+
+    @property
+    def writes_labels(self) -> bool:
+        """Whether its end-to-end pass writes the label PNGs itself (else the worker does)."""
+        return self.runner.writes_labels
+
 
 def parse_backend(name: str) -> Backend:
     """The Backend for a `--backends` entry; SegdeployError for an unknown name."""
@@ -81,12 +100,12 @@ def parse_backend(name: str) -> Backend:
 
 
 def onnx_variants(onnx_dir: Path | None) -> list[str]:
-    """The graph variants present in an ONNX folder besides fp32 (model_<v>.onnx -> v)."""
+    """The graph variants present in an ONNX folder besides fp32 (model_<v>.onnx -> v, and
+    OpenVINO IR graphs model_<v>.xml -> v)."""
     if onnx_dir is None or not onnx_dir.is_dir():
         return []
-    return sorted(
-        p.stem.removeprefix("model_") for p in onnx_dir.glob("model_*.onnx") if p.is_file()
-    )
+    graphs = [*onnx_dir.glob("model_*.onnx"), *onnx_dir.glob("model_*.xml")]
+    return sorted({p.stem.removeprefix("model_") for p in graphs if p.is_file()})
 
 
 def default_backends(onnx_dir: Path | None) -> list[str]:
@@ -178,15 +197,25 @@ class Runner:
     tiles: bool = False
     #: The tile options it runs (tiles.TileOptions), None: whole images.
     tiling = None
-    #: What the end-to-end figure includes, written under the report's table.
-    end_to_end_includes = (
-        "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
-    )
+    #: What the end-to-end figure includes, written under the report's table (the
+    #: worker's writing of the label PNGs, or not, is added by the report).
+    end_to_end_includes = "decoding, preprocessing, model, upsampling"
+    #: Its end_to_end writes the label PNGs itself (segdeploy infer); else it returns the
+    #: label maps and the worker writes them with Pillow, as a user would.
+    writes_labels = False
     description = ""
 
     @classmethod
     def describe(cls, backend: Backend) -> str:
         return cls.description
+
+    @classmethod
+    def precision_of(cls, backend: Backend) -> str:
+        return "fp32"
+
+    @classmethod
+    def graph_of(cls, backend: Backend) -> str | None:
+        return None
 
     @classmethod
     def parse(cls, name: str) -> Backend | None:
@@ -459,10 +488,29 @@ class SegdeployRunner(Runner):
         "listing, decoding, preprocessing, model, upsampling, writing label PNGs and summary.json"
     )
     tiles = True
+    writes_labels = True
 
     @classmethod
     def describe(cls, backend: Backend) -> str:
-        return f"segdeploy infer: {backend.variant} graph on onnxruntime {backend.provider}"
+        where = (
+            "OpenVINO (CPU)"
+            if backend.provider == "openvino"
+            else f"onnxruntime {backend.provider}"
+        )
+        return f"segdeploy infer: {backend.variant} graph on {where}"
+
+    @classmethod
+    def precision_of(cls, backend: Backend) -> str:
+        if "int8" in backend.variant:
+            return "int8"
+        return "fp16" if backend.variant.startswith("fp16") else "fp32"
+
+    @classmethod
+    def graph_of(cls, backend: Backend) -> str | None:
+        from segdeploy.folders import variant_file
+
+        # TensorRT builds its fp16 engine from the fp32 graph.
+        return variant_file("fp32" if backend.provider == "tensorrt" else backend.variant)
 
     @classmethod
     def parse(cls, name: str) -> Backend | None:
@@ -475,29 +523,34 @@ class SegdeployRunner(Runner):
 
     @classmethod
     def default_names(cls, variants: Sequence[str]) -> list[str]:
-        """Each provider on fp32, then on each variant. TensorRT gets fp16 only: it picks
-        its own kernels and precision from the fp32 graph (fp16 is a build flag)."""
+        """Each provider on fp32, then on each variant it can run. TensorRT gets fp16 only:
+        it picks its own kernels and precision from the fp32 graph (fp16 is a build flag).
+        OpenVINO IR graphs run on OpenVINO only; OpenVINO on the CPU computes fp16 graphs
+        in fp32, so it gets none of those."""
         names = []
         for provider in ONNX_PROVIDERS:
             names.append(f"onnx-{provider}")
-            names += [
-                f"onnx-{provider}-{v}" for v in variants if provider != "tensorrt" or v == "fp16"
-            ]
+            names += [f"onnx-{provider}-{v}" for v in variants if _runs(provider, v)]
         return names
 
     @classmethod
     def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
         from segdeploy.folders import variant_file
         from segdeploy.runtime import providers as prov
+        from segdeploy.runtime.openvino_runner import is_ir
 
         missing = _export_missing(onnx_dir)
         if missing is not None:
             return missing
-        if prov.ORT_NAME[backend.provider] not in available:
+        if prov.AVAILABLE_NAME[backend.provider] not in available:
             return prov.missing_provider_message(backend.provider, available)
         graph_variant = "fp32" if backend.provider == "tensorrt" else backend.variant
         if not (onnx_dir / variant_file(graph_variant)).is_file():
             return f"no {variant_file(graph_variant)} in {onnx_dir} (see `segdeploy export --help`)"
+        if is_ir(variant_file(graph_variant)) and backend.provider != "openvino":
+            return (
+                f"{variant_file(graph_variant)} is an OpenVINO IR graph: only onnx-openvino runs it"
+            )
         if graph_variant.endswith("fused"):
             return (
                 f"{variant_file(graph_variant)} has argmax fused in (export --fuse-argmax): it "
@@ -511,12 +564,16 @@ class SegdeployRunner(Runner):
         return cls(backend, onnx_dir, batch_size, threads)
 
     def __init__(self, backend: Backend, onnx_dir: Path, batch_size: int, threads: int | None):
+        from segdeploy.runtime.pipeline import default_threads, default_workers
         from segdeploy.runtime.segmenter import Segmenter
 
         fp16 = backend.variant == "fp16"
         # TensorRT builds fp16 engines from the fp32 graph; elsewhere fp16 selects model_fp16.onnx.
         variant = "fp32" if fp16 else backend.variant
         self.onnx_dir = onnx_dir
+        # The session `segdeploy infer` opens: its default threads (the cores of the
+        # process's affinity) and, with worker processes, no spin-waiting.
+        threads = threads or default_threads()
         self.segmenter = Segmenter(
             onnx_dir,
             backend.provider,
@@ -525,6 +582,7 @@ class SegdeployRunner(Runner):
             threads=threads,
             batch_size=batch_size,
             trt_cache=os.environ.get("SEGDEPLOY_BENCH_TRT_CACHE"),
+            spin=default_workers() == 0,
         )
         self.batch_size = batch_size
         self.threads = threads
@@ -556,6 +614,18 @@ class SegdeployRunner(Runner):
 
     def forward(self, batch) -> None:
         self.segmenter.logits(batch)
+
+
+def _runs(provider: str, variant: str) -> bool:
+    """Whether the default rows pair `provider` with graph `variant` (see default_names)."""
+    from segdeploy.folders import variant_file
+    from segdeploy.runtime.openvino_runner import is_ir
+
+    if provider == "tensorrt":
+        return variant == "fp16"
+    if provider == "openvino":
+        return not variant.startswith("fp16")
+    return not is_ir(variant_file(variant))
 
 
 def load_rgb(path: Path):

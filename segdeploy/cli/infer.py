@@ -107,7 +107,10 @@ def video_options(func):
     type=click.Choice(PROVIDERS, case_sensitive=False),
     default="auto",
     show_default=True,
-    help="ONNX Runtime provider; auto = CUDA if installed, else CPU (TensorRT only on request).",
+    help="Where the graph runs: ONNX Runtime's cpu, cuda or tensorrt, or openvino (OpenVINO's "
+    "runtime on the CPU: pip install 'segdeploy[openvino]'; runs model.onnx and every variant, "
+    "and the NNCF int8 --variant openvino_int8); auto = CUDA if installed, else ONNX Runtime's "
+    "CPU (TensorRT and OpenVINO only on request; `segdeploy bench` says which is fastest here).",
 )
 @click.option(
     "--fallback",
@@ -140,10 +143,18 @@ def video_options(func):
     "rebuilding (minutes).",
 )
 @click.option(
+    "--ov-cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --provider openvino: folder for compiled models, reused by later runs (each "
+    "file named by the graph's hash, OpenVINO's version, the CPU and the settings)  "
+    "[default: $XDG_CACHE_HOME/segdeploy/openvino, else ~/.cache/segdeploy/openvino].",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="ONNX Runtime intra-op threads  [default: the cores this process may use, from its "
+    help="Model threads (ONNX Runtime's intra-op, OpenVINO's inference threads)  [default: the cores this process may use, from its "
     "CPU affinity (taskset, cgroup cpuset)].",
 )
 @click.option(
@@ -210,6 +221,7 @@ def infer(
     fp16: bool,
     batch_size: int | None,
     trt_cache: str | None,
+    ov_cache: str | None,
     threads: int | None,
     workers: int | None,
     overlay: bool,
@@ -279,6 +291,7 @@ def infer(
             batch_size=batch_size,
             threads=threads,
             trt_cache=trt_cache,
+            ov_cache=ov_cache,
             fp16=fp16,
             overlay=overlay,
             skip_existing=skip_existing,

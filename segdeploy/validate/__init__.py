@@ -184,7 +184,7 @@ def validate_export(
         )
     open_model(onnx_dir, need_weights=False)
     onnx_path = onnx_dir / graph if graph else onnx_dir / variant_file(variant or "fp32")
-    load_graph(onnx_path)  # a missing or corrupt graph is reported before any data is loaded
+    inspect(onnx_path)  # a missing or corrupt graph (ONNX or IR): before any data is loaded
     check_writable(onnx_dir, validation_path(onnx_path).name)  # read-only: before the data
     if model_dir is None:
         parent = onnx_dir.resolve().parent
