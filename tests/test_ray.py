@@ -43,7 +43,7 @@ def ray_cluster():
     """The address of a 2-CPU Ray on the loopback (`ray_session`'s private Ray, in this
     process), shut down after the module with every process it started."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
-    from segdeploy.runtime.ray_session import ray_session
+    from segdeploy.runtime.ray_session import _ray_processes, ray_session
 
     saved = os.environ.get("PYTHONPATH")
     # Workers are started by this process and inherit its environment: this checkout first.
@@ -53,8 +53,12 @@ def ray_cluster():
         with ray_session(None, num_cpus=2) as info:
             assert info.address.startswith("127.0.0.1:") and info.private
             yield info.address
-            # Ray's processes, workers included (the raylet's children), before they go.
+            # Ray's processes, workers included (the raylet's children), before they go;
+            # not the local engine's fork server that the module's tests started.
+            import ray
+
             started = set(psutil.Process().children(recursive=True)) - before
+            started &= _ray_processes(ray)
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)

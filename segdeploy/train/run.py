@@ -56,15 +56,10 @@ from segdeploy.train.transform import make_transform
 from segdeploy.writable import check_writable, environment_errors_as_input
 
 
-def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Fine-tune `config.model` on `config.dataset` and write the model folder.
-
-    `callbacks` are extra `transformers.TrainerCallback`s (tests use them to
-    interrupt a run). Raises SegdeployError for bad input, before training
-    starts wherever it can be known then.
-    """
-    # Everything that can be checked without torch is checked before importing it
-    # (seconds on a busy machine), so that bad options fail at once.
+def _check_before_torch(config: TrainConfig):
+    """Everything that can be checked without torch, checked before importing it (seconds
+    on a busy machine), so that bad options fail at once. Returns (the output folder, the
+    model's family, the Hub repository to push to or None, the checkpoint to resume)."""
     check_numbers(config)
     out = Path(config.output_dir or default_output_dir(config.model, config.dataset.name))
     family = check_model_source(config.model)  # a Hub id offline fails here, before any data
@@ -76,6 +71,17 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     check_writable(out, "--output-dir")
     if resume_from is not None:
         check_checkpoint(resume_from)
+    return out, family, hub_repo, resume_from
+
+
+def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Fine-tune `config.model` on `config.dataset` and write the model folder.
+
+    `callbacks` are extra `transformers.TrainerCallback`s (tests use them to
+    interrupt a run). Raises SegdeployError for bad input, before training
+    starts wherever it can be known then.
+    """
+    out, family, hub_repo, resume_from = _check_before_torch(config)
 
     import transformers
     from transformers import Trainer, TrainerState

@@ -99,6 +99,17 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIBRATION_METHOD = "minmax"
 
 
+def _known_nodes(source, names: Sequence[str] | None, onnx_path: Path) -> list[str]:
+    """`names` as a list, each the name of a node of `source` (else exit 2 naming them)."""
+    explicit = list(names or [])
+    missing = [n for n in explicit if n not in {n.name for n in source.graph.node}]
+    if missing:
+        raise SegdeployError(
+            "nodes_to_exclude", f"no such node in {onnx_path.name}: {', '.join(missing[:5])}"
+        )
+    return explicit
+
+
 def quantize_int8(
     onnx_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -149,12 +160,7 @@ def quantize_int8(
     input_name = _single_input(source, onnx_path)
     batches = collect_batches(calibration_batches, input_name)
     exclude_op_types = tuple(dict.fromkeys(exclude_op_types))
-    explicit = list(nodes_to_exclude or [])
-    missing = [n for n in explicit if n not in {n.name for n in source.graph.node}]
-    if missing:
-        raise SegdeployError(
-            "nodes_to_exclude", f"no such node in {onnx_path.name}: {', '.join(missing[:5])}"
-        )
+    explicit = _known_nodes(source, nodes_to_exclude, onnx_path)
 
     with tempfile.TemporaryDirectory(prefix="segdeploy-int8-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
