@@ -13,7 +13,7 @@ $(VENV)/.install.stamp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,ray,openvino]"
+	$(BIN)/pip install --quiet -e ".[dev,ray,openvino,serve,serve-test]"
 	touch $@
 
 demo: install

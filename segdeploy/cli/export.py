@@ -85,6 +85,15 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     help="Compare every graph written with the PyTorch model (mean IoU on the data, "
     "see `segdeploy validate --help`).",
 )
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write a Triton model repository here: DIR/NAME/1/model.onnx (the fp32 graph), "
+    "config.pbtxt (onnxruntime backend, dynamic batching, TensorRT fp16 with an engine cache; "
+    "inputs and outputs from the graph) and preprocessing.md (what a client does). NAME is "
+    "the model folder's. Written only when validation passes.",
+)
 @validation_options
 def export(
     model_dir: Path,
@@ -97,6 +106,7 @@ def export(
     calibration_images: int,
     max_drop: float | None,
     validate: bool,
+    triton_repo: Path | None,
     **opts,
 ) -> None:
     """Export a trained model folder to ONNX and prove it faithful.
@@ -119,10 +129,12 @@ def export(
       segdeploy export models/segformer --fp16 --fuse-argmax      # for the GPU path
       segdeploy export models/segformer --quantize int8            # for CPUs
       segdeploy export models/segformer --dataset ../data/camvid --split val
+      segdeploy export models/segformer --triton-repo triton/     # for Triton on a GPU
     """
     from segdeploy.cli.options import exit_if_failed, settings_from, warn
     from segdeploy.export import export_model
     from segdeploy.validate import ValidationSettings
+    from segdeploy.validate.report import failed
     from segdeploy.validate.tables import print_outcome
 
     settings = ExportSettings(
@@ -142,7 +154,13 @@ def export(
         f"export: {graphs} (opset {result.opset}, {result.route} route) in "
         f"{result.export_seconds:.1f} s -> {result.output}"
     )
+    reports = list(result.reports.values())
     if validate:
-        reports = list(result.reports.values())
         print_outcome(reports, seconds=result.validation_seconds)
+    if triton_repo is not None and not failed(reports):
+        from segdeploy.export.triton import write_triton_repo
+
+        target = write_triton_repo(result.output, triton_repo)
+        click.echo(f"triton: {target} (config.pbtxt, 1/model.onnx, preprocessing.md)")
+    if validate:
         exit_if_failed(reports)
