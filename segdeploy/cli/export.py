@@ -160,7 +160,7 @@ def export(
     if triton_repo is not None and not failed(reports):
         from segdeploy.export.triton import write_triton_repo
 
-        target = write_triton_repo(result.output, triton_repo)
+        target = write_triton_repo(result.output, triton_repo, name=model_dir.resolve().name)
         click.echo(f"triton: {target} (config.pbtxt, 1/model.onnx, preprocessing.md)")
     if validate:
         exit_if_failed(reports)

@@ -231,6 +231,15 @@ class Service:
         self.metrics = ServiceMetrics()
         self.gate = Gate(settings.max_queue, self.metrics)
         self.page = render_page(info)
+        #: Set once every deployment of the app runs (`serving` says so): before that the
+        #: model replicas may still be loading, and the ready routes answer 503.
+        self.ready = False
+
+    def check_ready(self) -> None:
+        if self.gate.stopping:
+            raise ApiError(503, "the service is stopping")
+        if not self.ready:
+            raise ApiError(503, "the model replicas are starting")
 
     def check_model(self, name: str, version: str | None = None) -> None:
         if name != self.info.name or version not in (None, protocol.MODEL_VERSION):
@@ -357,8 +366,7 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/v2/health/ready", summary="v2: the server takes requests")
     async def ready():
-        if service.gate.stopping:
-            raise ApiError(503, "the service is stopping")
+        service.check_ready()
         return {"ready": True}
 
     def _both(path: str, handler: Callable[..., Awaitable], method: str, summary: str) -> None:
@@ -373,8 +381,7 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
 
     async def model_ready(name: str, version: str | None = None):
         service.check_model(name, version)
-        if service.gate.stopping:
-            raise ApiError(503, "the service is stopping")
+        service.check_ready()
         return {"name": info.name, "ready": True}
 
     async def infer(request: Request, name: str, version: str | None = None):

@@ -74,6 +74,10 @@ class Frontend:
     def __serve_build_asgi_app__(self):
         return self._app
 
+    async def mark_ready(self) -> None:
+        """Every deployment runs: the ready routes answer 200 from now on."""
+        self._app.state.service.ready = True
+
     async def drain(self, timeout_s: float) -> int:
         """Refuse new segmentation requests and wait for those inside (`Gate.drain`)."""
         return await self._app.state.service.gate.drain(timeout_s)

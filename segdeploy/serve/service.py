@@ -160,17 +160,12 @@ def ray_session(
         ray.shutdown()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Running:
-    """A service that answers: its URL, and how to stop it."""
+    """A service that answers: its URL and what it serves."""
 
     url: str
     info: ServiceInfo
-    frontend: Any  # DeploymentHandle of the front end
-
-    def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
-        """Refuse new requests, wait for those inside; how many were still inside."""
-        return self.frontend.drain.remote(timeout_s).result(timeout_s=timeout_s + 10)
 
 
 def _resources(ray, settings: ServeSettings, private: bool, gpu: bool) -> tuple[int, float, float]:
@@ -205,6 +200,9 @@ def serving(settings: ServeSettings, *, verbose: bool = False) -> Iterator[Runni
     with ray_session(address, verbose=verbose) as ray:
         from ray import serve
 
+        # Serve logs every start-up step at INFO on the driver; -vv shows them.
+        logging.getLogger("ray.serve").setLevel(logging.INFO if verbose else logging.WARNING)
+
         from segdeploy.serve.deployments import application
 
         threads, cpus, gpus = _resources(ray, settings, address is None, the_plan.gpu)
@@ -230,7 +228,8 @@ def serving(settings: ServeSettings, *, verbose: bool = False) -> Iterator[Runni
                 raise SegdeployError(
                     str(model_dir), f"the service did not start: {first_line(err)}"
                 ) from None
-            yield Running(f"http://{settings.host}:{settings.port}", the_plan.info, handle)
+            handle.mark_ready.remote().result()
+            yield Running(f"http://{settings.host}:{settings.port}", the_plan.info)
         finally:
             _stop(serve, app_name, owned)
 
