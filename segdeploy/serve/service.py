@@ -32,6 +32,8 @@ EXTRA_MODULES = ("ray.serve", "fastapi", "uvicorn", "prometheus_client", "multip
 #: The Ray Serve application's name (one per cluster: a second `segdeploy serve` on a
 #: shared cluster needs its own --name, which becomes part of this).
 APP_PREFIX = "segdeploy"
+#: Hosts of a Ray address on this machine's loopback.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 #: How long a stop waits for the requests inside to be answered.
 DRAIN_TIMEOUT_S = 30.0
 
@@ -141,6 +143,10 @@ def ray_session(
         "logging_level": logging.INFO if verbose else logging.WARNING,
     }
     if address:
+        if address.rpartition(":")[0] in LOOPBACK_HOSTS:
+            # A cluster on this machine's loopback: without this the driver takes the
+            # machine's network address as its own and waits for a raylet there.
+            kwargs["_node_ip_address"] = "127.0.0.1"
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:
