@@ -2,18 +2,22 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
 TORCH  ?= torch==2.13.0
+# Where torch comes from: auto (PyTorch's CPU wheel index unless nvidia-smi is found;
+# from PyPI, Linux torch is the CUDA build, GBs of wheels), pypi, or an index URL.
+# Falls back to pip's default index; scripts/install_torch.sh says which it installed.
+TORCH_INDEX ?= auto
 
-.PHONY: install demo test test-slow bench lint format clean
+.PHONY: install demo test test-slow bench lint format docs docs-serve clean
 
 install: $(VENV)/.install.stamp
 
-$(VENV)/.install.stamp: pyproject.toml
+$(VENV)/.install.stamp: pyproject.toml scripts/install_torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,ray,openvino,serve,serve-test]"
+	PIP=$(BIN)/pip PYTHON=$(BIN)/python TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" \
+		scripts/install_torch.sh
+	$(BIN)/pip install --quiet -e ".[dev,ray,openvino,docs,video,serve,serve-test]"
 	touch $@
 
 demo: install
@@ -22,7 +26,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Real-data tests on ../shared/data/camvid (skipped when it is absent).
+# Real-data tests (CamVid; skipped when it is absent, see tests/conftest.py) and the
+# slower end-to-end tests (every command of README.md and docs/getting-started).
 test-slow: install
 	$(BIN)/python -m pytest -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]  # 5: none collected
 
@@ -37,5 +42,13 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The documentation site (mkdocs-material) into site/; --strict fails on any warning
+# (a broken link, a nav entry to a missing page, an API name that no longer exists).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

@@ -14,7 +14,10 @@ machine's CPU. Every step is the project's own command, run as a user would:
    batch sizes 1 and 4;
 4. `benchmarks/bench_pipeline.py`: how `segdeploy infer`'s host pipeline scales
    with cores (tiny model, CamVid train + val), to
-   benchmarks/results/pipeline_cpu.{json,md}.
+   benchmarks/results/pipeline_cpu.{json,md};
+5. `benchmarks/bench_video.py`: infer on a clip against the same frames as JPEGs,
+   lossless clips against PNG frames, memory over clip length, to
+   benchmarks/results/video_cpu.{json,md}.
 
 Why 512x512 (SegFormer's and the guide's input size), though a smaller size
 trains several times faster: at 512 the model is most of the end-to-end time,
@@ -146,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             "--output", rel(args.output),
         ]
     )  # fmt: skip
-    pipeline = [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py")]
-    print("$ " + shlex.join(["python", "benchmarks/bench_pipeline.py"]), flush=True)
-    return subprocess.run(pipeline, cwd=ROOT).returncode
+    rc = 0
+    for script in ("bench_pipeline.py", "bench_video.py"):
+        print("$ " + shlex.join(["python", f"benchmarks/{script}"]), flush=True)
+        rc = (
+            rc
+            or subprocess.run(
+                [sys.executable, str(ROOT / "benchmarks" / script)], cwd=ROOT
+            ).returncode
+        )
+    return rc
 
 
 if __name__ == "__main__":

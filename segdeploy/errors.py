@@ -18,7 +18,15 @@ class SegdeployError(Exception):
     def __init__(self, where: str | os.PathLike | None, problem: str):
         self.where = None if where is None else str(where)
         self.problem = problem
-        super().__init__(f"{self.where}: {problem}" if self.where else problem)
+        super().__init__(f"{shown(self.where)}: {problem}" if self.where else problem)
+
+
+def shown(name: str | os.PathLike) -> str:
+    """A file name as messages and logs show it: as it is when printable, else quoted with
+    escapes (Python's repr), so that a newline in a name cannot forge a line of the log and
+    undecodable bytes cannot break the terminal's encoding."""
+    text = os.fspath(name)
+    return text if text.isprintable() else repr(text)
 
 
 def first_line(err: BaseException) -> str:

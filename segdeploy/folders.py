@@ -71,7 +71,10 @@ def variant_file(variant: str) -> str:
     """The graph file name of `variant` (`fp16` -> model_fp16.onnx, `x` -> model_x.onnx)."""
     if not variant or any(c in variant for c in "/\\") or variant.startswith("."):
         raise SegdeployError("--variant", f"not a variant name: {variant!r}")
-    return VARIANT_FILES.get(variant, f"model_{variant}.onnx")
+    name = VARIANT_FILES.get(variant, f"model_{variant}.onnx")
+    if len(os.fsencode(name)) > 255:  # NAME_MAX: no such file can exist
+        raise SegdeployError("--variant", f"too long for a file name ({len(variant)} characters)")
+    return name
 
 
 def validation_report_name(graph_file: str) -> str:
@@ -264,6 +267,8 @@ class OnnxFolder(_HfFolder):
         for folder in candidates:
             if (folder / name).is_file():
                 return cls(folder, read_config(folder))
+            if os.path.lexists(folder / name):  # a dangling link, a device, a folder
+                raise SegdeployError(folder / name, _not_a_graph(folder / name))
         have = sorted(p.name for d in candidates if d.is_dir() for p in d.glob("*.onnx"))
         hint = f" (found: {', '.join(have)})" if have else " (run `segdeploy export` first)"
         raise SegdeployError(
@@ -285,6 +290,18 @@ class OnnxFolder(_HfFolder):
         """The trained model folder this export sits in (MODEL/onnx), if there is one."""
         parent = self.path.resolve().parent
         return parent if has_weights(parent) else None
+
+
+def _not_a_graph(path: Path) -> str:
+    """Why `path`, which exists, is not a graph file to load."""
+    if path.is_symlink() and not path.exists():
+        return f"dangling symlink (to {os.readlink(path)}): not a graph file"
+    if path.is_dir():
+        return "is a folder, not a graph file"
+    kind = "a special file (FIFO, device or socket)"
+    return (
+        f"is {kind}{f' (via {os.readlink(path)})' if path.is_symlink() else ''}, not a graph file"
+    )
 
 
 def newest_export(root: str | os.PathLike = MODELS_ROOT) -> Path:

@@ -225,9 +225,9 @@ def test_default_backends_follow_the_variants_in_the_onnx_folder(tmp_path):
     assert names[:4] == ["torch", "hf-pipeline", "optimum", "onnx-cpu"]
     assert {"onnx-cpu-int8", "onnx-cpu-fp16", "onnx-cuda-int8", "onnx-tensorrt-fp16"} <= set(names)
     assert "onnx-tensorrt-int8" not in names  # TensorRT takes its precision from a build flag
+    # The OpenVINO peers run when asked for: `--help` says all but openvino.
     assert default_backends(None) == [
         "torch", "hf-pipeline", "optimum", "onnx-cpu", "onnx-cuda", "onnx-tensorrt",
-        "openvino", "openvino-int8",  # the CPU peers (issue 16): skipped with a reason if absent
     ]  # fmt: skip
 
 

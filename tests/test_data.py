@@ -109,14 +109,17 @@ def test_folder_with_slicing_and_eval_split(ade_dir):
     val_masks = sorted((ade_dir / "annotations" / "validation").glob("*.png"))
     assert list(data.eval["name"]) == [str(m) for m in val_masks[1:3]]
     assert data.id2label == ID2LABEL  # from id2label.json beside images/
-    assert data.spec.reduce_labels is True  # the default for anything but synthetic
+    # Its masks hold 0..4 and id2label names class 0 ("background"): decided not reduced.
+    assert data.spec.reduce_labels is False and "0 is class 0 ('background')" in str(
+        data.choices["reduce_labels"]
+    )
     img, mask = pixels(data.train, 2)
     np.testing.assert_array_equal(
         img,
         np.asarray(Image.open(ade_dir / "images/train" / (masks[2].stem + ".png")).convert("RGB")),
     )
     np.testing.assert_array_equal(mask, np.asarray(Image.open(masks[2])))
-    assert check_dataset(data) == 6  # reduce_labels: synthetic values 0..4 map to ignore, 0..3
+    assert check_dataset(data) == 6
 
 
 def test_folder_test_size_split_is_seeded(ade_dir):
@@ -438,13 +441,13 @@ def test_camvid_train_val(camvid):
 
 
 def test_iter_examples_gives_checked_labels_for_held_out_rows(ade_dir):
-    data = load_splits(DatasetSpec(str(ade_dir), split="train", test_size=0.5))
+    data = load_splits(DatasetSpec(str(ade_dir), split="train", test_size=0.5, reduce_labels=True))
     rows = list(iter_examples(data, "eval"))
     assert [name for _, _, name in rows] == list(data.eval["name"])
     for image, labels, name in rows:
         raw = np.asarray(Image.open(name))
         assert image.mode == "RGB" and labels.dtype == np.int64
-        # reduce_labels (the folder default): 0 -> 255, v -> v - 1
+        # reduce_labels: 0 -> 255, v -> v - 1
         np.testing.assert_array_equal(labels, np.where(raw == 0, 255, raw.astype(np.int64) - 1))
     synthetic = load_splits(
         DatasetSpec("synthetic:16", split="train[:2]", eval_split="validation[:2]")

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from segdeploy.atomic import TMP_MARKER, atomic_dir, atomic_path
+from segdeploy.atomic import STALE_AFTER_S, TMP_MARKER, atomic_dir, atomic_path
 from segdeploy.cli import main
 from segdeploy.data.synthetic import synthetic_sample
 from segdeploy.errors import SegdeployError
@@ -341,6 +342,13 @@ def test_absurd_preprocessor_configs_exit_2_naming_the_field(
 # -- 15. temporaries carry their pid; stale ones are removed, nothing else ----------------
 
 
+def _stale(path: Path) -> Path:
+    """Make `path` look long unchanged (the sweep spares fresh temporaries)."""
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(path, (old, old))
+    return path
+
+
 def test_temporaries_carry_the_writers_pid(tmp_path):
     with atomic_path(tmp_path / "x.png") as tmp:
         assert tmp.name.startswith(f".x{TMP_MARKER}{os.getpid()}-") and tmp.suffix == ".png"
@@ -350,7 +358,9 @@ def test_temporaries_carry_the_writers_pid(tmp_path):
 
 
 def test_stale_temporaries_of_dead_runs_are_removed(tiny_onnx_dir, tmp_path):
-    dead, live = _dead_pid(), os.getpid()
+    from segdeploy.atomic import open_temporary
+
+    dead = _dead_pid()
     _img(tmp_path / "in" / "a.png")
     out = tmp_path / "out"
     sub = out / "in"
@@ -358,36 +368,46 @@ def test_stale_temporaries_of_dead_runs_are_removed(tiny_onnx_dir, tmp_path):
     stale = [
         sub / f".a{TMP_MARKER}{dead}-k2j4h5x1.png",
         sub / f".a_overlay{TMP_MARKER}{dead}-abc_1234.jpg",
-        out / f".summary{TMP_MARKER}{dead}.jsonl",
+        out / f".summary{TMP_MARKER}{dead}.jsonl",  # an older version's record file
+        out / f".summary{TMP_MARKER}{dead}-abc_1234.jsonl",
     ]
     keep = [
-        sub / f".b{TMP_MARKER}{live}-k2j4h5x1.png",  # a live run's work in progress
         sub / f"a{TMP_MARKER}{dead}-k2j4h5x1.png",  # not hidden: a user's file
         sub / f".notes{TMP_MARKER}abc.txt",  # no pid
+        sub / f".cam{TMP_MARKER}{dead}.jpg",  # no random part: not the tool's name
         sub / f".a{TMP_MARKER}{dead}-k2j4h5x1.png.bak",  # not the pattern
         out / "mine.txt",
     ]
     for p in stale + keep:
         p.write_bytes(b"x")
-    result = _infer(tiny_onnx_dir, "-o", str(out), str(tmp_path / "in"))
-    assert result.exit_code == 0, result.output
-    assert [p for p in stale if p.exists()] == []
-    assert [p for p in keep if not p.exists()] == []
+        _stale(p)
+    live, live_path = open_temporary(sub / "b.png")  # a live run's work in progress
+    _stale(live_path)
+    fresh = sub / f".c{TMP_MARKER}{dead}-k2j4h5x1.png"  # just made: perhaps not locked yet
+    fresh.write_bytes(b"x")
+    try:
+        result = _infer(tiny_onnx_dir, "-o", str(out), str(tmp_path / "in"))
+        assert result.exit_code == 0, result.output
+        assert [p for p in stale if p.exists()] == []
+        assert [p for p in [*keep, live_path, fresh] if not p.exists()] == []
+    finally:
+        live.close()
 
 
 def test_stale_temporary_folders_are_removed(tmp_path):
     from segdeploy.atomic import remove_stale_temporaries
 
     dead = _dead_pid()
-    (tmp_path / f".onnx{TMP_MARKER}{dead}-a1b2c3d4").mkdir()
-    (tmp_path / f".onnx{TMP_MARKER}{dead}-a1b2c3d4" / "model.onnx").write_bytes(b"x")
-    (tmp_path / f".onnx{TMP_MARKER}{os.getpid()}-a1b2c3d4").mkdir()
+    litter = tmp_path / f".onnx{TMP_MARKER}{dead}-a1b2c3d4"
+    litter.mkdir()
+    (litter / "model.onnx").write_bytes(b"x")
+    _stale(litter)
     (tmp_path / "onnx").mkdir()
-    removed = remove_stale_temporaries(tmp_path)
-    assert [p.name for p in removed] == [f".onnx{TMP_MARKER}{dead}-a1b2c3d4"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f".onnx{TMP_MARKER}{os.getpid()}-a1b2c3d4", "onnx"]
-    )
+    with atomic_dir(tmp_path / "onnx") as building:  # a live export: locked while it builds
+        _stale(building)
+        removed = remove_stale_temporaries(tmp_path)
+        assert [p.name for p in removed] == [litter.name]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([building.name, "onnx"])
 
 
 def test_export_removes_stale_temporaries_beside_its_folder(tiny_model_dir, tmp_path):
@@ -396,10 +416,10 @@ def test_export_removes_stale_temporaries_beside_its_folder(tiny_model_dir, tmp_
     dead = _dead_pid()
     litter = tmp_path / f".onnx{TMP_MARKER}{dead}-a1b2c3d4"
     litter.mkdir()
-    live = tmp_path / f".onnx{TMP_MARKER}{os.getpid()}-a1b2c3d4"
-    live.mkdir()
-    export_onnx(tiny_model_dir, tmp_path / "onnx", validate=False)
-    assert not litter.exists() and live.is_dir()
+    _stale(litter)
+    with atomic_dir(tmp_path / "other") as live:  # another export, still running
+        export_onnx(tiny_model_dir, tmp_path / "onnx", validate=False)
+        assert not litter.exists() and live.is_dir()
     assert (tmp_path / "onnx" / "model.onnx").is_file()
 
 

@@ -256,6 +256,22 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(name, finished_run, tmp
     assert f"error: {bad}: " in result.output and "unexpected" not in result.output
 
 
+@pytest.mark.parametrize("inside", [".", "images", "runs/model"])
+def test_train_output_inside_the_dataset_folder_is_refused_before_work(inside, tmp_path):
+    """Issue 22, item 5: checkpoints and plots among the dataset's images broke the next
+    training on it."""
+    from segdeploy.data.synthetic import write_synthetic_folder
+
+    data = write_synthetic_folder(tmp_path / "data", n_train=4, n_val=2, seed=0, size=32)
+    before = _snapshot(data)
+    args = [*TRAIN[:4], str(data), "--split", "train", "--eval-split", "validation",
+            "--no-reduce-labels", *TRAIN[9:], "-o", str(data / inside)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "--output-dir" in result.output and "inside the dataset folder" in result.output
+    assert _snapshot(data) == before and not (data / "runs").exists()
+
+
 def test_train_output_under_a_file_is_refused_before_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("mine")

@@ -232,7 +232,6 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tiny_onnx_dir, tmp_path, mo
             "--model",
             str(tiny_onnx_dir),
             str(root),
-            str(tmp_path / "missing.png"),
             "-o",
             str(out),
             "--max-pixels",
@@ -247,11 +246,10 @@ def test_bad_inputs_are_reported_and_the_run_goes_on(tiny_onnx_dir, tmp_path, mo
     assert reasons["cut.jpg"].startswith("corrupt or truncated image")
     assert reasons["big.png"].startswith("image too large to decode safely: 90x80")
     assert reasons["locked"] == "cannot read folder: Permission denied"
-    assert reasons["missing.png"] == "no such file or folder"
     assert summary["totals"] == {
         **summary["totals"],
         "images": 1,
-        "failed": 6,
+        "failed": 5,
         "ignored_non_images": 1,
     }
     assert (out / "mixed" / "good.png").is_file() and not (out / "mixed" / "big.png").exists()
@@ -295,8 +293,9 @@ def test_output_tree_names_and_exclusions(tiny_onnx_dir, tmp_path, caplog):
     produced = sorted(str(p.relative_to(out2)) for p in out2.rglob("*.png"))
     assert produced == ["tree/deep/er/y.png", "tree/x.png", "x.png"]
 
+    # A pattern that matches nothing, like a missing input, is refused before any work.
     result = CliRunner().invoke(main, ["infer", "--model", str(tiny_onnx_dir), str(root / "*.gif")])
-    assert result.exit_code == 1  # a pattern that matches nothing is a failure, not silence
+    assert result.exit_code == 2 and "no file matches this pattern" in result.output
 
 
 def test_inputs_that_would_collide_are_refused(tiny_onnx_dir, tmp_path):
@@ -363,7 +362,7 @@ def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
     save = pipeline_mod.save_labels
     writes = {"n": 0}
 
-    def interrupted_save(path, labels):
+    def interrupted_save(path, labels, **kwargs):
         writes["n"] += 1
         if writes["n"] == 2:
             from segdeploy.atomic import atomic_path
@@ -371,7 +370,7 @@ def test_resume_after_interruption(tiny_onnx_dir, tmp_path, monkeypatch):
             with atomic_path(path) as tmp:
                 tmp.write_bytes(b"\x89PNG half a file")
                 raise KeyboardInterrupt
-        save(path, labels)
+        save(path, labels, **kwargs)
 
     monkeypatch.setattr(pipeline_mod, "save_labels", interrupted_save)
     with pytest.raises(KeyboardInterrupt):

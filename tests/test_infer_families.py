@@ -31,6 +31,7 @@ from family_models import (
     torch_mask,
     write_photos,
 )
+from PIL import Image
 
 from segdeploy.cli import main
 from segdeploy.export.routes import export_fp32
@@ -123,6 +124,25 @@ def test_library_segmenter_gives_the_clis_masks(family_onnx, photos, tmp_path):
     files = [photos / name for name, _, _ in PHOTOS]
     for photo, mask in zip(files, seg.predict_batch(files), strict=True):
         assert np.array_equal(mask, label_map(out, photo)), photo.name
+
+
+def test_a_clips_frames_get_the_labels_of_the_same_frames_as_pngs(family_onnx, tmp_path):
+    """Issue 26 for every family's processor: the frames of a clip (odd-sized, H.264 4:2:0)
+    segmented by `segdeploy infer` equal infer on each frame as PNG, on every pixel."""
+    from video_clips import decoded_frames, scenes, write_clip
+
+    _, _, onnx_dir = family_onnx
+    clip = write_clip(tmp_path / "clip.mkv", scenes(4, (70, 90)), codec="libx264")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, rgb in enumerate(decoded_frames(clip)):
+        Image.fromarray(rgb).save(frames / f"{i}.png")
+    out = tmp_path / "out"
+    assert _infer(onnx_dir, "-o", str(out), str(clip), str(frames)).exit_code == 0
+    pngs = sorted((out / "clip.mkv" / "frames").glob("*.png"))
+    assert len(pngs) == 4
+    for i, png in enumerate(pngs):
+        assert np.array_equal(np.asarray(Image.open(png)), label_map(out, frames / f"{i}.png"))
 
 
 # -- what infer refuses when it opens the folder ------------------------------------------

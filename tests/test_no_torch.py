@@ -37,7 +37,9 @@ def test_import_segdeploy_and_runtime_is_torch_free():
         "segdeploy.Segmenter, segdeploy.upsample_argmax\n"
         "import segdeploy.runtime.image_io, segdeploy.runtime.preprocess, segdeploy.runtime.providers\n"
         "import segdeploy.runtime.upsample, segdeploy.runtime.segmenter, segdeploy.runtime.palette\n"
-        "import segdeploy.runtime.infer, segdeploy.cli\n" + REPORT
+        "import segdeploy.runtime.infer, segdeploy.cli\n"
+        "import segdeploy.runtime.video, segdeploy.runtime.video_out, segdeploy.runtime.clips\n"
+        + REPORT
     )
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr

@@ -3,13 +3,16 @@
 One cluster per module (Ray takes seconds to start): this process is its
 head, tests in-process join it, and a driver in a subprocess joins it through
 its address. Every output must be byte-identical to the local engine's.
+
+Beside it, clusters as a user's run in processes of their own (tests/ray_beside.py):
+without an address segdeploy runs on a private Ray and leaves them alone; with
+`--ray-address auto` it joins them; on two nodes both do work.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -27,7 +30,9 @@ from PIL import Image
 from segdeploy.atomic import TMP_MARKER
 from segdeploy.cli import main
 from segdeploy.data.synthetic import synthetic_sample
-from segdeploy.runtime.ray_engine import LOOPBACK_ENV
+from segdeploy.runtime.ray_session import LOOPBACK_ENV
+
+psutil = pytest.importorskip("psutil")
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers")
@@ -35,49 +40,28 @@ HEAVY = ("torch", "transformers")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The address of a 2-CPU Ray cluster on the loopback, shut down after the module."""
-    saved = {k: os.environ.get(k) for k in ["PYTHONPATH", *LOOPBACK_ENV]}
-    os.environ.update(LOOPBACK_ENV)  # before Ray is imported: see LOOPBACK_ENV
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    """The address of a 2-CPU Ray on the loopback (`ray_session`'s private Ray, in this
+    process), shut down after the module with every process it started."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from segdeploy.runtime.ray_session import ray_session
+
+    saved = os.environ.get("PYTHONPATH")
     # Workers are started by this process and inherit its environment: this checkout first.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    ctx = ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
-    session = Path(ctx.address_info["session_dir"]).name
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [saved])])
+    before = set(psutil.Process().children(recursive=True))
     try:
-        assert ctx.address_info["gcs_address"].startswith("127.0.0.1:")
-        yield ctx.address_info["gcs_address"]
+        with ray_session(None, num_cpus=2) as info:
+            assert info.address.startswith("127.0.0.1:") and info.private
+            yield info.address
+            # Ray's processes, workers included (the raylet's children), before they go.
+            started = set(psutil.Process().children(recursive=True)) - before
     finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    deadline = time.monotonic() + 15
-    while _processes_of(session) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _processes_of(session), "Ray processes left behind"
-
-
-def _processes_of(session: str) -> list[str]:
-    """Command lines of live processes that belong to the Ray session `session`."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if session in cmd:
-            found.append(cmd)
-    return found
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"Ray processes left behind: {alive}"
 
 
 def _photos(root: Path, n: int, size=(48, 64), start: int = 0) -> list[Path]:
@@ -128,7 +112,9 @@ def _same_as_local(model: Path, root: Path, tmp: Path, address: str, *extra: str
     assert _digests(tmp / "ray") == _digests(tmp / "local")
     a = json.loads((tmp / "local" / "summary.json").read_text())
     b = json.loads((tmp / "ray" / "summary.json").read_text())
-    assert b.keys() == a.keys() and b["totals"].keys() == a["totals"].keys()
+    # The local engine's schema, and where the work ran.
+    assert b.keys() - {"ray"} == a.keys() and b["totals"].keys() == a["totals"].keys()
+    assert b["ray"]["model_actors"] >= 1 and len(b["ray"]["nodes_used"]) >= 1
     for key in ("model", "variant", "provider", "num_labels", "id2label", "batch_size"):
         assert b[key] == a[key], key
     assert sorted(a["failures"], key=str) == sorted(b["failures"], key=str)
@@ -284,9 +270,9 @@ def test_private_ray_is_on_the_loopback_and_torch_free(tiny_onnx_dir, tmp_path):
         f"""
         import json, sys
         from segdeploy.cli import main
-        from segdeploy.runtime.ray_engine import import_ray
+        from segdeploy.runtime.ray_session import import_ray
 
-        ray = import_ray(loopback=True)  # as the command imports it, to spy on its ray.init
+        ray = import_ray()  # as the command imports it, to spy on its ray.init
 
         HEAVY = {set(HEAVY)!r}
         seen = {{}}
@@ -353,6 +339,7 @@ def test_without_ray_installed_exits_2_saying_how_to_install(tiny_onnx_dir, tmp_
     [
         (["--actors", "2"], "error: --actors: only with --engine ray"),
         (["--ray-address", "10.0.0.1:6379"], "error: --ray-address: only with --engine ray"),
+        (["--ray-timeout", "5"], "error: --ray-timeout: only with --engine ray"),
         (["--engine", "ray", "--actors", "4-2"], "error: --actors: need 1 <= MIN <= MAX"),
         (["--engine", "ray", "--actors", "two"], "error: --actors: expected N or MIN-MAX"),
         (["--engine", "ray", "--workers", "2"], "error: --workers: only with --engine local"),
@@ -400,3 +387,183 @@ def test_errors_raised_on_workers_reach_the_cli_as_one_line():
             found = _segdeploy_error(outer)
         assert type(found) is SegdeployError and str(found) == str(cause)
     assert _segdeploy_error(RuntimeError("a bug")) is None
+
+
+# -- a cluster running beside --------------------------------------------------------------
+
+#: How segdeploy's own stderr lines start (log records, the CLI's lines): anything else
+#: at default verbosity is someone else's (Ray's).
+OWN_LINES = ("INFO segdeploy", "WARNING segdeploy", "ERROR segdeploy", "model: ", "error: ")
+#: A line of Ray's C++ logging, or of its Python loggers.
+RAY_LINE = ("] core_worker.cc:", " -- ")
+
+
+@pytest.fixture(scope="module")
+def beside():
+    """A one-node Ray cluster running beside, as a user's (`ray_beside.Beside`)."""
+    from ray_beside import Beside
+
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    cluster = Beside(nodes=1, cpus=1)
+    try:
+        yield cluster
+    finally:
+        left = cluster.close()
+    assert not left, f"processes of the cluster beside left behind: {left}"
+
+
+def _driver(args: list[str], env: dict, cwd: Path, *, affinity: list[int] | None = None):
+    """`segdeploy ARGS` in a fresh process (pinned to `affinity`); its descendants are
+    watched, so that none may outlive it."""
+    from test_pipeline import Watched
+
+    pin = ["taskset", "-c", ",".join(map(str, affinity))] if affinity else []
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])}
+    run = Watched([*pin, sys.executable, "-m", "segdeploy", *args], env=env, cwd=cwd)
+    code, out, err = run.wait(timeout=240)
+    assert not run.survivors(grace=15), "Ray processes outlived the command"
+    return code, out, err
+
+
+def test_without_an_address_a_private_ray_leaves_a_running_cluster_alone(
+    beside, tiny_onnx_dir, tmp_path
+):
+    """Ray's auto-detection would find the cluster beside ($RAY_TMPDIR is its): segdeploy
+    starts its own Ray instead, on one core when pinned to one, and the cluster gets no
+    job and no actor; nothing of Ray is printed at default verbosity."""
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) is not installed")
+    _photos(tmp_path / "in", 6)
+    before = beside.state()
+    code, out, err = _driver(
+        ["infer", "--engine", "ray", "--model", str(tiny_onnx_dir), "in", "-o", "out"],
+        beside.env, tmp_path, affinity=[sorted(os.sched_getaffinity(0))[0]],
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert beside.state() == before  # untouched: no job, no actor
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    ray_info = summary["ray"]
+    assert ray_info["private"] is True and ray_info["address"].startswith("127.0.0.1:")
+    assert ray_info["address"] != beside.address
+    assert ray_info["cpus"] == 1 and ray_info["nodes"] == 1  # sized from the affinity
+    assert summary["totals"]["images"] == 6
+    strays = [line for line in err.splitlines() if not line.startswith(OWN_LINES)]
+    assert strays == [], "lines that are not segdeploy's at default verbosity"
+    last = out.strip().splitlines()[-1]  # the end-of-run line names Ray's actors and tasks
+    assert last.startswith("per image, ms (Ray: 1 model actor(s), tasks on 1 CPUs, 1 node(s);")
+
+
+def test_ray_address_auto_joins_the_running_cluster(beside, tiny_onnx_dir, tmp_path):
+    """`--ray-address auto` is the way to join the cluster beside: the job runs there; and
+    -v shows Ray's own lines, which the default hides."""
+    _photos(tmp_path / "in", 6)
+    jobs_before = beside.state()["jobs"]
+    code, out, err = _driver(
+        ["-v", "infer", "--engine", "ray", "--ray-address", "auto",
+         "--model", str(tiny_onnx_dir), "in", "-o", str(tmp_path / "out")],
+        beside.env, tmp_path,
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["ray"]["private"] is False and summary["ray"]["address"] == beside.address
+    state = beside.state()
+    assert len(state["jobs"]) == len(jobs_before) + 1
+    workers = [a for a in state["actors"] if "_ModelStage" in a["class"]]
+    assert workers and {a["node"] for a in workers} <= set(beside.nodes)
+    assert f"Ray: joined the cluster at {beside.address}" in err
+    assert any(marker in line for line in err.splitlines() for marker in RAY_LINE), err[-3000:]
+
+
+def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
+    """The module `serve` shares: a private Ray on the loopback only, sized as asked, gone
+    with every process it started at the end of the block, signal handlers as before;
+    sizing a cluster to join is refused."""
+    code = textwrap.dedent(
+        """
+        import json, signal, psutil
+        from segdeploy.errors import SegdeployError
+        from segdeploy.runtime.ray_session import ray_session
+
+        handler = signal.getsignal(signal.SIGTERM)
+        with ray_session(None, num_cpus=1) as info:
+            import ray
+            procs = psutil.Process().children(recursive=True)
+            listening = sorted({
+                c.laddr.ip for p in procs for c in p.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            })
+        gone, alive = psutil.wait_procs(procs, timeout=1)
+        try:
+            with ray_session("auto", num_cpus=2):
+                pass
+        except SegdeployError as err:
+            refused = str(err)
+        print(json.dumps({
+            "info": [info.address, info.private, info.nodes, info.cpus, info.gpus],
+            "listening": listening, "processes": len(procs), "alive": len(alive),
+            "initialized": ray.is_initialized(),
+            "handler": signal.getsignal(signal.SIGTERM) == handler, "refused": refused,
+        }))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOOPBACK_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    address, private, nodes, cpus, gpus = seen["info"]
+    assert address.startswith("127.0.0.1:") and private is True
+    assert (nodes, cpus, gpus) == (1, 1.0, 0.0)
+    # IPv4 only, or IPv6 sockets that take IPv4-mapped loopback connections.
+    assert {ip.removeprefix("::ffff:") for ip in seen["listening"]} == {"127.0.0.1"}
+    assert seen["processes"] >= 2
+    assert seen["alive"] == 0 and seen["initialized"] is False and seen["handler"] is True
+    assert seen["refused"] == (
+        "--ray-address: num_cpus and num_gpus size a private Ray, not a cluster"
+    )
+
+
+def test_ray_timeout_defaults_to_the_sessions_default():
+    from segdeploy.cli.infer import infer
+    from segdeploy.runtime.ray_session import DEFAULT_CONNECT_TIMEOUT_S, ray_session
+
+    option = next(p for p in infer.params if p.name == "ray_timeout")
+    assert option.default == DEFAULT_CONNECT_TIMEOUT_S == 30.0
+    assert ray_session.__wrapped__.__kwdefaults__["connect_timeout_s"] == option.default
+
+
+def test_two_nodes_both_do_work_with_the_local_engines_outputs(tiny_onnx_dir, tmp_path):
+    """Issue 24: a two-node cluster on the loopback (1 CPU each): model actors or tasks
+    ran on both nodes, and the label maps are byte-identical to the local engine's."""
+    from ray_beside import Beside
+
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    root = tmp_path / "photos"
+    _photos(root, 12)
+    local = _infer("--model", str(tiny_onnx_dir), "--provider", "cpu", str(root), "-o",
+                   str(tmp_path / "local"))  # fmt: skip
+    assert local.exit_code == 0, local.output
+    cluster = Beside(nodes=2, cpus=1)
+    try:
+        code, _, err = _driver(
+            ["infer", "--engine", "ray", "--ray-address", cluster.address, "--provider", "cpu",
+             "--batch-size", "2", "--model", str(tiny_onnx_dir), str(root), "-o",
+             str(tmp_path / "ray")],
+            cluster.env, tmp_path,
+        )  # fmt: skip
+        assert code == 0, err[-3000:]
+        state = cluster.state()
+    finally:
+        left = cluster.close()
+    assert not left, f"processes of the cluster left behind: {left}"
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["ray"]["nodes"] == 2
+    assert set(summary["ray"]["nodes_used"]) == set(cluster.nodes)  # both did work
+    # The cluster's own record agrees: the model actors ran on both nodes.
+    model_nodes = {a["node"] for a in state["actors"] if "_ModelStage" in a["class"]}
+    assert model_nodes == set(cluster.nodes)
+    assert summary["totals"]["images"] == 12
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")

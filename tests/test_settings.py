@@ -92,6 +92,14 @@ def test_serve_options_default_to_serve_settings():
     assert _check(serve, ServeSettings()) == len(fields(ServeSettings))
 
 
+def test_infer_video_options_default_to_video_settings():
+    from segdeploy.cli.infer import infer
+    from segdeploy.runtime.clips import VideoSettings
+
+    compared = _check(infer, VideoSettings(), renames={"labels": "video_labels"})
+    assert compared == len(fields(VideoSettings))
+
+
 @pytest.mark.parametrize(
     "settings",
     [ValidationSettings(tolerance=0.01), ExportSettings(fp16=True), BenchSettings(), TrainConfig()],

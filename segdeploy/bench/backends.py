@@ -425,6 +425,12 @@ class SegdeployRunner(Runner):
         graph_variant = "fp32" if backend.provider == "tensorrt" else backend.variant
         if not (onnx_dir / variant_file(graph_variant)).is_file():
             return f"no {variant_file(graph_variant)} in {onnx_dir} (see `segdeploy export --help`)"
+        if graph_variant.endswith("fused"):
+            return (
+                f"{variant_file(graph_variant)} has argmax fused in (export --fuse-argmax): it "
+                "returns label maps, not the logits that the model-only figures time; time it "
+                f"end to end with `segdeploy infer --variant {graph_variant}`"
+            )
         return None
 
     @classmethod

@@ -27,14 +27,27 @@ class BenchInputs:
     labels: Path | None  # label PNGs mirroring `images`, or None (no accuracy figures)
     ignore_index: int = 255
     source: dict[str, Any] = field(default_factory=dict)  # what they are, for the report
+    #: Label 0 is "other" (ignored), v is class v-1 (ADE20K style): raw label files only;
+    #: a dataset's labels are laid out already reduced.
+    reduce_labels: bool = False
+
+
+def relative_file(folder: Path, item_out: PurePath, suffix: str) -> Path:
+    """`folder`/<the image's relative name><suffix>, from its `segdeploy infer` output name
+    (top folder dropped). The suffix is appended, not swapped: the output name of
+    frame.000.jpg is frame.000, whose label is frame.000.png, not frame.png."""
+    rel = folder.joinpath(*item_out.parts[1:])
+    return rel.with_name(rel.name + suffix)
 
 
 def reference_label_path(labels: Path, item_out: PurePath) -> Path:
     """Label file of an image, from its `segdeploy infer` output name (top folder dropped)."""
-    return labels.joinpath(*item_out.parts[1:]).with_suffix(".png")
+    return relative_file(labels, item_out, ".png")
 
 
-def read_reference(path: Path, *, num_labels: int, ignore_index: int) -> np.ndarray:
+def read_reference(
+    path: Path, *, num_labels: int, ignore_index: int, reduce_labels: bool = False
+) -> np.ndarray:
     from segdeploy.data import label_array
 
     if not path.is_file():
@@ -46,7 +59,7 @@ def read_reference(path: Path, *, num_labels: int, ignore_index: int) -> np.ndar
         raise SegdeployError(path, f"unreadable label image: {err}") from None
     return label_array(
         annotation,
-        reduce_labels=False,
+        reduce_labels=reduce_labels,
         ignore_index=ignore_index,
         num_labels=num_labels,
         where=str(path),
@@ -66,6 +79,7 @@ def from_folders(
     work: Path,
     *,
     ignore_index: int = 255,
+    reduce_labels: bool = False,
     max_images: int | None = None,
 ) -> BenchInputs:
     """A folder of images (and optionally of label PNGs with the same relative names)."""
@@ -80,7 +94,8 @@ def from_folders(
     if not items:
         raise SegdeployError(images, "no images in this folder")
     if labels is not None:
-        # Found now, not after every backend has run: each image needs its reference.
+        # Found now, not after every backend has run: each image needs its reference
+        # (its values and size are checked with the decoded images, see screen_images).
         for item in items[:max_images]:
             ref = reference_label_path(Path(labels), item.out)
             if not ref.is_file():
@@ -90,12 +105,14 @@ def from_folders(
         # A subset must still be one folder, as the user would pass it to `segdeploy infer`.
         subset = work / "images"
         for item in items[:max_images]:
-            dst = subset.joinpath(*item.out.parts[1:]).with_suffix(item.path.suffix)
+            dst = relative_file(subset, item.out, item.path.suffix)
             dst.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(item.path, dst)
         source["subset"] = max_images
         images = subset
-    return BenchInputs(images, Path(labels) if labels else None, ignore_index, source)
+    return BenchInputs(
+        images, Path(labels) if labels else None, ignore_index, source, reduce_labels
+    )
 
 
 def from_dataset(spec, work: Path, *, num_labels: int, max_images: int | None = None):
@@ -176,22 +193,22 @@ def inputs_factory(
 
     --images (with optional --labels) names a folder; otherwise the evaluation split
     of --dataset, or of the dataset `segdeploy train` recorded in the model folder.
+    Label files are read as that recorded dataset's were (its ignore index and label
+    reduction) unless --ignore-index or --reduce-labels say otherwise.
     """
     if max_images is not None and max_images < 1:
         raise SegdeployError("--max-images", f"must be at least 1, got {max_images}")
     if images is not None:
-        if dataset is not None or split is not None or reduce_labels is not None:
-            raise SegdeployError(
-                "--images", "give either --images (a folder) or --dataset/--split, not both"
-            )
-        if not Path(images).is_dir():
-            raise SegdeployError(images, "--images must be a folder of images")
-        if labels is not None and not Path(labels).is_dir():
-            raise SegdeployError(labels, "--labels must be a folder of label PNGs")
-        ignore = 255 if ignore_index is None else ignore_index
+        check_folder_options(images, labels, dataset, split, reduce_labels)
+        recorded = recorded_label_settings(model_dir)
+        ignore = recorded["ignore_index"] if ignore_index is None else ignore_index
+        reduce = recorded["reduce_labels"] if reduce_labels is None else reduce_labels
 
         def from_images(work: Path, num_labels: int) -> BenchInputs:
-            return from_folders(images, labels, work, ignore_index=ignore, max_images=max_images)
+            return from_folders(
+                images, labels, work, ignore_index=ignore, reduce_labels=reduce,
+                max_images=max_images,
+            )  # fmt: skip
 
         return from_images
     if labels is not None:
@@ -216,3 +233,34 @@ def inputs_factory(
         return from_dataset(spec, work, num_labels=num_labels, max_images=max_images)
 
     return from_spec
+
+
+def check_folder_options(images, labels, dataset, split, reduce_labels) -> None:
+    """--images takes a folder whole: refuse the dataset options, each by its own name."""
+    if dataset is not None:
+        raise SegdeployError("--dataset", "give either --images (a folder) or --dataset, not both")
+    if split is not None:
+        raise SegdeployError(
+            "--split", "names a split of --dataset; --images takes its folder whole"
+        )
+    if reduce_labels is not None and labels is None:
+        option = "--reduce-labels" if reduce_labels else "--no-reduce-labels"
+        raise SegdeployError(option, "says how to read label files: it goes with --labels")
+    if not Path(images).is_dir():
+        raise SegdeployError(images, "--images must be a folder of images")
+    if labels is not None and not Path(labels).is_dir():
+        raise SegdeployError(labels, "--labels must be a folder of label PNGs")
+
+
+def recorded_label_settings(model_dir: Path) -> dict[str, Any]:
+    """The ignore index and label reduction `segdeploy train` recorded for the model's
+    dataset (label files of that dataset are read so), else 255 and no reduction."""
+    from segdeploy.data import DatasetSpec
+    from segdeploy.folders import TRAIN_ARGS_FILE, read_json
+
+    args = read_json(Path(model_dir) / TRAIN_ARGS_FILE)  # None: not trained by segdeploy
+    recorded = args.get("dataset") if isinstance(args, dict) else None
+    if not isinstance(recorded, dict):
+        return {"ignore_index": 255, "reduce_labels": False}
+    spec = DatasetSpec.from_dict(recorded)
+    return {"ignore_index": spec.ignore_index, "reduce_labels": bool(spec.reduce_labels)}

@@ -4,7 +4,8 @@
                     inference precision, OpenVINO's own hints otherwise
     openvino-int8   NNCF post-training int8 of that graph (transformer preset), calibrated
                     on the training images segdeploy's int8 calibrates on; made once and
-                    cached beside the export (onnx/openvino/)
+                    cached in the export (onnx/openvino/), or in $XDG_CACHE_HOME/segdeploy
+                    when the export is read-only or not segdeploy's
 
 Both are runner classes of `segdeploy.bench.backends`' registry (one class per
 backend, `@register`) and have the same end-to-end definition as
@@ -30,12 +31,12 @@ from typing import Any
 import numpy as np
 
 from segdeploy.bench.backends import Runner, _model_batches, load_rgb, register
+from segdeploy.errors import SegdeployError
 from segdeploy.folders import QUANTIZATION_REPORT, TRAIN_ARGS_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
 
 EXTRA_HINT = "install the openvino extra: pip install 'segdeploy[openvino]'"
-CACHE_DIR = "openvino"  # inside the ONNX folder
 
 # OpenVINO's performance mode per batch size, chosen by measurement
 # (benchmarks/bench_cpu_peers.py): one synchronous request at a time is what
@@ -89,6 +90,12 @@ class OpenVINORunner(Runner):
     end_to_end_includes = (
         "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
     )
+
+    @classmethod
+    def default_names(cls, variants: Sequence[str]) -> list[str]:
+        """None: the OpenVINO rows run when asked for (`--backends openvino,openvino-int8`),
+        as `bench --help` says; NNCF's int8 alone takes minutes to make."""
+        return []
 
     @classmethod
     def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
@@ -148,7 +155,8 @@ class OpenVINOInt8Runner(OpenVINORunner):
     kind = "openvino-int8"
     description = (
         "OpenVINO CPU: NNCF int8 of model.onnx (transformer preset, segdeploy's calibration "
-        "images), cached in onnx/openvino/; segdeploy's preprocessing and upsampling"
+        "images), cached in onnx/openvino/ or the user's cache; segdeploy's preprocessing and "
+        "upsampling"
     )
 
     @classmethod
@@ -181,17 +189,18 @@ def calibration_images_of(onnx_dir: Path) -> int:
 
 
 def nncf_int8(onnx_dir: Path, model_dir: Path, n_images: int | None = None) -> Path:
-    """NNCF int8 IR of onnx_dir/model.onnx, made once and cached in onnx_dir/openvino/.
+    """NNCF int8 IR of onnx_dir/model.onnx, made once and cached (`cache_dir`).
 
     The cache key is the graph's content hash and the calibration image count, so a
-    re-export never reuses a stale int8 model. Calibration batches are segdeploy's
+    re-export never reuses a stale int8 model, and models of several exports can share
+    one cache folder. Calibration batches are segdeploy's
     (`training_calibration_batches`): the same images, preprocessed the same way.
     """
     from segdeploy.runtime.providers import model_digest
 
     onnx_path = onnx_dir / VARIANT_FILES["fp32"]
     n_images = n_images or calibration_images_of(onnx_dir)
-    cache = onnx_dir / CACHE_DIR
+    cache = cache_dir(onnx_dir)
     xml = cache / f"model_nncf_int8-{model_digest(onnx_path)}-c{n_images}.xml"
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
@@ -200,6 +209,25 @@ def nncf_int8(onnx_dir: Path, model_dir: Path, n_images: int | None = None) -> P
     log.info("quantizing %s with NNCF on %d calibration images (once)", onnx_path, n_images)
     batches = list(training_calibration_batches(model_dir, n_images))
     return nncf_int8_model(onnx_path, batches, xml)
+
+
+def cache_dir(onnx_dir: Path) -> Path:
+    """Where NNCF's int8 model of an export is kept: the export's own openvino/ folder when
+    the export is segdeploy's (it holds nothing export did not write) and takes files;
+    otherwise the user's cache folder, $XDG_CACHE_HOME/segdeploy/openvino (~/.cache by
+    default), so that nothing is written among someone else's files or lost to a
+    read-only folder after minutes of calibration."""
+    from segdeploy.export.folder import OPENVINO_CACHE, is_export_folder
+    from segdeploy.writable import check_writable
+
+    if is_export_folder(onnx_dir):
+        try:
+            check_writable(onnx_dir / OPENVINO_CACHE, "the OpenVINO cache")
+            return onnx_dir / OPENVINO_CACHE
+        except SegdeployError:
+            pass  # read-only, full: the user's cache folder instead
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "segdeploy" / OPENVINO_CACHE
 
 
 def nncf_int8_model(onnx_path: Path, batches: Sequence[np.ndarray], xml: Path) -> Path:

@@ -243,14 +243,23 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     save_png(fig, path, dpi=110)
 
 
-def write_reports(report: dict[str, Any], output: str | os.PathLike) -> dict[str, Path]:
-    """JSON at `output`, Markdown and PNG beside it; each written atomically."""
+def report_paths(output: str | os.PathLike) -> dict[str, Path]:
+    """The JSON, Markdown and PNG files of `-o OUTPUT`: JSON at OUTPUT, the others beside it
+    with .md and .png; `-o rep.md` and `-o rep.png` name rep.json, rep.md and rep.png (the
+    JSON must not take the Markdown's or the chart's name)."""
     output = Path(output)
-    paths = {
+    if output.suffix.lower() in (".md", ".png"):
+        output = output.with_suffix(".json")
+    return {
         "json": output,
         "markdown": output.with_suffix(".md"),
         "chart": output.with_suffix(".png"),
     }
+
+
+def write_reports(report: dict[str, Any], output: str | os.PathLike) -> dict[str, Path]:
+    """JSON, Markdown and PNG (`report_paths`); each written atomically."""
+    paths = report_paths(output)
     write_json(paths["json"], report)
     write_text(paths["markdown"], markdown(report))
     if _ok(report):
@@ -288,8 +297,8 @@ def print_report(report: dict[str, Any], console, output: str | os.PathLike) -> 
             f"  target {t['target']} (batch {t['batch_size']}): {_target_value(t)}, "
             f"needs {_target_threshold(t)}: {mark}"
         )
-    output = Path(output)
+    paths = report_paths(output)
     console.print(
-        f"written: {output}, {output.with_suffix('.md')}"
-        + (f", {output.with_suffix('.png')}" if _ok(report) else "")
+        f"written: {paths['json']}, {paths['markdown']}"
+        + (f", {paths['chart']}" if _ok(report) else "")
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import shutil
@@ -39,6 +40,7 @@ from segdeploy.bench.inputs import (
     link_or_copy,
     read_reference,
     reference_label_path,
+    relative_file,
 )
 from segdeploy.errors import SegdeployError
 from segdeploy.folders import (
@@ -108,6 +110,11 @@ class BenchSettings:
             raise SegdeployError("--model-runs", f"must be at least 1, got {self.model_runs}")
         if self.threads is not None and self.threads < 1:
             raise SegdeployError("--threads", f"must be at least 1, got {self.threads}")
+        # NaN passes every range check (all its comparisons are false) and is not JSON.
+        if self.timeout_s is not None and not (
+            math.isfinite(self.timeout_s) and self.timeout_s > 0
+        ):
+            raise SegdeployError("--timeout", f"must be a number of seconds, got {self.timeout_s}")
 
 
 def resolve_dirs(
@@ -374,6 +381,7 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
                 reference_label_path(inputs.labels, item.out),
                 num_labels=num_labels,
                 ignore_index=inputs.ignore_index,
+                reduce_labels=inputs.reduce_labels,
             )
         torch_masks: dict[Path, np.ndarray] = {}
         for r in ok:
@@ -528,8 +536,7 @@ def run_bench(
     # torch first: its masks are what every other row is compared with.
     parsed.sort(key=lambda b: b.name != REFERENCE)
     output = Path(output) if output is not None else Path(model) / "bench.json"
-    if output.exists() and output.is_dir():
-        raise SegdeployError(output, "--output is a folder; give a file name such as bench.json")
+    check_output(output)
     available = ort.get_available_providers()
     skip = {b: check_backend(b, model_dir, onnx_dir, available) for b in parsed}
 
@@ -538,7 +545,9 @@ def run_bench(
     started = time.time()
     try:
         inputs = inputs_factory(work, facts["num_labels"])
-        inputs, items, bad_images = screen_images(inputs, list_items(inputs.images), work)
+        inputs, items, bad_images = screen_images(
+            inputs, list_items(inputs.images), work, facts["num_labels"]
+        )
         rows = []
         for batch_size in settings.batch_sizes:
             rows += _measure_rows(
@@ -569,6 +578,7 @@ def run_bench(
                 "images": len(items),
                 "labels": inputs.labels is not None,
                 "ignore_index": inputs.ignore_index,
+                "reduce_labels": inputs.reduce_labels,
             },
             "settings": {
                 "batch_sizes": list(settings.batch_sizes),
@@ -597,15 +607,29 @@ def run_bench(
     return report
 
 
+def check_output(output: Path) -> None:
+    """Refuse, before any row runs, report files that cannot be written: a folder in the
+    way, or a folder that takes no files (read-only, full: probed with a real file)."""
+    from segdeploy.bench.report import report_paths
+    from segdeploy.writable import check_writable
+
+    for path in report_paths(output).values():
+        if path.is_dir():
+            raise SegdeployError(path, "is a folder; give --output a file name such as bench.json")
+    check_writable(output.absolute().parent, "the report (--output)")
+
+
 def screen_images(
-    inputs: BenchInputs, items: list, work: Path
+    inputs: BenchInputs, items: list, work: Path, num_labels: int
 ) -> tuple[BenchInputs, list, list[dict[str, str]]]:
     """Decode every image once, as `segdeploy infer` does; bad ones become report entries.
 
     A file that cannot be decoded (empty, truncated, not an image) is a failure of
     the input, not of any backend: it is listed in the report and the rows run on
     the other images (linked into a folder of their own, so that every backend
-    still takes one folder). Returns (inputs, items, [{"path", "reason"}]).
+    still takes one folder). A reference label that cannot score its image (unreadable,
+    a value beyond the classes, another size) is bad input: refused now, before any row
+    runs. Returns (inputs, items, [{"path", "reason"}]).
     """
     from dataclasses import replace
 
@@ -615,9 +639,12 @@ def screen_images(
     bad = []
     for item in items:
         try:
-            load_image(item.path)
+            image = load_image(item.path)
         except SegdeployError as err:
             bad.append({"path": str(item.path), "reason": err.problem})
+            continue
+        if inputs.labels is not None:
+            _check_reference(inputs, item, (image.height, image.width), num_labels)
     if not bad:
         return inputs, items, []
     good = [i for i in items if str(i.path) not in {b["path"] for b in bad}]
@@ -625,11 +652,26 @@ def screen_images(
         raise SegdeployError(inputs.images, f"no image can be decoded ({bad[0]['reason']}, ...)")
     folder = work / "decodable-images"
     for item in good:
-        dst = folder.joinpath(*item.out.parts[1:]).with_suffix(item.path.suffix)
+        dst = relative_file(folder, item.out, item.path.suffix)
         dst.parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(item.path, dst)
     inputs = replace(inputs, images=folder)
     return inputs, list_items(folder), bad
+
+
+def _check_reference(inputs: BenchInputs, item, size: tuple[int, int], num_labels: int) -> None:
+    path = reference_label_path(inputs.labels, item.out)
+    ref = read_reference(
+        path,
+        num_labels=num_labels,
+        ignore_index=inputs.ignore_index,
+        reduce_labels=inputs.reduce_labels,
+    )
+    if ref.shape != size:
+        raise SegdeployError(
+            path,
+            f"is {ref.shape[1]}x{ref.shape[0]} but its image {item.path} is {size[1]}x{size[0]}",
+        )
 
 
 def _measure_rows(

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -155,10 +156,21 @@ def serve(job: dict[str, Any], commands: TextIO, replies: TextIO) -> None:
     except SegdeployError as err:
         reply({"event": "result", "status": "failed", "reason": str(err)})
     except Exception as err:  # any library's failure is this row's result, not the bench's
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else ""
         logging.getLogger(__name__).exception("backend %s failed", job.get("backend"))
-        reply({"event": "result", "status": "failed", "reason": f"{type(err).__name__}: {first}"})
+        reply({"event": "result", "status": "failed", "reason": failure_reason(err)})
+
+
+#: OpenVINO's source locations, one per line before its message ("Exception from
+#: src/inference/src/cpp/core.cpp:84:"): they say where, the line after says why.
+_LOCATION = re.compile(r"Exception from \S+:\d+:\s*")
+
+
+def failure_reason(err: BaseException, limit: int = 600) -> str:
+    """`Type: message` on one line, every line of the message kept (a library's reason is
+    not always on its first line: OpenVINO's comes after its source locations, which are
+    dropped), cut at `limit` characters."""
+    text = " ".join(_LOCATION.sub("", str(err)).split())
+    return f"{type(err).__name__}: {text[:limit]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,10 +62,11 @@ def main(verbose: int, quiet: int) -> None:
     prove the export faithful, deploy it fast.
 
     \b
-    The usual path:
-      segdeploy train --model scratch:tiny --dataset synthetic   # or nvidia/mit-b0 on scene_parse_150
-      segdeploy export models/segformer --opset 17               # ONNX + validation.json
-      segdeploy infer --model models/segformer/onnx photos/      # label maps for a folder
+    The usual path (offline, a few minutes on a laptop CPU):
+      segdeploy train --model scratch:tiny --dataset synthetic:64 --image-size 64 \\
+          --batch-size 8 --max-steps 300 -o models/tiny   # your data: --dataset DIR
+      segdeploy export models/tiny                        # models/tiny/onnx + validation.json
+      segdeploy infer --model models/tiny YOUR_PHOTOS/ -o masks --overlay
 
     `segdeploy demo` runs all of it offline on built-in synthetic data.
     """

@@ -65,7 +65,9 @@ def command_line(ctx: click.Context) -> str:
     "--labels",
     type=click.Path(file_okay=False),
     default=None,
-    help="With --images: label PNGs with the same relative names, for mean IoU.",
+    help="With --images: label PNGs with the same relative names (photos/a/frame.000.jpg -> "
+    "LABELS/a/frame.000.png), for mean IoU; read with the recorded dataset's ignore index and "
+    "label reduction unless --ignore-index or --reduce-labels say otherwise.",
 )
 @click.option(
     "--dataset",

@@ -17,7 +17,9 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
-    help="ONNX folder to write (replaced as a whole once complete). Default: MODEL_DIR/onnx.",
+    help="ONNX folder to write (replaced as a whole once complete): a new or empty folder, or "
+    "an earlier export, whose other graphs are kept if made from the same model.onnx. "
+    "Default: MODEL_DIR/onnx.",
 )
 @click.option(
     "--opset",
@@ -55,11 +57,12 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     "--quantize",
     type=click.Choice(["int8"]),
     default=_DEFAULTS.quantize,
-    help="Also write model_int8.onnx: static int8 quantization (QDQ, per-channel int8 weights, "
-    "the family's float op types kept in float: Softmax and LayerNorm for the transformers, "
-    "none for MobileNetV2) for CPUs, calibrated on images of the training split "
-    "recorded by `segdeploy train`; validated like the others (default tolerance 0.01 mean IoU). "
-    "The settings and what stayed in float go to quantization_int8.json.",
+    help="Also write model_int8.onnx: static int8 quantization (QDQ; per-channel int8 weights "
+    "in 7 bits, so that CPUs without VNNI compute them exactly; the family's float op types "
+    "kept in float: Softmax and LayerNorm for the transformers, none for MobileNetV2) for "
+    "CPUs, calibrated on images of the training split recorded by `segdeploy train`; "
+    "validated like the others (default tolerance 0.01 mean IoU). The settings and what "
+    "stayed in float go to quantization_int8.json.",
 )
 @click.option(
     "--calibration-images",
@@ -133,6 +136,7 @@ def export(
     """
     from segdeploy.cli.options import exit_if_failed, settings_from, warn
     from segdeploy.export import export_model
+    from segdeploy.export.folder import readd_options
     from segdeploy.validate import ValidationSettings
     from segdeploy.validate.report import failed
     from segdeploy.validate.tables import print_outcome
@@ -155,6 +159,15 @@ def export(
         f"{result.export_seconds:.1f} s -> {result.output}"
     )
     reports = list(result.reports.values())
+    if result.kept:
+        click.echo(f"kept from the earlier export (same model.onnx): {', '.join(result.kept)}")
+    if result.dropped:
+        again = readd_options(result.dropped)
+        warn(
+            f"dropped {', '.join(result.dropped)} of the earlier export: made from its "
+            "model.onnx, which this export changed"
+            + (f"; add {again} to make them again" if again else "")
+        )
     if validate:
         print_outcome(reports, seconds=result.validation_seconds)
     if triton_repo is not None and not failed(reports):

@@ -4,11 +4,80 @@ from __future__ import annotations
 
 import click
 
+from segdeploy.cli.options import ray_address_option, ray_timeout_option, settings_from
+from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
+from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
+
+_VIDEO = VideoSettings()
+
+
+def video_options(func):
+    """Options for clips among the inputs and for --stream (VideoSettings)."""
+    options = [
+        click.option(
+            "--stream",
+            "streams",
+            multiple=True,
+            default=_VIDEO.streams,
+            metavar="URL",
+            help="Segment a stream: anything FFmpeg opens (rtsp://, http://, a file being "
+            "written as file:PATH); outputs go to OUTPUT/<URL as a name>/. Repeatable.",
+        ),
+        click.option(
+            "--every",
+            type=click.IntRange(min=1),
+            default=_VIDEO.every,
+            show_default=True,
+            help="Clips and streams: segment every Nth frame.",
+        ),
+        click.option(
+            "--start",
+            type=click.FloatRange(min=0),
+            default=_VIDEO.start,
+            show_default=True,
+            metavar="SECONDS",
+            help="Clips and streams: begin at this time.",
+        ),
+        click.option(
+            "--end",
+            type=click.FloatRange(min=0),
+            default=_VIDEO.end,
+            metavar="SECONDS",
+            help="Clips and streams: stop at this time  [default: the end].",
+        ),
+        click.option(
+            "--max-fps",
+            type=click.FloatRange(min=0, min_open=True),
+            default=_VIDEO.max_fps,
+            metavar="FPS",
+            help="Clips and streams: take at most this many frames per second of video.",
+        ),
+        click.option(
+            "--video-labels",
+            "video_labels",
+            type=click.Choice(LABEL_MODES),
+            default=_VIDEO.labels,
+            show_default=True,
+            help="How a clip's label maps are written, both lossless: png = one label PNG per "
+            "frame (frames/<index>_<seconds>s.png); ffv1 = one FFV1 stream, labels.mkv.",
+        ),
+        click.option(
+            "--overlay-codec",
+            type=click.Choice(sorted(OVERLAY_CODECS)),
+            default=_VIDEO.overlay_codec,
+            show_default=True,
+            help="With --overlay, a clip's overlay video: h264 (overlay.mp4), vp9 "
+            "(overlay.webm) or ffv1 (overlay.mkv, lossless).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, required=False, metavar="INPUT...")
 @click.option(
     "--model",
     "model_dir",
@@ -24,8 +93,9 @@ from segdeploy.runtime.providers import PROVIDERS
     show_default=True,
     type=click.Path(file_okay=False),
     help="Output folder; it mirrors the inputs (folder photos/ -> OUTPUT/photos/...). It is "
-    "never read as input and must not hold the inputs: a run that would write over an input "
-    "file or outside OUTPUT exits with status 2 before writing anything.",
+    "never read as input and must not hold the inputs: a run that would write over an input, "
+    "over a file segdeploy did not write (see --overwrite) or outside OUTPUT exits with "
+    "status 2 before writing anything.",
 )
 @click.option(
     "--provider",
@@ -87,13 +157,22 @@ from segdeploy.runtime.providers import PROVIDERS
 @click.option(
     "--skip-existing",
     is_flag=True,
-    help="Skip images whose outputs already exist: resumes an interrupted run.",
+    help="Skip images whose outputs this model already wrote (checked by the mark segdeploy "
+    "puts in each output, the model's fingerprint and the photo's size): resumes an "
+    "interrupted or killed run.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace files at output paths that segdeploy did not write (or that changed "
+    "since). Without it such a file stops the run before any work, with exit status 2.",
 )
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
     default=None,
-    help="Refuse images larger than this many pixels (decompression-bomb guard)  "
+    help="Refuse images larger than this many pixels, decoded or as the image processor "
+    "resizes them (memory guard: a 1-pixel-high strip can become billions of pixels)  "
     "[default: Pillow's, about 89 million].",
 )
 @click.option(
@@ -101,16 +180,12 @@ from segdeploy.runtime.providers import PROVIDERS
     type=click.Choice(["local", "ray"]),  # the keys of ENGINES below
     default="local",
     show_default=True,
-    help="local: threads on this machine. ray: Ray Data on a Ray cluster (pip install "
-    "'segdeploy[ray]'); OUTPUT and the inputs must then be paths every node reaches.",
+    help="local: processes on this machine. ray: Ray Data (pip install 'segdeploy[ray]'), "
+    "on a private Ray here or on the cluster of --ray-address, where OUTPUT and the inputs "
+    "must be paths every node reaches.",
 )
-@click.option(
-    "--ray-address",
-    default=None,
-    metavar="ADDR",
-    help="With --engine ray: the cluster to join (HOST:PORT of `ray start --head`)  "
-    "[default: $RAY_ADDRESS, else Ray starts here on this machine's cores].",
-)
+@ray_address_option("With --engine ray. ")
+@ray_timeout_option("With --engine ray. ")
 @click.option(
     "--actors",
     default=None,
@@ -118,6 +193,7 @@ from segdeploy.runtime.providers import PROVIDERS
     help="With --engine ray: model actors (one Segmenter each; one GPU each with --provider "
     "cuda/tensorrt); MIN-MAX lets Ray scale the pool  [default: one per GPU, else one per node].",
 )
+@video_options
 def infer(
     inputs: tuple[str, ...],
     model_dir: str | None,
@@ -132,10 +208,13 @@ def infer(
     workers: int | None,
     overlay: bool,
     skip_existing: bool,
+    overwrite: bool,
     max_pixels: int | None,
     engine: str,
     ray_address: str | None,
+    ray_timeout: float,
     actors: str | None,
+    **video_opts,
 ) -> None:
     """Segment images with an exported model on ONNX Runtime; no torch needed.
 
@@ -155,29 +234,23 @@ def infer(
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
 
-    A file that cannot be read (corrupt, not an image, empty, too large) is
-    reported and skipped; the exit status is then 1. A missing model or
-    provider exits with status 2 at once. Ctrl-C and SIGTERM leave only complete
-    files and summary.json ("interrupted": true), exit status 130; rerun with
-    --skip-existing to continue. A full disk stops the run: exit status 1.
+    Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
+    segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
+
+    An image that cannot be read or run is reported and skipped: exit status 1 (also
+    when nothing was segmented). A missing model, provider or input, no image at all,
+    or a file at an output path that segdeploy did not write: status 2, nothing written.
+    Ctrl-C and SIGTERM leave only complete files and summary.json ("interrupted":
+    true), status 130; rerun with --skip-existing. A full disk stops the run: status 1.
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from segdeploy.errors import SegdeployError
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
 
-    if engine == "local":
-        for name, value in (("--ray-address", ray_address), ("--actors", actors)):
-            if value is not None:
-                raise SegdeployError(name, "only with --engine ray")
-        engine_opts: dict = {"workers": workers}
-    else:
-        from segdeploy.runtime.ray_engine import parse_actors
+    video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
 
-        engine_opts = {"address": ray_address, "actors": parse_actors(actors)}
-        if workers is not None:
-            raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
+    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors)
     if model_dir is None:
         model_dir = newest_export()
         click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
@@ -196,20 +269,55 @@ def infer(
             fp16=fp16,
             overlay=overlay,
             skip_existing=skip_existing,
+            overwrite=overwrite,
             max_pixels=max_pixels or MAX_PIXELS,
             **engine_opts,
         )
+    _report(result)
+
+
+def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors) -> dict:
+    """The engine's own keyword arguments; another engine's options are refused."""
+    from segdeploy.errors import SegdeployError
+
+    if engine == "local":
+        given = click.get_current_context().get_parameter_source("ray_timeout")
+        ray_timeout_given = None if given is click.core.ParameterSource.DEFAULT else ray_timeout
+        for name, value in (
+            ("--ray-address", ray_address), ("--ray-timeout", ray_timeout_given),
+            ("--actors", actors),
+        ):  # fmt: skip
+            if value is not None:
+                raise SegdeployError(name, "only with --engine ray")
+        return {"workers": workers, "video": video}
+    from segdeploy.runtime.ray_engine import parse_actors
+
+    if workers is not None:
+        raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")
+    return {
+        "address": ray_address,
+        "actors": parse_actors(actors),
+        "ray_timeout": ray_timeout,
+        "video": video,
+    }
+
+
+def _report(result: dict) -> None:
+    """The run's two lines on stdout; exit status 1 when an input failed."""
+    from segdeploy.errors import shown
+
     t = result["totals"]
+    frames = f" and {t['frames']} video frames ({t['frames_per_s']:.2f}/s)" if t["frames"] else ""
     click.echo(
-        f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed) "
+        f"segmented {t['images']} images ({t['skipped']} skipped, {t['failed']} failed){frames} "
         f"in {t['seconds']:.1f} s on {result['provider']}"
         + (f", {t['images_per_s']:.2f} images/s" if t["images"] and t["images_per_s"] else "")
-        + f"; summary: {result['summary']}"
+        + f"; summary: {shown(result['summary'])}"
     )
     if t.get("stage_ms_per_image") and t["images"]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in t["stage_ms_per_image"].items())
         click.echo(
-            f"per image, ms ({t['workers']} workers; model: wall time, others: CPU time): "
+            f"per image, ms ({_parallelism(result)}; model: wall time, others: CPU time): "
             f"{stages}; bound by {t['bound_by']}"
         )
     if t["failed"]:
@@ -222,6 +330,17 @@ ENGINES = {
     "local": "segdeploy.runtime.infer:run_infer",
     "ray": "segdeploy.runtime.ray_engine:run_infer_ray",
 }
+
+
+def _parallelism(result: dict) -> str:
+    """Who did the host stages: the local engine's workers, or Ray's actors and tasks."""
+    ray = result.get("ray")
+    if ray is None:
+        return f"{result['totals']['workers']} workers"
+    nodes = len(ray["nodes_used"]) or ray["nodes"]
+    return (
+        f"Ray: {ray['model_actors']} model actor(s), tasks on {ray['cpus']:g} CPUs, {nodes} node(s)"
+    )
 
 
 def _engine(name: str):

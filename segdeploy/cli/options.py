@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from segdeploy.runtime.providers import PROVIDERS
+from segdeploy.runtime.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 from segdeploy.validate.settings import ValidationSettings
 
 T = TypeVar("T")
@@ -47,6 +48,32 @@ def fallback_option():
 def batch_size_option(help: str, default: int = _VALIDATION.batch_size):
     return click.option(
         "--batch-size", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
+
+
+def ray_address_option(help: str = ""):
+    """--ray-address: the Ray a command runs on (segdeploy.runtime.ray_session)."""
+    return click.option(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help=f"{help}The Ray cluster to join: auto (the one `ray start --head` started on "
+        "this machine), HOST:PORT of its head, or ray://HOST:PORT (Ray Client)  [default: "
+        "$RAY_ADDRESS, else a private Ray for this command alone, on 127.0.0.1 with this "
+        "process's cores].",
+    )
+
+
+def ray_timeout_option(help: str = ""):
+    """--ray-timeout: how long joining a cluster may wait for it to answer."""
+    return click.option(
+        "--ray-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_CONNECT_TIMEOUT_S,
+        show_default=True,
+        metavar="SECONDS",
+        help=f"{help}How long to wait for the cluster of --ray-address to answer before "
+        "giving up (exit status 2).",
     )
 
 

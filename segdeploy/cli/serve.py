@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from segdeploy.cli.options import settings_from
+from segdeploy.cli.options import ray_address_option, ray_timeout_option, settings_from
 from segdeploy.runtime.providers import PROVIDERS
 from segdeploy.serve.settings import ServeSettings
 
@@ -80,13 +80,8 @@ _D = ServeSettings()
     help="ONNX Runtime threads per replica, and the CPUs it reserves  [default: on a private "
     "Ray, this process's cores shared among the replicas; on a cluster, ONNX Runtime's own].",
 )
-@click.option(
-    "--ray-address",
-    default=_D.ray_address,
-    metavar="ADDR",
-    help="The Ray cluster to join (HOST:PORT of `ray start --head`, or auto)  [default: "
-    "$RAY_ADDRESS, else a private Ray on this machine, stopped with the service].",
-)
+@ray_address_option()
+@ray_timeout_option()
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),

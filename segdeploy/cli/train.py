@@ -33,15 +33,15 @@ import click
 @click.option(
     "--eval-split",
     default=None,
-    help="Evaluate on this split instead of holding out --test-size of --split "
-    "(synthetic uses its own validation split).",
+    help="Evaluate on this split  [default: the dataset's own validation split (validation, "
+    "val or valid) if it has one and --test-size is not given, else --test-size of --split].",
 )
 @click.option(
     "--test-size",
     type=float,
-    default=0.2,
-    show_default=True,
-    help="Fraction of --split held out for evaluation (seeded).",
+    default=None,
+    help="Fraction of --split held out for evaluation (seeded)  [default: 0.2 where the "
+    "dataset has no validation split].",
 )
 @click.option(
     "--output-dir",
@@ -91,7 +91,8 @@ import click
     "--reduce-labels/--no-reduce-labels",
     default=None,
     help="Mask value 0 means 'other' and is ignored, v becomes class v-1 (ADE20K)  "
-    "[default: on, except for synthetic].",
+    "[default: decided from the masks: on only if a mask value equals the number of classes; "
+    "the choice is printed and recorded in train_args.json].",
 )
 @click.option(
     "--ignore-index",
@@ -153,7 +154,7 @@ def train(
     dataset: str,
     split: str | None,
     eval_split: str | None,
-    test_size: float,
+    test_size: float | None,
     output_dir: str | None,
     epochs: float,
     max_steps: int | None,
@@ -183,8 +184,8 @@ def train(
       segdeploy train                                      # the guide (needs the Hub)
       segdeploy train --model scratch:tiny --dataset synthetic:64 --image-size 64 \\
           --max-steps 300 --batch-size 8                   # offline, a minute on a CPU
-      segdeploy train --model scratch:b0 --dataset ../shared/data/camvid --eval-split val \\
-          --no-reduce-labels --ignore-index 11
+      segdeploy train --model scratch:b0 --dataset data/camvid --ignore-index 11
+                                                           # your folder: images/, annotations/
       torchrun --nproc_per_node 2 $(which segdeploy) train ...   # DDP, same options
 
     The output folder is a Hugging Face model folder (config.json, model.safetensors,

@@ -21,9 +21,13 @@ sized from it would silently be wrong.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from segdeploy.data.check import check_dataset, iter_examples
+from segdeploy.data.defaults import DEFAULT_TEST_SIZE, decide_reduce_labels, default_eval_split
 from segdeploy.data.labels import label_array, read_id2label
 from segdeploy.data.spec import DatasetSpec, SegmentationData
 from segdeploy.errors import SegdeployError
@@ -38,94 +42,135 @@ __all__ = [
     "read_id2label",
 ]
 
+log = logging.getLogger(__name__)
+
 
 def load_splits(spec: DatasetSpec, *, need_train: bool = True) -> SegmentationData:
     """Load the train and eval rows that `spec` describes.
 
     need_train=False skips building the train rows (export and validation only
     need the eval split; with no eval_split, `split` is still loaded to carve it).
+    What the spec leaves open is decided from the data (segdeploy.data.defaults):
+    the eval split (the dataset's own validation split, else `test_size` of
+    `split`) and reduce_labels; `SegmentationData.choices` says why.
     """
+    source = _source(spec)
+    choices: dict[str, str] = {}
+    eval_split = spec.eval_split
+    if eval_split is None and spec.test_size is None and source.splits:
+        eval_split = default_eval_split(source.splits, spec.split)
+        if eval_split is not None:
+            choices["eval_split"] = (
+                f"{eval_split}: the dataset's own validation split "
+                "(--eval-split picks another, --test-size holds out part of --split instead)"
+            )
+    eval_split = eval_split or source.eval_default
+    test_size = spec.test_size
+    if eval_split is not None:
+        eval_ds = source.get(eval_split, "--eval-split")
+        train_ds = source.get(spec.split, "--split") if need_train else None
+    else:
+        test_size = DEFAULT_TEST_SIZE if test_size is None else test_size
+        whole = source.get(spec.split, "--split")
+        try:
+            parts = whole.train_test_split(test_size=test_size, seed=spec.seed)
+        except ValueError as err:
+            raise SegdeployError(
+                "--test-size", f"cannot hold out {test_size} of {len(whole)} rows: {err}"
+            ) from None
+        train_ds = parts["train"] if need_train else None
+        eval_ds = parts["test"]
+
+    id2label = read_id2label(spec.id2label_file) if spec.id2label_file else source.id2label()
+    reduce_labels = spec.reduce_labels
+    if reduce_labels is None and source.reduce_default is not None:
+        reduce_labels = source.reduce_default
+    elif reduce_labels is None:
+        scanned = train_ds if train_ds is not None else eval_ds
+        reduce_labels, why = decide_reduce_labels(
+            scanned, id2label, spec.ignore_index, name=source.name
+        )
+        choices["reduce_labels"] = f"{'on' if reduce_labels else 'off'}: {why}"
+    for option, why in choices.items():
+        log.info("%s %s", option, why)
+    resolved = dataclasses.replace(
+        spec,
+        name=source.name,
+        eval_split=eval_split,
+        test_size=None if eval_split is not None else test_size,
+        reduce_labels=reduce_labels,
+    )
+    return SegmentationData(
+        train=train_ds, eval=eval_ds, id2label=id2label, spec=resolved, choices=choices
+    )
+
+
+@dataclasses.dataclass
+class _Source:
+    """One kind of dataset: how to read a split, its class names and its defaults."""
+
+    name: str  # as recorded: local folders absolute
+    get: Callable[[str, str], Any]  # (split expression, option) -> datasets.Dataset
+    id2label: Callable[[], dict[int, str]]
+    reduce_default: bool | None = None  # None: decided from the masks
+    eval_default: str | None = None  # a split that is always the eval split
+    splits: Sequence[str] = ()  # split names known without a network
+
+
+def _source(spec: DatasetSpec) -> _Source:
     from segdeploy.data import builtin, disk, folder, hub
 
     name = spec.name
     path = Path(name).expanduser()
     if builtin.is_synthetic(name):
-        default_reduce, eval_default = False, "validation"
         builtin.synthetic_image_size(name)  # validate the size before anything else
 
-        def get(expr, option):
-            return builtin.synthetic_split(name, expr, option=option)
-
-        def default_id2label():
+        def synthetic_id2label():
             from segdeploy.data.synthetic import ID2LABEL
 
             return dict(ID2LABEL)
 
-    elif path.exists():
+        return _Source(
+            name,
+            lambda expr, option: builtin.synthetic_split(name, expr, option=option),
+            synthetic_id2label,
+            reduce_default=False,
+            eval_default="validation",
+        )
+    if path.exists():
         root = path.resolve()
-        name = str(root)
-        default_reduce, eval_default = True, None
         if not root.is_dir():
             raise SegdeployError(root, "not a folder; expected a dataset folder")
         if disk.is_saved_dataset(root):
             saved = disk.load_saved(root)
-
-            def get(expr, option):
-                return disk.saved_split(saved, root, expr, option=option)
-
-            def default_id2label():
-                return _folder_id2label(root)
-
-        elif folder.is_ade_folder(root):
-
-            def get(expr, option):
-                return folder.folder_split(root, expr, option=option)
-
-            def default_id2label():
-                return _folder_id2label(root)
-
-        elif not any(root.iterdir()):
-            raise SegdeployError(root, "folder is empty")
-        else:
-            raise SegdeployError(
-                root,
-                "not a dataset folder: expected images/<split>/ and annotations/<split>/ "
-                "(ADE20K layout) or a folder written by datasets.save_to_disk",
+            return _Source(
+                str(root),
+                lambda expr, option: disk.saved_split(saved, root, expr, option=option),
+                lambda: _folder_id2label(root),
+                splits=list(saved),
             )
-    elif _looks_like_path(name):
+        if folder.is_ade_folder(root):
+            return _Source(
+                str(root),
+                lambda expr, option: folder.folder_split(root, expr, option=option),
+                lambda: _folder_id2label(root),
+                splits=folder.folder_split_names(root),
+            )
+        if not any(root.iterdir()):
+            raise SegdeployError(root, "folder is empty")
+        raise SegdeployError(
+            root,
+            "not a dataset folder: expected images/<split>/ and annotations/<split>/ "
+            "(ADE20K layout) or a folder written by datasets.save_to_disk",
+        )
+    if _looks_like_path(name):
         raise SegdeployError(name, "folder not found")
-    else:
-        default_reduce, eval_default = True, None
-
-        def get(expr, option):
-            return hub.hub_split(name, expr, option=option)
-
-        def default_id2label():
-            return hub.hub_id2label(name)
-
-    eval_split = spec.eval_split or eval_default
-    if eval_split is not None:
-        eval_ds = get(eval_split, "--eval-split")
-        train_ds = get(spec.split, "--split") if need_train else None
-    else:
-        whole = get(spec.split, "--split")
-        try:
-            parts = whole.train_test_split(test_size=spec.test_size, seed=spec.seed)
-        except ValueError as err:
-            raise SegdeployError(
-                "--test-size", f"cannot hold out {spec.test_size} of {len(whole)} rows: {err}"
-            ) from None
-        train_ds = parts["train"] if need_train else None
-        eval_ds = parts["test"]
-
-    id2label = read_id2label(spec.id2label_file) if spec.id2label_file else default_id2label()
-    resolved = dataclasses.replace(
-        spec,
-        name=name,
-        eval_split=eval_split,
-        reduce_labels=default_reduce if spec.reduce_labels is None else spec.reduce_labels,
+    # The Hub: its split names would cost a network round trip, so --eval-split names one.
+    return _Source(
+        name,
+        lambda expr, option: hub.hub_split(name, expr, option=option),
+        lambda: hub.hub_id2label(name),
     )
-    return SegmentationData(train=train_ds, eval=eval_ds, id2label=id2label, spec=resolved)
 
 
 def _looks_like_path(name: str) -> bool:

@@ -34,7 +34,7 @@ def iter_examples(
     if ds is None:
         return
     num_labels = len(data.id2label) if num_labels is None else num_labels
-    for row in _undecoded(ds):
+    for row in undecoded(ds):
         image = _decode(row["image"], row["name"], mode="RGB")
         mask = _decode(row["annotation"], row["name"], mode=None)
         where = _where(row["annotation"], row["name"])
@@ -68,13 +68,18 @@ def check_dataset(data: SegmentationData, num_labels: int | None = None) -> int:
     return checked
 
 
-def _undecoded(ds):
+def undecoded(ds):
     import datasets
 
     # Raw {"path", "bytes"} values, so that decoding errors are ours to report.
     return ds.cast_column("image", datasets.Image(decode=False)).cast_column(
         "annotation", datasets.Image(decode=False)
     )
+
+
+def decode_annotation(row: dict) -> Image.Image:
+    """The mask of an undecoded row (see `undecoded`); a bad file raises naming it."""
+    return _decode(row["annotation"], row["name"], mode=None)
 
 
 def _decode(value: dict, name: str, *, mode: str | None) -> Image.Image:

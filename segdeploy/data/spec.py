@@ -25,12 +25,18 @@ class DatasetSpec:
         folder written by `datasets.save_to_disk`, or a Hub dataset id.
     split: split expression in the `datasets` syntax: "train", "train[:50]",
         "train[10:20]", "train[:10%]", "train+validation".
-    eval_split: evaluate on this split expression; None carves `test_size` out
-        of `split` with a seeded `train_test_split` (the Hugging Face guide's
-        recipe), except for "synthetic", whose own "validation" split is used.
-    reduce_labels: None means the dataset's default: False for synthetic, True
-        otherwise (the ADE20K convention: 0 is "other" and becomes ignore_index,
-        every other value v becomes v - 1; raw 255 stays 255).
+    eval_split: evaluate on this split expression; None uses the dataset's own
+        validation split ("validation", "val" or "valid" of a local or
+        save_to_disk folder; always for "synthetic") unless `test_size` is
+        given, else carves `test_size` out of `split` with a seeded
+        `train_test_split` (the Hugging Face guide's recipe).
+    test_size: fraction of `split` held out when there is no eval split; None
+        means 0.2 where the dataset has no validation split of its own.
+    reduce_labels: the ADE20K convention (0 is "other" and becomes ignore_index,
+        every other value v becomes v - 1; raw 255 stays 255). None decides from
+        the masks (segdeploy.data.defaults.decide_reduce_labels): on only when a
+        mask value equals the number of classes, which only reduction makes valid;
+        False for synthetic, True for scene_parse_150.
     ignore_index: label value (after reduction) that loss and metric skip.
     id2label_file: JSON object {"0": "name", ...}; else id2label.json beside the data.
     """
@@ -38,7 +44,7 @@ class DatasetSpec:
     name: str
     split: str = "train"
     eval_split: str | None = None
-    test_size: float = 0.2
+    test_size: float | None = None
     seed: int = 42
     reduce_labels: bool | None = None
     ignore_index: int = 255
@@ -56,7 +62,11 @@ class DatasetSpec:
             raise SegdeployError(
                 "--ignore-index", f"must be an integer in 0..255, got {self.ignore_index!r}"
             )
-        if not isinstance(self.test_size, (int, float)) or not 0.0 < float(self.test_size) < 1.0:
+        if self.test_size is not None and (
+            isinstance(self.test_size, bool)
+            or not isinstance(self.test_size, (int, float))
+            or not 0.0 < float(self.test_size) < 1.0
+        ):
             raise SegdeployError(
                 "--test-size", f"must be a fraction between 0 and 1, got {self.test_size!r}"
             )
@@ -93,6 +103,8 @@ class SegmentationData:
     eval: datasets.Dataset
     id2label: dict[int, str]
     spec: DatasetSpec  # resolved: reduce_labels is a bool, eval_split set where the dataset has one
+    # What was decided from the data, and why ({"reduce_labels": "off: ...", "eval_split": ...}).
+    choices: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:

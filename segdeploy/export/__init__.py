@@ -9,7 +9,9 @@ the family's graph is right at every size, else fixed at the trained size) plus
 Variants sit beside it with the same input and output names and fp32 I/O:
 `model_fp16.onnx` and `model_optimized.onnx`. The whole folder, validation
 reports included, is built in a temporary folder and renamed into place, so a
-reader never meets a half-written export.
+reader never meets a half-written export. It replaces only an earlier export (or an
+empty folder), and keeps that export's other graphs when they were made from the same
+fp32 graph (segdeploy.export.folder).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from segdeploy.export.checks import (
     check_output,
     check_quantize,
 )
+from segdeploy.export.folder import carry_over
 from segdeploy.export.routes import export_fp32, resolve_opset
 from segdeploy.export.variants import convert_fp16, optimize_graph
 from segdeploy.families import ROUTES, Family, family_of
@@ -94,6 +97,10 @@ class ExportResult:
     opset: int
     export_seconds: float
     route: str = ""  # the family's exporter route (segdeploy.families.ROUTES)
+    #: Files of the earlier export in `output` kept (made from the same fp32 graph) and
+    #: dropped (made from another one): segdeploy.export.folder.carry_over.
+    kept: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
     validation_seconds: float | None = None
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> report
 
@@ -215,6 +222,9 @@ def _export(
             )
             result.reports = {variant: reports[path.name] for variant, path in built.items()}
             result.validation_seconds = time.perf_counter() - start
+        # Last, just before the swap: the other graphs of an earlier export stay if
+        # they were made from this very fp32 graph.
+        result.kept, result.dropped = carry_over(output, tmp)
     graphs.update({variant: output / path.name for variant, path in built.items()})
     return result
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segdeploy.errors import SegdeployError
+from segdeploy.export.folder import check_replaceable
 from segdeploy.export.routes import check_opset as check_family_opset
 from segdeploy.families import Family
 from segdeploy.writable import check_writable
@@ -59,11 +60,8 @@ def check_max_drop(max_drop: float, quantize: str | None) -> None:
 
 
 def check_output(model_dir: Path, output: Path) -> None:
-    # atomic_dir replaces `output` as a whole: it must never be the model folder or hold it.
-    model_dir, output = model_dir.resolve(), output.resolve()
-    if output == model_dir or output in model_dir.parents:
-        raise SegdeployError("--output", f"{output} would replace the model folder {model_dir}")
-    if output.exists() and not output.is_dir():
-        raise SegdeployError("--output", f"{output} exists and is not a folder")
+    """Refuse an output folder export must not replace (see segdeploy.export.folder), or
+    one it cannot write beside."""
+    check_replaceable(output, model_dir)
     # The new folder is built beside `output`: read-only, full, or under a file fails now.
-    check_writable(output.parent, "--output")
+    check_writable(output.absolute().parent, "--output")

@@ -1,7 +1,7 @@
 """Decode an image file safely into an upright 8-bit RGB Pillow image.
 
 Every failure (empty file, not an image, truncated data, decompression bomb,
-unsupported mode) becomes a `SegdeployError(path, reason)`, which `segdeploy
+unsupported mode, a folder, FIFO or device, a file that cannot be read) becomes a `SegdeployError(path, reason)`, which `segdeploy
 infer` records as a per-file failure and moves on.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -55,12 +56,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) 
     float images (F) are taken as 0..1 when their maximum is at most 1, else 0..255.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise SegdeployError(path, f"cannot read: {err.strerror or err}") from None
-    if size == 0:
-        raise SegdeployError(path, "empty file (0 bytes)")
+    _check_readable_file(path)
     return _decode(path, path, max_pixels)
 
 
@@ -88,6 +84,8 @@ def _decode(source: Path | BinaryIO, where, max_pixels: int | None) -> Image.Ima
                         f"image too large to decode safely: {w}x{h} = {w * h} pixels > "
                         f"{max_pixels} (raise --max-pixels if it is genuine)",
                     )
+                if w == 0 or h == 0:
+                    raise SegdeployError(where, f"empty image ({w}x{h} pixels)")
                 im.load()
                 image = im
     except SegdeployError:
@@ -96,7 +94,11 @@ def _decode(source: Path | BinaryIO, where, max_pixels: int | None) -> Image.Ima
         raise SegdeployError(where, "not an image (Pillow cannot identify the format)") from None
     except Image.DecompressionBombError as err:
         raise ImageTooLarge(where, f"image too large to decode safely: {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as err:
+    except OSError as err:
+        if err.errno is not None:  # the OS refused (permissions, I/O error), not the data
+            raise SegdeployError(where, f"cannot read: {err.strerror or err}") from None
+        raise SegdeployError(where, f"corrupt or truncated image: {err}") from None
+    except (SyntaxError, ValueError, EOFError, IndexError, MemoryError) as err:
         # Pillow reports truncated/corrupt data as OSError, some plugins as SyntaxError.
         raise SegdeployError(where, f"corrupt or truncated image: {err}") from None
     # Broken EXIF: the pixels are fine, keep them as stored. Without an orientation to
@@ -108,6 +110,79 @@ def _decode(source: Path | BinaryIO, where, max_pixels: int | None) -> Image.Ima
         return to_rgb(image)
     except (ValueError, OSError) as err:
         raise SegdeployError(where, f"cannot convert mode {image.mode} to RGB: {err}") from None
+
+
+def _check_readable_file(path: Path) -> None:
+    """SegdeployError unless `path` is a non-empty regular file (through symlinks), with
+    the reason: a folder, a FIFO or a device (whose size 0 says nothing), a dangling link."""
+    try:
+        st = path.stat()
+    except OSError as err:
+        if path.is_symlink():
+            raise SegdeployError(path, "dangling symlink (its target does not exist)") from None
+        raise SegdeployError(path, f"cannot read: {err.strerror or err}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SegdeployError(path, "is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise SegdeployError(path, f"not a regular file ({file_kind(st.st_mode)}), not an image")
+    if st.st_size == 0:
+        raise SegdeployError(path, "empty file (0 bytes)")
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a folder is, in words."""
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of the image at `path` as `load_image` would return it (EXIF
+    orientation applied), from its header alone; None when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(ORIENTATION, 1) in _TRANSPOSING:
+                w, h = h, w
+    except Exception:  # any failure: the caller redoes the image, and that says why
+        return None
+    return h, w
+
+
+#: EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_TRANSPOSING = frozenset({5, 6, 7, 8})
+
+
+def array_image(array: np.ndarray) -> Image.Image:
+    """An RGB image from a uint8 array: HxW or HxWx1 (grey), HxWx3 (RGB), HxWx4 (RGBA, the
+    alpha dropped as for files); anything else is a SegdeployError saying what to pass."""
+    shape = array.shape
+    if array.dtype != np.uint8:
+        raise SegdeployError(None, f"arrays must be uint8, got {array.dtype} {shape}")
+    channels_last = array.ndim == 3 and shape[2] in (1, 3, 4)
+    if array.ndim == 3 and not channels_last and shape[0] in (1, 3, 4):
+        raise SegdeployError(
+            None,
+            f"array of shape {shape} looks channels-first (CxHxW); pass HxWxC, e.g. "
+            "array.transpose(1, 2, 0)",
+        )
+    if not (array.ndim == 2 or channels_last):
+        raise SegdeployError(
+            None,
+            f"arrays must be HxW (grey), HxWx1, HxWx3 (RGB) or HxWx4 (RGBA), got shape {shape}",
+        )
+    if shape[0] == 0 or shape[1] == 0:
+        raise SegdeployError(None, f"empty image ({shape[1]}x{shape[0]} pixels)")
+    if array.ndim == 3 and shape[2] == 1:
+        array = array[:, :, 0]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
 #: Serialises the moments when Pillow's process-wide limit is raised (see _open_within).

@@ -109,6 +109,34 @@ class ImageProcessor:
             out, padded = pad_to_multiple(out, self.pad_divisor)
         return out, Geometry(original, resized, crop_box, padded)
 
+    def allocated_pixels(self, height: int, width: int) -> tuple[tuple[int, int], int]:
+        """For a (height, width) photo: the size the resize makes and the most pixels any
+        step allocates (the resized image, the crop, the padded input)."""
+        resized = self.resize(height, width) if self.resize else (height, width)
+        sizes = [resized]
+        if self.crop is not None:
+            sizes.append(self.crop)
+        if self.pad_divisor:
+            h, w = sizes[-1]
+            d = self.pad_divisor
+            sizes.append((math.ceil(h / d) * d, math.ceil(w / d) * d))
+        return resized, max(h * w for h, w in sizes)
+
+    def check_pixels(self, height: int, width: int, max_pixels: int | None) -> None:
+        """SegdeployError (no path: the caller adds it) when processing a (height, width)
+        photo would allocate more than `max_pixels` pixels: a 1-pixel-high strip resized
+        to a shortest edge of 224 becomes billions of pixels, though it decodes in bytes."""
+        if max_pixels is None:
+            return
+        resized, pixels = self.allocated_pixels(height, width)
+        if pixels > max_pixels:
+            raise SegdeployError(
+                None,
+                f"the image processor ({self.kind}) would make its {width}x{height} pixels "
+                f"{resized[1]}x{resized[0]} ({pixels} pixels) > {max_pixels}: refused to keep "
+                "memory bounded (raise --max-pixels if it is genuine)",
+            )
+
     def to_array(self, image: Image.Image) -> np.ndarray:
         """float32 [3, h, w] for one RGB image (the model input alone, as
         `Preprocessor.to_array`): masks follow the guide and are upsampled to the photo."""

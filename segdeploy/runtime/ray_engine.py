@@ -30,42 +30,51 @@ paths).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
-from segdeploy.errors import SegdeployError
-from segdeploy.runtime import pipeline
+from segdeploy.errors import SegdeployError, first_line
+from segdeploy.runtime import pipeline, ray_video
 from segdeploy.runtime.image_io import MAX_PIXELS
 from segdeploy.runtime.infer import (
     SUMMARY_NAME,
     Failure,
     Item,
     Planner,
-    _existing_record,
+    RunStopped,
     _Records,
     check_plan,
     check_top_names,
+    existing_record,
     label_path,
     overlay_path,
     prepare_output,
     summary_header,
     summary_totals,
 )
+from segdeploy.runtime.ray_session import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    import_ray,
+    ray_session,
+    resolve_address,
+)
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'segdeploy[ray]'"
 GPU_PROVIDERS = ("cuda", "tensorrt")
 
 #: Placeholders for a failed row's tensors: same number of dimensions as a real
@@ -73,33 +82,6 @@ GPU_PROVIDERS = ("cuda", "tensorrt")
 _NO_PIXELS = np.zeros((3, 0, 0), np.float32)
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
 _NO_RAW = np.zeros((0, 0, 0), np.float32)
-
-
-#: Ray's own switch (meant for laptops) that keeps a local Ray on the loopback: without
-#: it Ray replaces 127.0.0.1 by the machine's network address. Read when Ray is imported.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def import_ray(*, loopback: bool = False):
-    """The `ray` module, or a SegdeployError saying how to install it.
-
-    `loopback`: a Ray started by this process will listen on 127.0.0.1 only
-    (when Ray is imported here for the first time).
-    """
-    if loopback and "ray" not in sys.modules:
-        for key, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(key, value)
-    try:
-        import ray
-        import ray.data  # noqa: F401  (the extra installs both; check the data part too)
-    except ImportError:
-        raise SegdeployError("--engine ray", f"Ray is not installed: {INSTALL_HINT}") from None
-    # Ray sets up its loggers on import, at INFO (plan and timing of every dataset);
-    # follow segdeploy's verbosity instead (-v shows them).
-    level = logging.getLogger("segdeploy").getEffectiveLevel()
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(max(level, logging.WARNING) if level > 10 else level)
-    return ray
 
 
 def parse_actors(text: str | None, option: str = "--actors") -> int | tuple[int, int] | None:
@@ -235,19 +217,39 @@ class _ModelStage(SegmentBatch):
         if ok:
             t = time.perf_counter()
             sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
+            reasons = list(batch["reason"])
             for i, raw in zip(
                 ok,
-                pipeline.model_batch(self.seg, [batch["pixels"][i] for i in ok], sizes),
+                pipeline.model_batch(
+                    self.seg, [batch["pixels"][i] for i in ok], sizes, isolate=True
+                ),
                 strict=True,
             ):
-                raws[i] = raw
+                if isinstance(raw, str):  # the model cannot run this image: it alone fails
+                    reasons[i] = raw
+                else:
+                    raws[i] = raw
             # Per image: its share of the batch, as the local engine records it.
             model_s[ok] = (time.perf_counter() - t) / len(ok)
         out = {k: v for k, v in batch.items() if k != "pixels"}
+        if ok:
+            out["reason"] = np.array(reasons, dtype=object)
         out["raw"] = _column(raws)
         out["model_s"] = model_s
         out["provider"] = np.array([self.seg.provider] * len(raws), dtype=object)
+        # Who did the work, for the summary's "ray" section (actors, nodes used).
+        actor, node = _where()
+        out["actor"] = np.array([actor] * len(raws), dtype=object)
+        out["node"] = np.array([node] * len(raws), dtype=object)
         return out
+
+
+def _where() -> tuple[str, str]:
+    """(actor id, node id) of the Ray worker running this code."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return str(ctx.get_actor_id() or ""), str(ctx.get_node_id())
 
 
 def write_batch(
@@ -289,31 +291,13 @@ def write_batch(
         "cpu": np.array(cpus, dtype=object),
         "provider": batch["provider"],
         "model_s": batch["model_s"],
+        "actor": batch["actor"],
+        "node": batch["node"],
+        "write_node": np.array([_where()[1]] * len(records), dtype=object),
     }
 
 
 # -- the driver ------------------------------------------------------------------------
-
-
-def _connect(ray, address: str | None, progress: bool) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start Ray here; True if we did."""
-    if ray.is_initialized():  # a Ray user's own session (or a test's): use it as it is
-        return False
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": progress,
-        "logging_level": logging.WARNING,  # not Ray's start-up chatter on every run
-    }
-    if address:
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SegdeployError("--ray-address", f"cannot join {address}: {first}") from None
-    else:
-        # A private single-machine cluster on this machine's cores, on the loopback only.
-        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
-    return True
 
 
 def _segdeploy_error(err: BaseException) -> SegdeployError | None:
@@ -349,6 +333,39 @@ def _default_actors(ray, provider: str) -> int:
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
 
 
+def _check_job(inputs, model_dir, output, address, provider, variant, fp16, batch_size,
+               max_pixels, *, overwrite=False, overlay=False, video=None):  # fmt: skip
+    """Everything checked before Ray is touched (a bad job is exit status 2 with nothing
+    written): the inputs, OUTPUT, the plan, and the model as the actors will load it
+    (opened here on the CPU; its header fields go into summary.json). Returns (that
+    Segmenter, OUTPUT as an absolute path)."""
+    from segdeploy.runtime.segmenter import Segmenter
+
+    if not inputs:
+        raise SegdeployError("INPUT", "give at least one file, folder or glob")
+    if resolve_address(address) is not None and not Path(output).is_absolute():
+        raise SegdeployError(
+            output,
+            "with a Ray cluster (--ray-address) OUTPUT must be an absolute path that every "
+            "node reaches (a shared file system)",
+        )
+    check_top_names(inputs)
+    provider = provider.lower()
+    graph_variant = "fp16" if fp16 and variant == "fp32" and provider != "tensorrt" else variant
+    batch_size = batch_size or (16 if provider in GPU_PROVIDERS else 4)
+    probe = Segmenter(
+        model_dir, "cpu", graph_variant, threads=1, batch_size=batch_size, max_pixels=max_pixels
+    )
+    out = Path(output).absolute()
+    # The local engine's planning, so the same rules keep user files safe: nothing is
+    # written when an output would replace an input, a file it did not write, or leave OUT.
+    check_plan(
+        inputs, out, overwrite=overwrite, overlay=overlay,
+        streams=bool(video is not None and video.streams),
+    )  # fmt: skip
+    return probe, out
+
+
 def run_infer_ray(
     inputs: Sequence[str | os.PathLike],
     model_dir: str | os.PathLike,
@@ -365,42 +382,27 @@ def run_infer_ray(
     fp16: bool = False,
     overlay: bool = False,
     skip_existing: bool = False,
+    overwrite: bool = False,
     max_pixels: int | None = MAX_PIXELS,
     progress: bool | None = None,
+    ray_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    verbose: bool | None = None,
+    video=None,
 ) -> dict[str, Any]:
-    """`run_infer` on Ray Data: same inputs, outputs, summary.json and return value.
+    """`run_infer` on Ray Data: same inputs, outputs, summary.json and return value
+    (plus `ray`: the cluster, and the model actors and nodes that did the work).
 
-    `address`: a Ray cluster (default $RAY_ADDRESS; neither: Ray starts here on
-    this machine's cores). `actors`: model actors, N or (MIN, MAX).
+    `address`: a Ray cluster to join ("auto", HOST:PORT, ray://HOST:PORT; default
+    $RAY_ADDRESS; neither: a private Ray on this machine, see `ray_session`), which has
+    `ray_timeout` seconds to answer. `actors`: model actors, N or (MIN, MAX). `verbose`:
+    show Ray's own log lines (default: with segdeploy's -v). `video`: VideoSettings for
+    clips among the inputs and streams (segdeploy.runtime.ray_video).
     """
-    from segdeploy.runtime.segmenter import Segmenter
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    ray = import_ray(loopback=not address)
-    if not inputs:
-        raise SegdeployError("INPUT", "give at least one file, folder or glob")
-    if address and not Path(output).is_absolute():
-        raise SegdeployError(
-            output,
-            "with a Ray cluster (--ray-address) OUTPUT must be an absolute path that every "
-            "node reaches (a shared file system)",
-        )
-    check_top_names(inputs)
+    ray = import_ray()
+    probe, out = _check_job(inputs, model_dir, output, address, provider, variant, fp16,
+                            batch_size, max_pixels, overwrite=overwrite, overlay=overlay,
+                            video=video)  # fmt: skip
     provider = provider.lower()
-    # The model as the actors will load it, checked here (CPU) so that a missing model
-    # or variant exits with status 2 before the cluster is touched; its header fields
-    # (graph, classes) go into summary.json.
-    graph_variant = "fp16" if fp16 and variant == "fp32" and provider != "tensorrt" else variant
-    batch_size = batch_size or (16 if provider in GPU_PROVIDERS else 4)
-    probe = Segmenter(
-        model_dir, "cpu", graph_variant, threads=1, batch_size=batch_size, max_pixels=max_pixels
-    )
-    out = Path(output).absolute()
-    # The local engine's planning, so the same rules keep user files safe: nothing is
-    # written when an output would replace an input or leave OUT.
-    check_plan(inputs, out)
-    if progress is None:
-        progress = sys.stderr.isatty()
     model_kwargs = {
         "model_dir": str(Path(model_dir).absolute()),
         "provider": provider,
@@ -409,103 +411,291 @@ def run_infer_ray(
         "threads": threads,
         "trt_cache": str(Path(trt_cache).absolute()) if trt_cache else None,
         "fp16": fp16,
-        "batch_size": batch_size,
+        "batch_size": probe.batch_size,
         "max_pixels": max_pixels,
     }
-    started = _connect(ray, address, progress)
+    verbose = log.isEnabledFor(logging.DEBUG) if verbose is None else verbose
+    job: _Job | None = None
     try:
-        # Checked before OUTPUT is made: a job that cannot run writes nothing.
-        gpu = _gpu_actors(ray, provider, fallback)
-        if actors is None:
-            actors = _default_actors(ray, provider if gpu else "cpu")
-        # One progress bar, the local engine's (images done); Ray's per-stage bars off,
-        # and its notice that they are off with them.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        prepare_output(out)
-        remove_stale_temporaries(out)
-        stages = functools.partial(
-            _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
-            model_kwargs=model_kwargs,
-        )  # fmt: skip
-        # The host stages run on every CPU of the cluster: the stage table's parallelism.
-        outcome = pipeline.Outcome(workers=int(ray.cluster_resources().get("CPU", 1)))
-        return _drive(
-            inputs, out, probe, stages, overlay, skip_existing, provider, progress, outcome
-        )
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _drive(inputs, out: Path, probe, stages, overlay, skip_existing, provider, progress, outcome):
-    """List the inputs, run `stages(rows)` on the rest, and stream the records into
-    summary.json (also when interrupted, marked so)."""
-    from tqdm import tqdm
-
-    counts: dict[str, int] = {"ignored": 0}
-    records = _Records(out)
-    bar = tqdm(unit="img", disable=not progress, dynamic_ncols=True)
-    providers_seen: set[str] = set()
-    interrupted = False
-    start = time.perf_counter()
-
-    def record(rec: dict[str, Any]) -> None:
-        if "reason" in rec:
-            log.error("%s: %s", rec["input"], rec["reason"])
-        records.add(rec)
-        bar.update(1)
-
-    try:
-        rows = []
-        for item in Planner(out, clean=True).items(inputs, counts):
-            if isinstance(item, Failure):
-                record({"input": item.path, "reason": item.reason})
-                continue
-            if skip_existing:
-                rec = _existing_record(out, item, overlay, probe.id2label)
-                if rec is not None:
-                    record(rec)
-                    continue
-            rows.append(
-                {"input": str(item.path), "path": str(item.path.absolute()), "out": str(item.out)}
-            )
-        bar.total = records.done + records.skipped + records.failed + len(rows)
-        bar.refresh()
-        if rows:
-            for batch in stages(rows).iter_batches(batch_size=None, batch_format="numpy"):
-                for rec, cpu, prov_name, model_s in zip(
-                    batch["record"], batch["cpu"], batch["provider"], batch["model_s"],
-                    strict=True,
-                ):  # fmt: skip
-                    rec = json.loads(rec)
-                    if "reason" not in rec:
-                        providers_seen.add(str(prov_name))
-                        outcome.model_s += float(model_s)
-                        outcome.add(json.loads(cpu), float(model_s), {})
-                    record(rec)
+        with ray_session(address, verbose=verbose, connect_timeout_s=ray_timeout) as info:
+            # Checked before OUTPUT is made: a job that cannot run writes nothing.
+            gpu = _gpu_actors(ray, provider, fallback)
+            if actors is None:
+                actors = _default_actors(ray, provider if gpu else "cpu")
+            # One progress bar, the local engine's (images done); Ray's per-stage bars off,
+            # and its notice that they are off with them.
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            prepare_output(out)
+            remove_stale_temporaries(out)
+            stages = functools.partial(
+                _dataset, ray, probe=probe, out=out, overlay=overlay, actors=actors, gpu=gpu,
+                model_kwargs=model_kwargs,
+            )  # fmt: skip
+            # Clips and streams (segdeploy.runtime.ray_video): their frames go to the same actors.
+            model_stage = {"fn": _ModelStage, "compute": _actor_pool(ray, actors),
+                           "num_gpus": 1 if gpu else 0, "num_cpus": 1,
+                           "fn_constructor_kwargs": model_kwargs}  # fmt: skip
+            clips = ray_video.ClipRun(ray, probe, out, video, overlay, skip_existing, model_stage)
+            job = _Job(out, probe, overlay, provider, fallback, info, progress, clips)
+            with _stop_signals() as stop:
+                job.plan(inputs, skip_existing, stop)
+                job.run(stages, stop)
     except KeyboardInterrupt:
-        interrupted = True
+        if job is None:
+            raise
+        job.interrupted = True
         log.warning("interrupted: the files written so far are complete; stopping")
     except Exception as err:
         # A bad option met on the workers (e.g. a provider that a node lacks) arrives
         # wrapped in Ray's errors: hand the CLI its one line, not Ray's trace.
         cause = _segdeploy_error(err)
-        if cause is None:
+        if cause is not None:
+            raise cause from None
+        if not type(err).__module__.startswith("ray.") or job is None:
             raise
-        raise cause from None
+        raise RunStopped(
+            "--engine ray",
+            f"the Ray job failed: {type(err).__name__}: {first_line(err)} (summary: "
+            f"{out / SUMMARY_NAME}; -v shows Ray's log)",
+        ) from None
     finally:
-        bar.close()
-        wall = time.perf_counter() - start
-        header = summary_header(probe, ",".join(sorted(providers_seen)) or provider, interrupted)
-        totals = summary_totals(records, counts["ignored"], wall, outcome)
-        try:
-            records.write_summary(out / SUMMARY_NAME, header, totals)
-        finally:
-            records.close()
-    if interrupted:
+        if job is not None:  # Ray has stopped: no worker writes any more
+            job.finish()
+    if job.interrupted:
         raise KeyboardInterrupt
-    return {**header, "totals": totals, "summary": str(out / SUMMARY_NAME)}
+    return job.result
+
+
+class _Stop:
+    """Ctrl-C and SIGTERM during a run. While the driver waits on Ray for the next batch
+    they interrupt the wait at once (a batch can take long); anywhere else (recording a
+    batch, planning) they are noted and raised at the next `check`, so that no record is
+    half-written. `pipeline.stop_signals` only notes them: its engine polls, Ray Data's
+    iterator cannot be polled."""
+
+    def __init__(self):
+        self.pending = False
+        self.waiting = False
+
+    def handler(self, signum, frame) -> None:
+        self.pending = True
+        if self.waiting:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Signals only noted in the block (a record being written), raised after it if
+        the block was inside `waiting_on_ray`."""
+        waiting, self.waiting = self.waiting, False
+        try:
+            yield
+        finally:
+            self.waiting = waiting
+        if waiting:
+            self.check()
+
+    @contextlib.contextmanager
+    def waiting_on_ray(self) -> Iterator[None]:
+        self.waiting = True
+        try:
+            self.check()
+            yield
+        finally:
+            self.waiting = False
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[_Stop]:
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # Python cannot install handlers here: Ray's and the caller's stay
+        return
+    old = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class _Job:
+    """One run's bookkeeping on the driver: the planned rows, the records streamed back,
+    and summary.json, which holds every complete output even when the run is cut short
+    (Ctrl-C, SIGTERM, a failure): outputs written whose records never reached the driver
+    are found on disk once Ray has stopped and recorded from the files."""
+
+    def __init__(self, out: Path, probe, overlay: bool, provider, fallback, info, progress, clips):
+        from tqdm import tqdm
+
+        self.out, self.probe, self.overlay, self.clips = out, probe, overlay, clips
+        self.provider, self.fallback, self.info = provider, fallback, info
+        self.records = _Records(out)
+        self.counts: dict[str, int] = {"ignored": 0}
+        self.rows: list[dict[str, str]] = []
+        self.before: dict[Path, tuple[int, int, int]] = {}  # outputs there before the run
+        self.recorded: set[str] = set()
+        self.providers: set[str] = set()
+        self.actors: set[str] = set()
+        self.nodes: set[str] = set()
+        # The host stages run on every CPU of the cluster: the stage table's parallelism.
+        self.outcome = pipeline.Outcome(workers=int(info.cpus) or 1)
+        self.interrupted = False
+        self.stop = _Stop()  # the run's, from `plan` on
+        self.result: dict[str, Any] = {}
+        self.start = time.perf_counter()
+        progress = sys.stderr.isatty() if progress is None else progress
+        self.bar = tqdm(unit="img", disable=not progress, dynamic_ncols=True)
+
+    def record(self, rec: dict[str, Any]) -> None:
+        with self.stop.held():  # never half a record
+            if "reason" in rec:
+                log.error("%s: %s", rec["input"], rec["reason"])
+            self.records.add(rec)
+            self.recorded.add(str(rec["input"]))
+            self.bar.update(1)
+
+    def plan(self, inputs, skip_existing: bool, stop: _Stop) -> None:
+        """List the inputs: failures and (with --skip-existing) finished images are
+        recorded now, clips go to ray_video, the rest become rows for Ray."""
+        self.stop = stop
+        for item in Planner(self.out, clean=True, overlay=self.overlay).items(inputs, self.counts):
+            stop.check()
+            if isinstance(item, Failure):
+                self.record({"input": item.path, "reason": item.reason})
+                continue
+            if ray_video.is_video_name(item.path):
+                self.clips.add_file(item.path, item.out)
+                continue
+            if skip_existing:
+                rec = existing_record(self.out, item, self.overlay, self.probe)
+                if rec is not None:
+                    self.record(rec)
+                    continue
+            for path in self._outputs(item):
+                if (sig := _signature(path)) is not None:
+                    self.before[path] = sig
+            self.rows.append(
+                {"input": str(item.path), "path": str(item.path.absolute()), "out": str(item.out)}
+            )
+        self.bar.total = self.records.done + self.records.skipped + self.records.failed
+        self.bar.total += len(self.rows)
+        self.bar.refresh()
+
+    def run(self, stages, stop: _Stop) -> None:
+        """The photos (`stages(rows)`), then the clips and streams, on the same actors."""
+        if self.rows:
+            self._run_photos(stages, stop)
+        with stop.waiting_on_ray():  # ray_video's loop: a signal stops it at once
+            self.clips.run(self.record, self.bar)
+
+    def _run_photos(self, stages, stop: _Stop) -> None:
+        """Run `stages(rows)` and record what streams back."""
+        batches = iter(stages(self.rows).iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            with stop.waiting_on_ray():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            self.actors.update(str(a) for a in batch["actor"])
+            self.nodes.update(str(n) for k in ("node", "write_node") for n in batch[k])
+            for rec, cpu, prov_name, model_s in zip(
+                batch["record"], batch["cpu"], batch["provider"], batch["model_s"], strict=True
+            ):
+                rec = json.loads(rec)
+                if "reason" not in rec:
+                    self.providers.add(str(prov_name))
+                    self.outcome.model_s += float(model_s)
+                    self.outcome.add(json.loads(cpu), float(model_s), {})
+                self.record(rec)
+            stop.check()
+
+    def _outputs(self, item: Item) -> list[Path]:
+        label = label_path(self.out, item)
+        return [label, overlay_path(self.out, item)] if self.overlay else [label]
+
+    def _recover(self) -> int:
+        """Record the rows whose outputs this run wrote but whose records never came back
+        (the driver stopped first); they have no times. Returns how many."""
+        found = 0
+        folders = set()
+        for row in self.rows:
+            if row["input"] in self.recorded:
+                continue
+            item = Item(Path(row["input"]), PurePath(row["out"]))
+            paths = self._outputs(item)
+            folders.add(paths[0].parent)
+            if any(_signature(p) in (None, self.before.get(p)) for p in paths):
+                continue  # not written (completely) by this run
+            rec = existing_record(self.out, item, self.overlay, self.probe)
+            if rec is None:
+                continue
+            del rec["skipped"]
+            if self.overlay:
+                rec["overlay"] = str(paths[1].relative_to(self.out))
+            self.record(rec)
+            found += 1
+        for folder in folders:  # what workers stopped mid-write left
+            remove_stale_temporaries(folder)
+        return found
+
+    def _provider(self) -> str:
+        """The provider the actors used; when none reported back, the one they would
+        have chosen (on this machine's onnxruntime)."""
+        if self.providers:
+            return ",".join(sorted(self.providers))
+        import onnxruntime as ort
+
+        from segdeploy.runtime.providers import choose_provider
+
+        try:
+            return choose_provider(
+                self.provider, ort.get_available_providers(), fallback=self.fallback
+            ).name
+        except SegdeployError:
+            return self.provider
+
+    def finish(self) -> None:
+        """summary.json, with the outputs found on disk; the result of the run."""
+        try:
+            self.clips.close()
+            self.bar.close()
+            if found := self._recover():
+                log.info("%d images written before the stop are recorded from their files", found)
+            wall = time.perf_counter() - self.start
+            header = summary_header(self.probe, self._provider(), self.interrupted)
+            header["ray"] = {
+                "address": self.info.address,
+                "private": self.info.private,
+                "nodes": self.info.nodes,
+                "cpus": self.info.cpus,
+                "gpus": self.info.gpus,
+                "model_actors": len(self.actors),
+                "nodes_used": sorted(self.nodes),
+            }
+            totals = summary_totals(
+                self.records,
+                self.counts["ignored"],
+                wall,
+                self.outcome,
+                self.clips.frames,
+                self.counts,
+            )
+            self.records.write_summary(self.out / SUMMARY_NAME, header, totals)
+        finally:
+            self.records.close()
+        self.result = {**header, "totals": totals, "summary": str(self.out / SUMMARY_NAME)}
 
 
 def _actor_pool(ray, actors: int | tuple[int, int]):
@@ -519,7 +709,7 @@ def _dataset(ray, rows, *, probe, out: Path, overlay: bool, actors, gpu: bool, m
     # Small blocks: outputs appear (and resume has something to skip) from the first
     # batches on, and every actor gets work; capped so huge jobs stay cheap to plan.
     blocks = max(1, min(math.ceil(len(rows) / batch_size), 10_000))
-    cfg = pipeline.StageConfig.for_segmenter(probe, overlay=overlay)
+    cfg = pipeline.StageConfig.for_segmenter(probe, overlay=overlay, output=out)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         decode_batch,

@@ -9,6 +9,9 @@ batch) and the pending masks it returns (upsample + argmax, per image).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
 import os
 import threading
@@ -19,11 +22,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segdeploy.errors import SegdeployError
+from segdeploy.errors import SegdeployError, first_line
 from segdeploy.families import FAMILIES, Family
 from segdeploy.folders import CONFIG_FILE, OUTPUT_SIZE_INPUT, OnnxFolder, read_json
 from segdeploy.runtime import providers as prov
-from segdeploy.runtime.image_io import MAX_PIXELS, decode_image, load_image, to_rgb
+from segdeploy.runtime.image_io import MAX_PIXELS, array_image, decode_image, load_image, to_rgb
 from segdeploy.runtime.preprocess import CONFIG_NAME
 from segdeploy.runtime.processors import ImageProcessor, model_processor
 from segdeploy.runtime.upsample import label_dtype, upsample_argmax
@@ -41,14 +44,34 @@ def resolve_model_dir(model_dir: str | os.PathLike, variant: str = "fp32") -> tu
 
 
 def read_id2label(folder: Path) -> dict[int, str] | None:
-    """config.json's class names, or None when the folder has no config.json or names none."""
-    cfg = read_json(folder / CONFIG_FILE)
+    """config.json's class names, or None when the folder has no config.json or names none.
+
+    The ids must be 0..N-1, each once, written as whole numbers ("0", "1", ...): a label
+    map stores ids, and an id with no class (or a gap) would misname every class after it.
+    """
+    path = folder / CONFIG_FILE
+    cfg = read_json(path)
     if cfg is None:
         return None
-    try:
-        return {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()} or None
-    except (AttributeError, TypeError, ValueError) as err:
-        raise SegdeployError(folder / CONFIG_FILE, f"unreadable id2label: {err}") from None
+    raw = cfg.get("id2label") if isinstance(cfg, dict) else None
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise SegdeployError(path, f"id2label must map ids to names, got {type(raw).__name__}")
+    ids = {}
+    for key, name in raw.items():
+        text = str(key).strip()
+        if not (text.isdigit() and str(int(text)) == text):
+            raise SegdeployError(path, f"id2label ids must be whole numbers 0..N-1, got {key!r}")
+        ids[int(text)] = str(name)
+    if sorted(ids) != list(range(len(ids))):
+        missing = sorted(set(range(len(ids))) - set(ids))[:5]
+        raise SegdeployError(
+            path,
+            f"id2label ids must be 0..{len(ids) - 1}, each once (label maps store the ids): "
+            f"{len(ids)} names, but {', '.join(map(str, missing))} missing",
+        )
+    return ids
 
 
 def read_family(folder: Path) -> Family | None:
@@ -90,6 +113,35 @@ def check_input_size(
             f"{family.name} runs square inputs only, but the image processor makes "
             f"{_sides(made, processor)}: set a square size and keep_aspect_ratio false",
         )
+
+
+def check_graph_input(shape: Sequence[Any], where: Path) -> None:
+    """Refuse at open a graph whose first input is not [batch, 3, height, width]: segdeploy
+    feeds RGB images, and a 1-channel graph would fail on the first batch."""
+    if len(shape) != 4:
+        raise SegdeployError(
+            where,
+            f"the graph's input has shape {list(shape)}; segdeploy feeds "
+            "[batch, 3, height, width] (RGB images)",
+        )
+    if isinstance(shape[1], int) and shape[1] != 3:
+        raise SegdeployError(
+            where,
+            f"the graph takes {shape[1]}-channel input; segdeploy feeds RGB images "
+            "(3 channels): export a model with 3 input channels",
+        )
+
+
+def fingerprint(files: Sequence[Path]) -> str:
+    """`sha256:<hex>` of the files' bytes, in order (a missing file counts as empty): the
+    identity of a model as its outputs' marks record it (segdeploy.runtime.provenance)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.fsencode(path.name) + b"\0")
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 class _BatchOutput:
@@ -136,6 +188,11 @@ class PendingMask:
         if self._fused:
             return out
         return upsample_argmax(out, self.size)
+
+
+def _external_data(graph: Path) -> list[Path]:
+    """The external-data files beside a graph (`model.onnx_data`, `model.onnx.data`...)."""
+    return sorted(p for p in graph.parent.glob(f"{graph.name}*data") if p.is_file())
 
 
 class Segmenter:
@@ -206,36 +263,62 @@ class Segmenter:
         self.io_device: str | None = "cuda" if self.provider in ("cuda", "tensorrt") else None
         inputs = [i.name for i in self.session.get_inputs()]
         self.input_name = inputs[0]
-        check_input_size(
-            self.preprocessor,
-            self.session.get_inputs()[0].shape,
-            self.family,
-            self.folder / CONFIG_NAME,
-        )
+        graph_input = self.session.get_inputs()[0].shape
+        check_graph_input(graph_input, self.onnx_path)
+        check_input_size(self.preprocessor, graph_input, self.family, self.folder / CONFIG_NAME)
         self.fused = OUTPUT_SIZE_INPUT in inputs
         out = self.session.get_outputs()[0]
         self.id2label = read_id2label(self.folder)
+        classes = out.shape[1] if not self.fused and len(out.shape) == 4 else None
         if self.id2label is None:
-            classes = out.shape[1] if not self.fused and len(out.shape) == 4 else None
             if not isinstance(classes, int):
                 raise SegdeployError(self.folder / CONFIG_FILE, "missing: cannot tell the classes")
             self.id2label = {i: str(i) for i in range(classes)}
         self.num_labels = len(self.id2label)
         self.label_dtype = label_dtype(self.num_labels)
+        spatial_fixed = all(isinstance(d, int) for d in graph_input[2:4])
+        if (not self.fused and not isinstance(classes, int)) or (
+            self.preprocessor.size is not None and not spatial_fixed
+        ):
+            classes = self._probe()
         if not self.fused:  # a fused graph outputs labels: no class axis to compare
-            self._check_classes(out.shape[1] if len(out.shape) == 4 else None)
+            self._check_classes(classes)
+
+    def _probe(self) -> int:
+        """Run one blank image at the processor's size now, at open: a size the model cannot
+        run (a 1x1 `size` where the graph's strides need more) is refused here, with the
+        file to fix, not on the first batch; returns the output's class axis.
+
+        Run when the graph leaves the spatial axes open (the processor's size is then not
+        checked by `check_input_size`) or the class axis (read from the output instead)."""
+        h, w = self.preprocessor.size or (64, 64)
+        blank = np.zeros((1, 3, h, w), np.float32)
+        try:
+            out = _BatchOutput(self._run(blank, (h, w))).host()
+        except Exception as err:  # onnxruntime's errors are plain Exceptions
+            if self.preprocessor.size is None:
+                raise
+            raise SegdeployError(
+                self.folder / CONFIG_NAME,
+                f"the model cannot run the image processor's {h}x{w} inputs: {first_line(err)}",
+            ) from None
+        return int(out.shape[1]) if out.ndim == 4 else 0
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`sha256:<hex>` of the graph, config.json and preprocessor_config.json: what the
+        outputs' marks record, so that `--skip-existing` keeps only this model's outputs.
+        Read once, on first use (0.5 s per GB of graph)."""
+        files = [self.onnx_path, *_external_data(self.onnx_path)]
+        return fingerprint([*files, self.folder / CONFIG_FILE, self.folder / CONFIG_NAME])
 
     def _check_classes(self, classes: Any) -> None:
         """The graph must score exactly the classes config.json names, or labels would lie.
 
         The class axis is read from the graph's output shape; when it is dynamic
-        (a name, not a number) one batch of a blank image is run now, so a
+        (a name, not a number) it comes from the blank batch `_probe` ran, so a
         mismatch is refused before any image is read or any output written.
         """
-        if not isinstance(classes, int):
-            h, w = self.preprocessor.size or (64, 64)
-            blank = np.zeros((1, 3, h, w), np.float32)
-            classes = int(_BatchOutput(self._run(blank, (h, w))).host().shape[1])
         if classes != self.num_labels:
             raise SegdeployError(
                 self.onnx_path,
@@ -246,23 +329,24 @@ class Segmenter:
     # -- steps -----------------------------------------------------------------
     def load(self, image: ImageLike) -> Image.Image:
         """An RGB PIL image from a path or an image file's bytes (EXIF applied,
-        bomb-guarded), a PIL image or an HxWx3 array."""
+        bomb-guarded), a PIL image or a uint8 array (HxW or HxWx1 grey, HxWx3 RGB, HxWx4
+        RGBA); anything else is a SegdeployError."""
         if isinstance(image, str | os.PathLike):
             return load_image(image, max_pixels=self.max_pixels)
         if isinstance(image, bytes):
             return decode_image(image, max_pixels=self.max_pixels)
         if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3):
-                raise SegdeployError(
-                    None, f"arrays must be uint8 HxW or HxWx3, got {image.dtype} {image.shape}"
-                )
-            return to_rgb(Image.fromarray(image))
+            return array_image(image)
         if isinstance(image, Image.Image):
+            if image.width == 0 or image.height == 0:
+                raise SegdeployError(None, f"empty image ({image.width}x{image.height} pixels)")
             return to_rgb(image)
         raise SegdeployError(None, f"cannot segment a {type(image).__name__}")
 
     def prepare(self, image: Image.Image) -> np.ndarray:
-        """float32 [3, h, w] model input for one RGB image."""
+        """float32 [3, h, w] model input for one RGB image; SegdeployError when the processor
+        would allocate more than `max_pixels` for it (`ImageProcessor.check_pixels`)."""
+        self.preprocessor.check_pixels(image.height, image.width, self.max_pixels)
         return self.preprocessor.to_array(image)
 
     def forward(
@@ -325,7 +409,16 @@ class Segmenter:
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[np.ndarray]:
-        """Class-id maps for images of any sizes, batched `batch_size` at a time."""
+        """Class-id maps for images of any sizes, batched `batch_size` at a time. `images` is
+        a list (or a 4-D NxHxWxC array); one image (a path, an array) is `predict`'s."""
+        if isinstance(images, str | os.PathLike | Image.Image) or (
+            isinstance(images, np.ndarray) and images.ndim != 4
+        ):
+            raise SegdeployError(
+                None,
+                f"predict_batch takes a list of images, got one {type(images).__name__}; "
+                "use predict() for one image",
+            )
         rgb = [self.load(im) for im in images]
         inputs = [self.prepare(im) for im in rgb]
         sizes = [(im.height, im.width) for im in rgb]

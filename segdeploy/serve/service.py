@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import signal
 import socket
 import threading
@@ -22,8 +21,9 @@ from typing import Any
 
 from segdeploy.errors import SegdeployError, first_line
 from segdeploy.runtime.pipeline import available_cores
+from segdeploy.runtime.ray_session import RaySessionInfo, ray_session
 from segdeploy.serve.model import ServiceInfo
-from segdeploy.serve.settings import GPU_PROVIDERS, INSTALL_HINT, ServeSettings, address_of
+from segdeploy.serve.settings import GPU_PROVIDERS, INSTALL_HINT, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,6 @@ EXTRA_MODULES = ("ray.serve", "fastapi", "uvicorn", "prometheus_client", "multip
 #: The Ray Serve application's name (one per cluster: a second `segdeploy serve` on a
 #: shared cluster needs its own --name, which becomes part of this).
 APP_PREFIX = "segdeploy"
-#: Hosts of a Ray address on this machine's loopback.
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 #: How long a stop waits for the requests inside to be answered.
 DRAIN_TIMEOUT_S = 30.0
 
@@ -111,61 +109,6 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-@contextlib.contextmanager
-def ray_session(
-    address: str | None,
-    *,
-    num_cpus: int | None = None,
-    num_gpus: int | None = None,
-    verbose: bool = False,
-    connect_timeout_s: float = 30.0,
-) -> Iterator[Any]:
-    """Ray for this command: join `address` ("auto", HOST:PORT, or $RAY_ADDRESS), else a
-    private Ray on 127.0.0.1 sized from this process's CPU affinity, shut down at the end.
-
-    A stand-in with the signature of segdeploy.runtime.ray_session (being written for
-    every Ray front end); this module switches to it when it lands.
-    """
-    from segdeploy.runtime.ray_engine import LOOPBACK_ENV
-
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address:
-        for key, value in LOOPBACK_ENV.items():  # before Ray is first imported
-            os.environ.setdefault(key, value)
-    import ray
-
-    if ray.is_initialized():  # a caller's own Ray (a test's, a notebook's): use it as it is
-        yield ray
-        return
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": verbose,
-        "logging_level": logging.INFO if verbose else logging.WARNING,
-    }
-    if address:
-        if address.rpartition(":")[0] in LOOPBACK_HOSTS:
-            # A cluster on this machine's loopback: without this the driver takes the
-            # machine's network address as its own and waits for a raylet there.
-            kwargs["_node_ip_address"] = "127.0.0.1"
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:
-            raise SegdeployError(
-                "--ray-address", f"cannot join {address}: {first_line(err)}"
-            ) from None
-    else:
-        ray.init(
-            num_cpus=num_cpus or available_cores(),
-            num_gpus=num_gpus,
-            _node_ip_address="127.0.0.1",
-            **kwargs,
-        )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 @dataclass(frozen=True)
 class Running:
     """A service that answers: its URL and what it serves."""
@@ -174,10 +117,12 @@ class Running:
     info: ServiceInfo
 
 
-def _resources(ray, settings: ServeSettings, private: bool, gpu: bool) -> tuple[int, float, float]:
+def _resources(
+    session: RaySessionInfo, settings: ServeSettings, gpu: bool
+) -> tuple[int, float, float]:
     """(threads per replica, CPUs each reserves, GPUs each holds)."""
     lo, hi = settings.replica_counts()
-    if gpu and ray.cluster_resources().get("GPU", 0) < 1:
+    if gpu and session.gpus < 1:
         if not settings.fallback:
             raise SegdeployError(
                 "--provider", f"{settings.provider} needs a GPU, and the Ray cluster has none"
@@ -185,7 +130,7 @@ def _resources(ray, settings: ServeSettings, private: bool, gpu: bool) -> tuple[
         log.warning("the Ray cluster has no GPU: --fallback runs the replicas on CPUs")
         gpu = False
     threads = settings.threads
-    if threads is None and private:
+    if threads is None and session.private:
         # The cores of this machine shared among the replicas that may run at once.
         threads = max(1, available_cores() // hi)
     return threads or 0, float(threads or 1), 1.0 if gpu else 0.0
@@ -202,8 +147,9 @@ def serving(settings: ServeSettings, *, verbose: bool = False) -> Iterator[Runni
     model_dir = Path(settings.model_dir) if settings.model_dir else newest_export()
     the_plan = plan(settings, model_dir)
     check_port(settings.host, settings.port)
-    address = address_of(settings)
-    with ray_session(address, verbose=verbose) as ray:
+    with ray_session(
+        settings.ray_address, verbose=verbose, connect_timeout_s=settings.ray_timeout
+    ) as session:
         from ray import serve
 
         # Serve logs every start-up step at INFO on the driver; -vv shows them.
@@ -211,7 +157,7 @@ def serving(settings: ServeSettings, *, verbose: bool = False) -> Iterator[Runni
 
         from segdeploy.serve.deployments import application
 
-        threads, cpus, gpus = _resources(ray, settings, address is None, the_plan.gpu)
+        threads, cpus, gpus = _resources(session, settings, the_plan.gpu)
         kwargs = {**the_plan.model_kwargs, "threads": threads or None}
         owned = not serve.status().proxies  # Serve was not running on this cluster before
         serve.start(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import MAX_PIXELS
+from segdeploy.runtime.ray_session import DEFAULT_CONNECT_TIMEOUT_S
 
 #: The install line printed when the extra is missing.
 INSTALL_HINT = "pip install 'segdeploy[serve]'"
@@ -40,6 +40,7 @@ class ServeSettings:
     variant: str = "fp32"
     threads: int | None = None
     ray_address: str | None = None
+    ray_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
     max_pixels: int = MAX_PIXELS
     max_body_mb: float = 32.0
     max_queue: int = 64
@@ -86,8 +87,3 @@ class ServeSettings:
             not self.name or "/" in self.name or self.name in (".", "..")
         ):
             raise SegdeployError("--name", f"must be a plain name for URLs, got {self.name!r}")
-
-
-def address_of(settings: ServeSettings) -> str | None:
-    """The Ray cluster to join: --ray-address, else $RAY_ADDRESS, else None (a private Ray)."""
-    return settings.ray_address or os.environ.get("RAY_ADDRESS") or None

@@ -129,6 +129,21 @@ def check_output_dir(out: Path, config: TrainConfig) -> Path | None:
     return None
 
 
+def check_outside_dataset(out: Path, dataset: str) -> None:
+    """Refuse an output folder in (or at) a local dataset folder: checkpoints, plots and
+    weights would land among its images and annotations, and the next training on it
+    would read them as data."""
+    data = Path(dataset).expanduser()
+    if not data.is_dir():
+        return  # synthetic, a Hub id, or not found (load_splits says so)
+    data, target = data.resolve(), out.resolve()
+    if target == data or data in target.parents:
+        raise SegdeployError(
+            "--output-dir",
+            f"{out} is inside the dataset folder {data}; choose a folder outside it",
+        )
+
+
 def clear_previous_run(out: Path) -> None:
     # The old final files stay until the new ones replace them (write_model_folder);
     # old checkpoints would be mistaken for this run's by --resume and by rotation.

@@ -45,6 +45,7 @@ from segdeploy.train.output import (
     RUN_RECORD,
     check_checkpoint,
     check_output_dir,
+    check_outside_dataset,
     check_same_run,
     checkpoint_step,
     clear_previous_run,
@@ -69,6 +70,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     family = check_model_source(config.model)  # a Hub id offline fails here, before any data
     # is read; the family found is handed on, so the model's config is not fetched again
     hub_repo = check_can_push(config.hub_model_id or out.name) if config.push_to_hub else None
+    check_outside_dataset(out, config.dataset.name)
     resume_from = check_output_dir(out, config)
     # Read-only, full, or under a file: found now, not at the first checkpoint.
     check_writable(out, "--output-dir")
@@ -146,6 +148,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     )
     if result.is_main_process:
         train_args = _train_args(config, record, args, out, result)
+        train_args["dataset_choices"] = data.choices  # what the data decided, and why
         with environment_errors_as_input(out, "the previous model files, if any, are kept"):
             write_model_folder(out, trainer.model, processor, metrics, train_args, history)
         if hub_repo is not None:

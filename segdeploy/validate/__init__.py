@@ -44,6 +44,7 @@ from segdeploy.validate.report import (
 from segdeploy.validate.settings import ValidationSettings
 from segdeploy.validate.tables import print_outcome, print_reports
 from segdeploy.validate.verdicts import judge
+from segdeploy.writable import check_writable
 
 __all__ = [
     "ValidationSettings",
@@ -98,6 +99,9 @@ def validate_graphs(
     s.check()
     model = model_dir if isinstance(model_dir, ModelFolder) else open_model(model_dir)
     graphs = [inspect(p) for p in onnx_paths]  # every graph checked before any runs
+    if write:  # a read-only export is found now, not after every image has run
+        for path, _, _ in graphs:
+            check_writable(path.parent, validation_path(path).name)
     stats, reports = open_sessions(
         graphs, s.provider, s.fallback, s.threads, data, model.num_labels, skip_unrunnable
     )
@@ -168,9 +172,17 @@ def validate_export(
     if graph and variant:
         raise SegdeployError("--graph", "give --graph or --variant, not both")
     onnx_dir = Path(onnx_dir)
+    if graph is not None and str(Path(graph)) != Path(graph).name:
+        # The report goes beside the graph: a path would write into another folder.
+        raise SegdeployError(
+            "--graph",
+            f"{graph!r} is a path; give the name of a graph in ONNX_DIR ({onnx_dir}), or "
+            "give the graph's own folder as ONNX_DIR",
+        )
     open_model(onnx_dir, need_weights=False)
     onnx_path = onnx_dir / graph if graph else onnx_dir / variant_file(variant or "fp32")
     load_graph(onnx_path)  # a missing or corrupt graph is reported before any data is loaded
+    check_writable(onnx_dir, validation_path(onnx_path).name)  # read-only: before the data
     if model_dir is None:
         parent = onnx_dir.resolve().parent
         if not has_weights(parent):

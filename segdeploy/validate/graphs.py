@@ -34,7 +34,47 @@ def open_model(model_dir: str | os.PathLike, *, need_weights: bool = True) -> Mo
         folder.require_weights()
         for path in folder.weight_files:
             check_weight_file(path)
+        check_config_fits_weights(folder)
     return folder
+
+
+def check_config_fits_weights(folder: ModelFolder) -> None:
+    """SegdeployError naming config.json when the model it describes cannot hold the weights
+    (another class count, other sizes): transformers would say so only after building the
+    model, in a page-long RuntimeError.
+
+    The model is built on torch's meta device (shapes only, no memory) and compared with
+    the tensor shapes in the safetensors headers; pickled weights are not read here.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSemanticSegmentation
+
+    files = [p for p in folder.weight_files if p.suffix == ".safetensors"]
+    index = folder.path / "model.safetensors.index.json"
+    if index in folder.weight_files:  # sharded: the shards the index names
+        import json
+
+        shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        files += [folder.path / name for name in sorted(shards)]
+    if not files:
+        return
+    config = AutoConfig.from_pretrained(folder.path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForSemanticSegmentation.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                want = expected.get(name)
+                have = tuple(f.get_slice(name).get_shape())
+                if want is not None and want != have:
+                    raise SegdeployError(
+                        folder.config_path,
+                        f"does not fit the weights: {path.name} holds {name} of shape "
+                        f"{list(have)}, the model this config.json describes "
+                        f"({folder.num_labels} classes) needs {list(want)}",
+                    )
 
 
 def load_graph(onnx_path: str | os.PathLike, *, check: bool = True, external_data: bool = True):

@@ -6,6 +6,7 @@ derive their shared Click options from it (segdeploy/cli/options.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,3 +46,9 @@ class ValidationSettings:
             raise SegdeployError("--batch-size", "must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise SegdeployError("--threads", "must be at least 1")
+        # NaN passes every range check (all its comparisons are false): refused by name,
+        # or every comparison with it would pass and the report would hold NaN (not JSON).
+        for option, value in (("--tolerance", self.tolerance),
+                              ("--logit-tolerance", self.logit_tolerance)):  # fmt: skip
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise SegdeployError(option, f"must be a number >= 0, got {value}")
