@@ -17,7 +17,10 @@ machine's CPU. Every step is the project's own command, run as a user would:
    benchmarks/results/pipeline_cpu.{json,md};
 5. `benchmarks/bench_video.py`: infer on a clip against the same frames as JPEGs,
    lossless clips against PNG frames, memory over clip length, to
-   benchmarks/results/video_cpu.{json,md}.
+   benchmarks/results/video_cpu.{json,md};
+6. `benchmarks/bench_serve.py`: `segdeploy serve` (MODEL's export) under 1, 4 and 16
+   loopback clients beside `segdeploy infer` and a hand-written FastAPI + transformers
+   endpoint, to benchmarks/results/serve_cpu.{json,md}.
 
 Why 512x512 (SegFormer's and the guide's input size), though a smaller size
 trains several times faster: at 512 the model is most of the end-to-end time,
@@ -150,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )  # fmt: skip
     rc = 0
-    for script in ("bench_pipeline.py", "bench_video.py"):
-        print("$ " + shlex.join(["python", f"benchmarks/{script}"]), flush=True)
+    scripts = {
+        "bench_pipeline.py": [],
+        "bench_video.py": [],
+        "bench_serve.py": ["--model", rel(model), "--images", rel(args.data / "images" / "val")],
+    }
+    for script, extra in scripts.items():
+        print("$ " + shlex.join(["python", f"benchmarks/{script}", *extra]), flush=True)
         rc = (
             rc
             or subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / script)], cwd=ROOT
+                [sys.executable, str(ROOT / "benchmarks" / script), *extra], cwd=ROOT
             ).returncode
         )
     return rc

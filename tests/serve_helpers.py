@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -103,3 +104,17 @@ def ray_environment() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def without_mark(png: bytes) -> bytes:
+    """A label PNG `segdeploy infer` wrote, less its provenance mark (the tEXt chunk
+    keyed `segdeploy` after IHDR, segdeploy.runtime.provenance): the bytes of the label
+    map itself, which a service answer carries with no file path to mark."""
+    out, at = bytearray(png[:8]), 8
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        chunk = png[at : at + 12 + length]
+        if not (chunk[4:8] == b"tEXt" and chunk[8:].startswith(b"segdeploy\0")):
+            out += chunk
+        at += 12 + length
+    return bytes(out)

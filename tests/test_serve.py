@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from serve_helpers import free_port, photo_bytes, ray_environment, wait_gone, write_photos
+from serve_helpers import (
+    free_port,
+    photo_bytes,
+    ray_environment,
+    wait_gone,
+    without_mark,
+    write_photos,
+)
 
 pytest.importorskip("ray.serve", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx")
@@ -28,6 +35,7 @@ from segdeploy.serve.service import serving  # noqa: E402
 from segdeploy.serve.settings import ServeSettings  # noqa: E402
 
 NAME = "tiny"
+ID2LABEL = {0: "background", 1: "disc", 2: "box", 3: "triangle", 4: "ring"}
 MAX_PIXELS = 200_000
 MAX_BODY_MB = 1.0
 
@@ -52,14 +60,23 @@ def url(tiny_onnx_dir):
 
 @pytest.fixture(scope="module")
 def infer_out(tiny_onnx_dir, tmp_path_factory):
-    """Photos of every kind, and the label PNGs `segdeploy infer` writes for them."""
+    """Photos of every kind, and the label PNGs `segdeploy infer` writes for them, less
+    their provenance mark (infer's only addition: the label map's bytes are the same)."""
     root = tmp_path_factory.mktemp("serve_photos")
     photos = write_photos(root / "in")
     result = CliRunner().invoke(
         main, ["infer", "--model", str(tiny_onnx_dir), str(root / "in"), "-o", str(root / "out")]
     )
     assert result.exit_code == 0, result.output
-    return {p: root / "out" / "in" / f"{p.stem}.png" for p in photos}
+    labels = {}
+    for photo in photos:
+        written = (root / "out" / "in" / f"{photo.stem}.png").read_bytes()
+        unmarked = without_mark(written)
+        assert len(unmarked) < len(written)  # the mark was there, and only it went
+        labels[photo] = root / "unmarked" / f"{photo.stem}.png"
+        labels[photo].parent.mkdir(exist_ok=True)
+        labels[photo].write_bytes(unmarked)
+    return labels
 
 
 def post(url: str, data: bytes, content_type: str = "image/png", **kw) -> httpx.Response:
@@ -100,13 +117,7 @@ def test_json_answer(url, infer_out):
         labels = np.asarray(im)
     assert (body["height"], body["width"]) == labels.shape
     assert body["model"] == NAME and body["variant"] == "fp32"
-    assert body["classes"] == {
-        "0": "background",
-        "1": "disc",
-        "2": "box",
-        "3": "triangle",
-        "4": "ring",
-    }
+    assert body["classes"] == {str(i): name for i, name in ID2LABEL.items()}
     shares = {s["id"]: s["share"] for s in body["shares"]}
     counts = np.bincount(labels.ravel(), minlength=5)
     assert shares == {i: round(n / labels.size, 6) for i, n in enumerate(counts) if n}
@@ -127,6 +138,15 @@ def test_overlay(url):
     with Image.open(io.BytesIO(data)) as im:
         source = np.asarray(im.convert("RGB"), dtype=np.int16)
     assert not np.array_equal(overlay, source)  # the class colours are blended in
+    # infer's overlay (segdeploy.runtime.overlay) of the photo and the service's mask
+    from segdeploy.runtime.overlay import render_overlay
+    from segdeploy.runtime.palette import palette_for
+
+    with Image.open(io.BytesIO(post(url, data, "image/jpeg").content)) as im:
+        labels = np.asarray(im)
+    with Image.open(io.BytesIO(data)) as im:
+        expected = render_overlay(im.convert("RGB"), labels, palette_for(5), ID2LABEL)
+    assert np.array_equal(overlay, np.asarray(expected, dtype=np.int16))
     body = post(
         url, data, "image/jpeg", params={"overlay": "1"}, headers={"Accept": "application/json"}
     ).json()

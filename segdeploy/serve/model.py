@@ -22,7 +22,7 @@ from PIL import Image
 
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.image_io import ImageTooLarge
-from segdeploy.runtime.palette import overlay as blend_overlay
+from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.palette import palette_for
 from segdeploy.runtime.pipeline import class_shares, encode_labels
 from segdeploy.runtime.segmenter import PendingMask, Segmenter
@@ -175,7 +175,8 @@ class ReplicaModel:
         overlay = None
         if prepared.image is not None:
             buf = io.BytesIO()
-            blend_overlay(prepared.image, labels, self.palette).save(
+            # infer's overlay (light colours, outlines, a legend on larger images), as PNG
+            render_overlay(prepared.image, labels, self.palette, self.seg.id2label).save(
                 buf, format="PNG", compress_level=1
             )
             overlay = buf.getvalue()
