@@ -12,7 +12,7 @@ from serve_helpers import free_port, photo_bytes, ray_environment, wait_gone
 pytest.importorskip("ray.serve", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx")
 
-from segdeploy.runtime.ray_engine import LOOPBACK_ENV  # noqa: E402
+from segdeploy.runtime.ray_session import LOOPBACK_ENV  # noqa: E402
 from segdeploy.serve.service import serving  # noqa: E402
 from segdeploy.serve.settings import ServeSettings  # noqa: E402
 
