@@ -66,6 +66,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shown_path(path: Path) -> str:
+    """`path` from its data/ folder on (as the docs' tables show data), else as given."""
+    parts = path.resolve().parts
+    return "/".join(parts[parts.index("data") :]) if "data" in parts else str(path)
+
+
 def tree_rss_mib(pid: int) -> float:
     """RSS of a process and all its descendants (a Ray's raylet, workers...), MiB."""
     try:
@@ -452,7 +458,7 @@ def main(argv=None) -> int:
         + shlex.join(argv if argv is not None else sys.argv[1:]),
         "model": os.path.relpath(args.model, ROOT),
         "images": len(photos),
-        "image_folder": str(args.images),
+        "image_folder": shown_path(args.images),
         "serve_args": args.serve_args,
         "requests_per_client_count": REQUESTS,
         "rounds": rounds,

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     scripts = {
         "bench_pipeline.py": [],
         "bench_video.py": [],
-        "bench_serve.py": ["--model", rel(model), "--images", rel(args.data / "images" / "val")],
+        "bench_serve.py": ["--model", rel(model)]
+        + ([] if args.data == CAMVID else ["--images", rel(args.data / "images" / "val")]),
     }
     for script, extra in scripts.items():
         print("$ " + shlex.join(["python", f"benchmarks/{script}", *extra]), flush=True)
