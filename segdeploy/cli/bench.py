@@ -178,8 +178,8 @@ def bench(
     \b
     Examples:
       segdeploy bench                                       # newest export, recorded eval split
-      segdeploy bench --model models/segformer --images photos/ --backends torch,onnx-cpu
-      segdeploy bench --model models/camvid --dataset ../data/camvid --split val --batch-sizes 1
+      segdeploy bench --model models/tiny --images photos/ --backends torch,onnx-cpu
+      segdeploy bench --model models/camvid --dataset data/camvid --split val --batch-sizes 1
 
     Prints a table and writes JSON (with machine, versions, date and command),
     Markdown and a PNG bar chart. An image that cannot be decoded is listed in the

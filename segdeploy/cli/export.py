@@ -127,12 +127,12 @@ def export(
 
     \b
     Examples:
-      segdeploy export models/segformer
-      segdeploy export models/segformer --opset 18 --fp16 --optimize --max-images 100
-      segdeploy export models/segformer --fp16 --fuse-argmax      # for the GPU path
-      segdeploy export models/segformer --quantize int8            # for CPUs
-      segdeploy export models/segformer --dataset ../data/camvid --split val
-      segdeploy export models/segformer --triton-repo triton/     # for Triton on a GPU
+      segdeploy export models/tiny
+      segdeploy export models/tiny --opset 18 --fp16 --optimize --max-images 100
+      segdeploy export models/tiny --fp16 --fuse-argmax   # for the GPU path
+      segdeploy export models/tiny --quantize int8         # for CPUs
+      segdeploy export models/tiny --dataset data/camvid --split val
+      segdeploy export models/tiny --triton-repo triton/  # for Triton on a GPU
     """
     from segdeploy.cli.options import exit_if_failed, settings_from, warn
     from segdeploy.export import export_model

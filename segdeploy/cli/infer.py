@@ -230,7 +230,7 @@ def infer(
 
     \b
     Example:
-      segdeploy infer --model models/segformer photos/ -o masks --overlay
+      segdeploy infer --model models/tiny photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
 

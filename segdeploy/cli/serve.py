@@ -117,7 +117,7 @@ def serve(**options) -> None:
 
     \b
     Example:
-      segdeploy serve --model models/segformer --replicas 2
+      segdeploy serve --model models/tiny --replicas 2
       curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg \\
            localhost:8000/v1/segment -o mask.png
 

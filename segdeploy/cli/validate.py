@@ -45,9 +45,9 @@ def validate(
 
     \b
     Examples:
-      segdeploy validate models/segformer/onnx
-      segdeploy validate models/segformer/onnx --variant fp16 --provider cuda
-      segdeploy validate out/onnx --model models/segformer --dataset ../data/camvid --split val
+      segdeploy validate models/tiny/onnx
+      segdeploy validate models/tiny/onnx --variant fp16 --provider cuda
+      segdeploy validate out/onnx --model models/tiny --dataset data/camvid --split val
     """
     from segdeploy.cli.options import exit_if_failed, settings_from, warn
     from segdeploy.validate import ValidationSettings, validate_export

@@ -270,7 +270,7 @@ class ClipRun:
             record(rec)
         if not self.rows:
             return
-        cfg = pipeline.StageConfig.for_segmenter(self.probe, overlay=self.overlay)
+        cfg = pipeline.StageConfig.for_segmenter(self.probe, overlay=self.overlay, output=self.out)
         ds = clip_dataset(
             self.ray, self.rows, cfg=cfg, choice=self.video.choice(),
             model_stage={"batch_size": self.probe.batch_size, "kwargs": self.model_stage},
