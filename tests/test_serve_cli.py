@@ -125,7 +125,9 @@ def _overload(url: str) -> None:
     assert _segment(url).status_code == 200  # and the service goes on
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+# Ctrl-C takes the path SIGTERM takes (both set the stop event): slow, so the default
+# run starts the service once here.
+@pytest.mark.parametrize("how", ["SIGTERM", pytest.param("Ctrl-C", marks=pytest.mark.slow)])
 def test_stop_answers_the_requests_inside_and_leaves_no_ray(tiny_onnx_dir, how):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

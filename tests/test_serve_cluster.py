@@ -1,5 +1,6 @@
 """`segdeploy serve --ray-address` on a two-node Ray cluster simulated on 127.0.0.1
-(`ray.cluster_utils.Cluster`): one model replica on each node, and both answer."""
+(`ray.cluster_utils.Cluster`): one model replica on each node, and both answer. Slow
+(CI's `make test-slow` runs it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from segdeploy.serve.service import serving  # noqa: E402
 from segdeploy.serve.settings import ServeSettings  # noqa: E402
 
 
+@pytest.mark.slow  # two Ray nodes and a service on two cores: ~25 s
 def test_replicas_on_both_nodes_answer(tiny_onnx_dir):
     os.environ.update(LOOPBACK_ENV)  # before Ray is imported in this process
     import ray
