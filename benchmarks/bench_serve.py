@@ -428,6 +428,7 @@ def main(argv=None) -> int:
         "--output", type=Path, default=ROOT / "benchmarks" / "results" / "serve_cpu.json"
     )
     args = ap.parse_args(argv)
+    args.model = args.model.resolve()  # infer runs in its work folder
 
     from segdeploy.atomic import write_json, write_text
     from segdeploy.runtime.image_io import is_image_name
