@@ -5,20 +5,25 @@ machine's CPU. Every step is the project's own command, run as a user would:
 
 1. `segdeploy train` scratch:b0 on CamVid train, unless MODEL already holds a
    finished model (then it is reused: training takes the longest);
-2. `segdeploy export --opset 17 --quantize int8`, validated on CamVid val
+2. `segdeploy export --opset 17 --quantize int8` with both int8 engines
+   (onnxruntime's model_int8.onnx, NNCF's model_openvino_int8.xml), validated on CamVid val
    (a few minutes). It runs every time, so the table always measures the
    graphs today's code writes; --reuse-export skips it when MODEL/onnx has
    both graphs and is newer than the weights (an int8 graph made by older
    code once slipped into a table that way);
-3. `segdeploy bench` on CamVid val, every CPU backend (the OpenVINO rows too),
-   batch sizes 1 and 4;
+3. `segdeploy bench` on CamVid val, every CPU backend (segdeploy infer on
+   onnxruntime and on OpenVINO, and OpenVINO's own pipeline), batch sizes 1 and 4;
 4. `benchmarks/bench_pipeline.py`: how `segdeploy infer`'s host pipeline scales
    with cores (tiny model, CamVid train + val), to
    benchmarks/results/pipeline_cpu.{json,md};
 5. `benchmarks/bench_video.py`: infer on a clip against the same frames as JPEGs,
    lossless clips against PNG frames, memory over clip length, to
    benchmarks/results/video_cpu.{json,md};
-6. `benchmarks/bench_serve.py`: `segdeploy serve` (MODEL's export) under 1, 4 and 16
+6. `benchmarks/bench_tiles.py`: `segdeploy infer --tile` on generated 1k to 16k
+   TIFFs with a 150-class SegFormer b0 (megapixels/s, peak RSS, batched windows
+   against one per call, the tiled run against the model alone), to
+   benchmarks/results/tiles_cpu.{json,md};
+7. `benchmarks/bench_serve.py`: `segdeploy serve` (MODEL's export) under 1, 4 and 16
    loopback clients beside `segdeploy infer` and a hand-written FastAPI + transformers
    endpoint, to benchmarks/results/serve_cpu.{json,md}.
 
@@ -54,7 +59,10 @@ SEGDEPLOY = (
 #: needs far more than the guide's 6e-5 for a pretrained encoder), 160 steps of 2
 #: images at 512 px (~5 s of CPU per step, so ~15 minutes on two idle cores).
 #: Every CPU row, the OpenVINO peers (issue 16) included: bench leaves them out by default.
-BACKENDS = "torch,hf-pipeline,optimum,onnx-cpu,onnx-cpu-int8,openvino,openvino-int8"
+BACKENDS = (
+    "torch,hf-pipeline,optimum,onnx-cpu,onnx-cpu-int8,onnx-openvino,onnx-openvino-openvino_int8,"
+    "openvino,openvino-int8"
+)
 TRAIN_ARGS = [
     "--model", "scratch:b0",
     "--no-reduce-labels", "--ignore-index", "11",  # CamVid: classes 0..10, 11 = void
@@ -72,6 +80,8 @@ REPORTS = {
     "validation.json": "camvid_validation_fp32.json",
     "validation_int8.json": "camvid_validation_int8.json",
     "quantization_int8.json": "camvid_quantization_int8.json",
+    "validation_openvino_int8.json": "camvid_validation_openvino_int8.json",
+    "quantization_openvino_int8.json": "camvid_quantization_openvino_int8.json",
 }
 
 
@@ -107,9 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--backends", default=BACKENDS)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="bench on the first N val images only"
+    )
     parser.add_argument("--model-runs", type=int, default=10)
     parser.add_argument("--no-int8", action="store_true", help="benchmark the fp32 graph only")
     parser.add_argument("--retrain", action="store_true", help="train again even if MODEL is there")
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="skip benchmarks/bench_pipeline.py, bench_video.py, bench_tiles.py and bench_serve.py",
+    )
     parser.add_argument(
         "--reuse-export",
         action="store_true",
@@ -129,12 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reusing the trained model in {model} (--retrain to train again)")
 
     onnx_dir = model / "onnx"
-    graphs = [onnx_dir / "model.onnx"] + ([] if args.no_int8 else [onnx_dir / "model_int8.onnx"])
+    int8 = ["model_int8.onnx", "model_openvino_int8.xml"]
+    graphs = [onnx_dir / g for g in ["model.onnx", *([] if args.no_int8 else int8)]]
     if args.reuse_export and all(up_to_date(model, g) for g in graphs):
         print(f"reusing the export in {onnx_dir} (--reuse-export)")
     else:
+        # Both int8 graphs: onnxruntime's (model_int8.onnx) and NNCF's for OpenVINO.
+        int8_args = [
+            "--quantize",
+            "int8",
+            "--int8-engine",
+            "onnxruntime",
+            "--int8-engine",
+            "openvino",
+        ]
         run([*SEGDEPLOY, "export", rel(model), "--opset", "17",
-             *([] if args.no_int8 else ["--quantize", "int8"])])  # fmt: skip
+             *([] if args.no_int8 else int8_args)])  # fmt: skip
         # The export's own reports go beside the table: they hold the validation
         # (mean IoU of each graph against PyTorch's) and what int8 kept in float.
         for name, dest in REPORTS.items():
@@ -149,13 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             "--backends", args.backends,
             "--runs", str(args.runs),
             "--model-runs", str(args.model_runs),
+            *(["--max-images", str(args.max_images)] if args.max_images else []),
             "--output", rel(args.output),
         ]
     )  # fmt: skip
+    if args.no_pipeline:
+        return 0
     rc = 0
     scripts = {
         "bench_pipeline.py": [],
         "bench_video.py": [],
+        "bench_tiles.py": [],
         "bench_serve.py": ["--model", rel(model)]
         + ([] if args.data == CAMVID else ["--images", rel(args.data / "images" / "val")]),
     }

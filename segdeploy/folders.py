@@ -54,10 +54,15 @@ VARIANT_FILES = {
     # Bilinear upsampling and argmax inside the graph (export --fuse-argmax): outputs labels.
     "fused": "model_fused.onnx",
     "fp16_fused": "model_fp16_fused.onnx",
+    # NNCF int8 for OpenVINO (export --quantize int8 --int8-engine openvino): an OpenVINO
+    # IR graph (its weights in model_openvino_int8.bin), run by `--provider openvino`.
+    "openvino_int8": "model_openvino_int8.xml",
 }
 #: Input that a graph with argmax fused in takes (the label map's height and width).
 OUTPUT_SIZE_INPUT = "output_size"
 QUANTIZATION_REPORT = "quantization_int8.json"
+#: What NNCF's int8 for OpenVINO (model_openvino_int8.xml) was made with.
+OPENVINO_QUANTIZATION_REPORT = "quantization_openvino_int8.json"
 #: Where every command looks for models when `--model` is not given.
 MODELS_ROOT = "models"
 
@@ -135,6 +140,14 @@ def image_size_of(preprocessor: dict[str, Any] | None) -> tuple[int, int] | None
     if isinstance(size, dict) and "height" in size and "width" in size:
         return int(size["height"]), int(size["width"])
     return None
+
+
+def user_cache_dir() -> Path:
+    """segdeploy's cache folder: $XDG_CACHE_HOME/segdeploy, else ~/.cache/segdeploy (what
+    the runtimes build from a model and may rebuild, outside the user's model folders)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative value is invalid and ignored.
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "segdeploy"
 
 
 def default_onnx_dir(model_dir: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path, PurePath
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +19,7 @@ from segdeploy.bench import (
     judge_targets,
     parse_backend,
 )
+from segdeploy.bench.report import CPU_FEATURES
 from segdeploy.cli import main
 from segdeploy.data.synthetic import write_synthetic_folder
 from segdeploy.errors import SegdeployError
@@ -62,6 +64,9 @@ def test_bench_writes_json_markdown_and_chart(cli_run):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["machine"]["cpu"] and report["machine"]["cpu_count"] >= 1
+    # The CPU features that decide the int8 kernels (AVX2 vs AVX-512 VNNI), as /proc says.
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert report["machine"]["cpu_features"] == [f for f in CPU_FEATURES if f in flags]
     assert {"torch", "onnxruntime", "transformers"} <= set(report["versions"])
     assert report["date"][:2] == "20" and "--backends torch,onnx-cpu,onnx-cuda" in report["command"]
     assert len(report["load_average"]["before"]) == 3
@@ -88,6 +93,11 @@ def test_each_row_is_measured_in_its_own_process(cli_run):
         )
         assert 0 < row["model_p50_ms"] <= row["model_p95_ms"]
         assert row["model_images_per_s"] == pytest.approx(2000 / row["model_p50_ms"])
+    # Every row does the same job, and each round times a short pass too (start-up, steady).
+    assert rows["torch"]["end_to_end_includes"].endswith("writing label PNGs with Pillow")
+    for name in ("torch", "onnx-cpu"):
+        assert rows[name]["writes_label_files"] is True
+        assert "start_up_s" in rows[name] and "steady_images_per_s" in rows[name]
     # segdeploy's path never loads torch, and its peak memory is its own, not torch's.
     assert rows["onnx-cpu"]["torch_imported"] is False and rows["torch"]["torch_imported"] is True
     assert 0 < rows["onnx-cpu"]["peak_rss_mb"] < rows["torch"]["peak_rss_mb"]
@@ -225,10 +235,18 @@ def test_default_backends_follow_the_variants_in_the_onnx_folder(tmp_path):
     assert names[:4] == ["torch", "hf-pipeline", "optimum", "onnx-cpu"]
     assert {"onnx-cpu-int8", "onnx-cpu-fp16", "onnx-cuda-int8", "onnx-tensorrt-fp16"} <= set(names)
     assert "onnx-tensorrt-int8" not in names  # TensorRT takes its precision from a build flag
-    # The OpenVINO peers run when asked for: `--help` says all but openvino.
+    assert "onnx-openvino-int8" in names and "onnx-openvino-fp16" not in names
+    # segdeploy infer on OpenVINO is a default row (issue 27); OpenVINO's own pipeline,
+    # the peers, run when asked for: `--help` says all but openvino.
     assert default_backends(None) == [
         "torch", "hf-pipeline", "optimum", "onnx-cpu", "onnx-cuda", "onnx-tensorrt",
+        "onnx-openvino",
     ]  # fmt: skip
+    # An OpenVINO IR variant is a row of the openvino provider only.
+    (tmp_path / "model_openvino_int8.xml").write_bytes(b"")
+    names = default_backends(tmp_path)
+    assert "onnx-openvino-openvino_int8" in names
+    assert not any(n.endswith("openvino_int8") for n in names if not n.startswith("onnx-openvino"))
 
 
 def test_parse_and_check_backends(tiny_onnx_dir, tmp_path):
@@ -268,12 +286,15 @@ def test_ratios_are_paired_by_round():
 
 
 def test_targets_are_judged_from_one_run():
-    def row(backend, e2e, model=None, agree=None, miou=None):
+    def row(backend, e2e, model=None, agree=None, miou=None, **kw):
+        ours = backend.startswith("onnx-")
         return {
             "backend": backend, "batch_size": 4, "status": "ok",
             "end_to_end_images_per_s": e2e, "model_images_per_s": model or e2e,
             "end_to_end_vs_model": e2e / (model or e2e),
             "pixel_agreement_with_torch": agree, "mean_iou": miou,
+            "kind": "segdeploy" if ours else backend, "provider": "cpu",
+            "precision": "int8" if "int8" in backend else "fp32", **kw,
         }  # fmt: skip
 
     rows = [
@@ -288,6 +309,8 @@ def test_targets_are_judged_from_one_run():
     assert got["infer fp32 end to end vs hf-pipeline"]["value"] == pytest.approx(2.5)
     assert got["infer fp32 end to end vs hf-pipeline"]["met"] is True
     assert got["infer fp32 end to end vs optimum"]["value"] == pytest.approx(5 / 4.5)
+    assert got["infer fp32 end to end vs optimum"]["met"] is True  # >= 1.1x (issue 29)
+    assert got["infer fp32 end to end vs torch"]["backend"] == "onnx-cpu"  # the group's row
     assert got["infer fp32 end to end vs its model-only rate"]["value"] == pytest.approx(5 / 5.4)
     assert got["infer fp32 end to end vs its model-only rate"]["met"] is True
     assert got["infer fp32 masks equal to torch"]["met"] is True
@@ -306,6 +329,22 @@ def test_targets_are_judged_from_one_run():
     assert got["int8 end to end vs OpenVINO fp32"]["met"] is False  # 7 / 6 < 1.25
     assert got["ORT fp32 model only vs OpenVINO fp32"]["value"] == pytest.approx(0.8)
     assert got["ORT fp32 model only vs OpenVINO fp32"]["met"] is False
+    assert got["infer fp32 end to end vs OpenVINO fp32"]["value"] == pytest.approx(5 / 6)
+    assert not any("validated" in name for name in got)  # no row was marked validated
+    # Issue 27: the fastest validated CPU row (here segdeploy infer on OpenVINO, NNCF int8)
+    # against the fastest row of OpenVINO's own pipeline, with its fidelity.
+    ov_ours = row("onnx-openvino-openvino_int8", 8.0, agree=0.997, miou=0.395, validated=True)
+    ov_ours["provider"] = "openvino"
+    slow = row("onnx-cpu-int8-x", 7.5, validated=True)
+    got = {t["target"]: t for t in judge_targets([*rows_ov, ov_ours, slow])}
+    fastest = got["fastest validated CPU row vs OpenVINO's fastest"]
+    assert (fastest["backend"], fastest["compared_with"]) == (
+        "onnx-openvino-openvino_int8",
+        "openvino",
+    )
+    assert fastest["value"] == pytest.approx(8 / 6) and fastest["met"] is True
+    assert got["fastest validated CPU row masks equal to torch"]["met"] is True
+    assert got["fastest validated CPU row mean IoU drop vs torch"]["value"] == pytest.approx(0.005)
     # A target whose rows did not run is not judged at all, rather than judged failed.
     assert judge_targets([r for r in rows if r["backend"] != "hf-pipeline"]) and not any(
         t["compared_with"] == "hf-pipeline"
@@ -401,3 +440,82 @@ def test_bench_runs_other_families(model_type, images, tmp_path):
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row.get("reason"))
         assert row["pixel_agreement_with_torch"] >= 0.999, (name, row["pixel_agreement_with_torch"])
+
+
+def test_start_up_and_steady_rate_are_solved_from_two_passes():
+    from segdeploy.bench.run import startup_and_steady
+
+    # A pass of n images takes 0.5 s + n / 100 s: start-up 0.5 s, steady 100 images/s.
+    raw = {"images": 100, "short_images": 25, "end_to_end_s": [1.5, 1.5], "short_s": [0.75, 0.75]}
+    got = startup_and_steady(raw)
+    assert got["start_up_s"] == pytest.approx(0.5) and got["steady_images_per_s"] == pytest.approx(
+        100
+    )
+    assert startup_and_steady({**raw, "short_s": [None, None]})["steady_images_per_s"] is None
+
+
+def test_every_row_writes_its_label_files_in_the_timed_pass(tmp_path):
+    """The peers' label maps become PNG files (Pillow, infer's names) inside the pass that
+    is timed; with in_memory they are not written there."""
+    from segdeploy.bench.backends import parse_backend
+    from segdeploy.bench.worker import Row
+    from segdeploy.runtime.infer import Item, label_path
+
+    items = [Item(tmp_path / f"{i}.png", PurePath("in", f"{i}")) for i in range(3)]
+    maps = [np.full((4, 5), i, np.uint8) for i in range(3)]
+
+    class Peer:
+        def end_to_end(self, items, out, inputs):
+            assert not out.exists()  # every pass starts from an empty folder
+            return maps
+
+    for in_memory in (False, True):
+        row = object.__new__(Row)
+        row.runner = Peer()
+        row.write = not in_memory and not parse_backend("torch").writes_labels
+        out = tmp_path / f"out-{in_memory}"
+        seconds, labels = row._pass(items, out, [])
+        assert seconds > 0 and labels is maps
+        written = [label_path(out, item) for item in items]
+        if in_memory:
+            assert not out.exists()
+        else:
+            for path, lab in zip(written, maps, strict=True):
+                assert np.array_equal(np.asarray(Image.open(path)), lab)
+    assert parse_backend("onnx-cpu").writes_labels  # infer writes its own
+
+
+def test_the_report_names_the_fastest_validated_path_and_in_memory_rows(tmp_path):
+    from segdeploy.bench.report import markdown
+    from segdeploy.bench.run import fastest_paths, mark_validated
+
+    (tmp_path / "validation.json").write_text(json.dumps({"passed": True}))
+    (tmp_path / "validation_int8.json").write_text(json.dumps({"passed": False}))
+
+    def row(name, e2e, by_round, **kw):
+        return {"backend": name, "batch_size": 1, "status": "ok", "end_to_end_images_per_s": e2e,
+                "end_to_end_images_per_s_by_round": by_round, "provider": "cpu", **kw}  # fmt: skip
+
+    rows = [
+        row("optimum", 4.0, [4.0, 4.0], kind="optimum", writes_label_files=False),
+        row("onnx-cpu", 5.0, [5.0, 6.0], kind="segdeploy", graph="model.onnx", variant="fp32",
+            precision="fp32", pixel_agreement_with_torch=1.0),
+        row("onnx-cpu-int8", 9.0, [9.0, 9.0], kind="segdeploy", graph="model_int8.onnx",
+            variant="int8", precision="int8", pixel_agreement_with_torch=0.999),
+    ]  # fmt: skip
+    mark_validated(rows, tmp_path)
+    assert [r.get("validated") for r in rows] == [None, True, False]  # int8 failed validation
+    (path,) = fastest_paths(rows)
+    assert path["backend"] == "onnx-cpu" and path["best_peer"] == "optimum"
+    assert path["command"] == "segdeploy infer --provider cpu --batch-size 1"
+    assert path["vs_best_peer"] == pytest.approx(1.375)  # paired: 1.25 and 1.5
+    report = {
+        "machine": {"cpu": "x", "usable_cores": 2, "cpu_count": 2, "memory_gb": 1, "os": "y"},
+        "model": {"model_dir": "m", "onnx_dir": "o", "num_labels": 2, "image_size": None},
+        "date": "2026", "command": "c", "load_average": {"before": [], "after": []},
+        "inputs": {"images": 1, "folder": "f"}, "settings": {"runs": 1, "model_runs": 1},
+        "versions": {}, "results": rows, "targets": [], "fastest_validated": [path],
+    }  # fmt: skip
+    md = markdown(report)
+    assert "| optimum (in memory) | 1 |" in md
+    assert "fastest validated path here at batch 1: onnx-cpu" in md and "1.38x" in md

@@ -64,3 +64,29 @@ def test_quick_demo_leaves_every_output_and_replaces_an_old_run(tmp_path):
         "training_curves.png",
     ):
         assert where in result.output
+
+
+def test_demo_bench_gets_as_many_image_files_as_asked(tmp_path):
+    """The synthetic validation split has 60 images; the demo's bench asks for 400 so that
+    the steady rate is what it reports. It got 60 (infer's fixed start-up was half its
+    time); now the split's files are repeated, each with its label, under new names."""
+    from segdeploy.bench import from_folders
+    from segdeploy.bench.inputs import reference_label_path
+    from segdeploy.data import DatasetSpec
+    from segdeploy.data.builtin import VALIDATION_SIZE
+    from segdeploy.demo import _bench_inputs
+    from segdeploy.runtime.infer import Planner
+
+    n = VALIDATION_SIZE + 15
+    spec = DatasetSpec("synthetic:32", split="train[:8]", eval_split="validation[:8]")
+    inputs = _bench_inputs(spec, tmp_path / "data", n, num_labels=5)
+    images = sorted(inputs.images.iterdir())
+    assert len(images) == n and len({p.name for p in images}) == n
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs = from_folders(inputs.images, inputs.labels, work)
+    items = list(Planner(tmp_path / "out").items([inputs.images]))
+    assert len(items) == n
+    for item in items:  # every copy pairs with its label, the same as its original's
+        label = reference_label_path(inputs.labels, item.out)
+        assert label.is_file(), label

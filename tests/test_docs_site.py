@@ -74,11 +74,15 @@ def test_summary_json_page_names_every_key_a_run_writes(tiny_onnx_dir, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     run_infer([photos], tiny_onnx_dir, out, skip_existing=True, **kwargs)
     again = json.loads((out / "summary.json").read_text())
+    from segdeploy.runtime.tiles import TileOptions
+
+    run_infer([photos], tiny_onnx_dir, tmp_path / "tiled", tiling=TileOptions(32), **kwargs)
+    tiled = json.loads((tmp_path / "tiled" / "summary.json").read_text())
 
     top = _documented("Top level")
     assert set(summary) <= top and top - set(summary) == {"stopped"}  # only on a stopped run
     images = _documented("`images[]`")
-    written = {k for rec in summary["images"] + again["images"] for k in rec}
+    written = {k for rec in summary["images"] + again["images"] + tiled["images"] for k in rec}
     assert written == images
     assert {k for rec in summary["failures"] for k in rec} == _documented("`failures[]`")
     assert set(summary["totals"]) == _documented("`totals`")

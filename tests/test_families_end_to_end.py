@@ -14,6 +14,7 @@ them too), as in tests/test_infer_families.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -40,6 +41,14 @@ STEPS = 20
 #: fp16 and int8 agreement per family, printed at the end of the module (-s).
 MEASURED: dict[str, dict[str, float]] = {}
 VARIANTS = ("validation.json", "validation_fp16.json", "validation_fused.json")
+#: OpenVINO (issue 27): with the openvino extra, every family is also exported with NNCF's
+#: int8 for OpenVINO and inferred on OpenVINO, fp32 and int8.
+HAS_OPENVINO = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+OPENVINO_EXPORT = ["--int8-engine", "onnxruntime", "--int8-engine", "openvino"]
+#: Families whose NNCF int8 IR OpenVINO's CPU plugin cannot compile (openvino 2026.4.1:
+#: in MobileViTV2's, a Gather's shape inference fails at compile): export refuses it
+#: with OpenVINO's reason, as issue 27 asks; their fp32 graph still runs on OpenVINO.
+OPENVINO_INT8_REFUSED = {"mobilevitv2"}
 
 
 def _run(*args: str):
@@ -84,43 +93,63 @@ def test_train_export_validate_infer(case, synthetic_dir, photos, tmp_path):
     # export + validate on the recorded split: the exact graphs (fp32, fused argmax) pass;
     # fp16 and int8 (with the family's float op types) are held to the same rules, and the
     # exit status follows their verdicts.
-    result = _run(
-        "export", str(model), "--fp16", "--fuse-argmax", "--quantize", "int8",
-        "--calibration-images", "8", "--max-images", "8",
-    )  # fmt: skip
+    export = ["export", str(model), "--fp16", "--fuse-argmax", "--quantize", "int8",
+              "--calibration-images", "8", "--max-images", "8"]  # fmt: skip
+    ov_int8 = HAS_OPENVINO and model_type not in OPENVINO_INT8_REFUSED
+    if HAS_OPENVINO and not ov_int8:
+        refused = _run(*export, *OPENVINO_EXPORT)
+        assert refused.exit_code == 2, refused.output
+        assert "OpenVINO cannot compile the graph" in refused.output, refused.output
+        assert not (model / "onnx").exists()  # nothing of the refused export is left
+    result = _run(*export, *(OPENVINO_EXPORT if ov_int8 else []))
     onnx_dir = model / "onnx"
     assert f"(opset {family.default_opset}, {family.route} route)" in result.output, result.output
+    names = ("", "_fused", "_fp16", "_fp16_fused", "_int8")
     reports = {
         name: json.loads((onnx_dir / f"validation{name}.json").read_text())
-        for name in ("", "_fused", "_fp16", "_fp16_fused", "_int8")
+        for name in (*names, *(("_openvino_int8",) if ov_int8 else ()))
     }
     for name in ("", "_fused"):
         assert reports[name]["passed"] is True, (name, reports[name]["reason"])
         assert reports[name]["exporter"]["route"] == family.route
         assert reports[name]["mode"] == "dataset" and reports[name]["images"] > 0, name
     assert reports["_int8"]["precision"] == "int8" and reports["_fp16"]["precision"] == "fp16"
+    if ov_int8:
+        assert reports["_openvino_int8"]["precision"] == "int8"
+        assert reports["_openvino_int8"]["provider"] == "openvino"
     quantized = json.loads((onnx_dir / "quantization_int8.json").read_text())
     assert set(quantized["float_op_types"]) == set(family.int8_float_op_types)
     assert quantized["skip_symbolic_shape"] is family.int8_skip_symbolic_shape
     all_passed = all(r["passed"] for r in reports.values())
     assert result.exit_code == (0 if all_passed else 1), result.output
     MEASURED[f"{model_type}-{size}"] = {
-        k.strip("_"): r["pixel_agreement"] for k, r in reports.items() if k in ("_fp16", "_int8")
+        k.strip("_"): r["pixel_agreement"]
+        for k, r in reports.items()
+        if k in ("_fp16", "_int8", "_openvino_int8")
     }
 
-    # infer: label maps of photos of several sizes equal the guide's torch path.
-    out = tmp_path / "masks"
-    result = _run(
-        "infer", "--model", str(onnx_dir), "--provider", "cpu", "-o", str(out), str(photos)
-    )
-    assert result.exit_code == 0, result.output
-    classes: set[int] = set()
-    for name, (h, w), _ in PHOTOS:
-        ours = label_map(out, photos / name)
-        expected = torch_mask(model, load_image(photos / name))
-        assert ours.shape == expected.shape == (h, w), name
-        assert float((ours == expected).mean()) >= AGREEMENT, name
-        classes.update(np.unique(expected).tolist())
+    # infer: label maps of photos of several sizes equal the guide's torch path, on
+    # onnxruntime and on OpenVINO; OpenVINO's NNCF int8 is measured against it.
+    expected = {name: torch_mask(model, load_image(photos / name)) for name, _, _ in PHOTOS}
+    runs = [("cpu", "fp32")] + ([("openvino", "fp32")] if HAS_OPENVINO else [])
+    runs += [("openvino", "openvino_int8")] if ov_int8 else []
+    for provider, variant in runs:
+        out = tmp_path / f"masks-{provider}-{variant}"
+        result = _run(
+            "infer", "--model", str(onnx_dir), "--provider", provider, "--variant", variant,
+            "-o", str(out), str(photos),
+        )  # fmt: skip
+        assert result.exit_code == 0, (provider, variant, result.output)
+        shares = []
+        for name, (h, w), _ in PHOTOS:
+            ours = label_map(out, photos / name)
+            assert ours.shape == expected[name].shape == (h, w), name
+            shares.append(float((ours == expected[name]).mean()))
+        if variant == "fp32":
+            assert min(shares) >= AGREEMENT, (provider, shares)
+        if provider == "openvino":
+            MEASURED[f"{model_type}-{size}"][f"infer openvino {variant}"] = float(np.mean(shares))
+    classes = set().union(*(np.unique(m).tolist() for m in expected.values()))
     assert len(classes) >= 2, classes  # one flat class everywhere would prove little
 
 

@@ -321,3 +321,18 @@ def test_a_full_disk_stops_the_run(tiny_onnx_dir, tmp_path):
     else:
         assert "summary.json" in lines[0]
     assert not run.survivors()
+
+
+def test_small_inputs_go_to_the_workers_in_larger_tasks_and_large_ones_do_not():
+    """Tasks carry up to CHUNK_BYTES of model input: a 64-px input (48 KiB) goes 32 images
+    at a time, a 512-px one (3 MiB) stays at MIN_CHUNK so memory does not grow; a batch is
+    never split; in-process, a task is one batch."""
+    from segdeploy.runtime.pipeline import CHUNK_BYTES, MAX_CHUNK, MIN_CHUNK, chunk_size
+
+    small, large = 3 * 64 * 64 * 4, 3 * 512 * 512 * 4
+    assert chunk_size(4, 2, small) == MAX_CHUNK
+    assert chunk_size(4, 2, large) == MIN_CHUNK and MIN_CHUNK * large > CHUNK_BYTES
+    assert chunk_size(4, 2, 3 * 128 * 128 * 4) == 21  # 4 MiB of 192-KiB inputs
+    assert chunk_size(4, 2, None) == MIN_CHUNK  # inputs that follow each image's size
+    assert chunk_size(64, 2, small) == 64
+    assert chunk_size(4, 0, small) == 4

@@ -6,6 +6,7 @@ GPU cases are exercised here by passing the lists a GPU machine would report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 
@@ -144,7 +145,7 @@ def test_engine_cache_folder_is_keyed_by_model_content_precision_and_profile(
 def test_tensorrt_cache_decisions_are_logged(tiny_onnx_dir, tmp_path, caplog):
     model = tiny_onnx_dir / "model.onnx"
     caplog.set_level(logging.INFO, logger="segdeploy.runtime.providers")
-    args = dict(
+    args = prov.SessionRequest(
         fp16=True,
         trt_cache=tmp_path,
         batch_size=2,
@@ -153,7 +154,7 @@ def test_tensorrt_cache_decisions_are_logged(tiny_onnx_dir, tmp_path, caplog):
         trt_workspace=1 << 30,
         input_name="pixel_values",
     )
-    providers = prov._providers_for("tensorrt", model, **args)
+    providers = prov._providers_for("tensorrt", model, args)
     engine_dir = prov.trt_cache_dir(tmp_path, model, fp16=True, image_size=(64, 64), batch_size=2)
     assert providers[0][1]["trt_engine_cache_path"] == str(engine_dir)
     assert providers[0][1]["trt_profile_opt_shapes"] == "pixel_values:2x3x64x64"  # from the config
@@ -163,10 +164,10 @@ def test_tensorrt_cache_decisions_are_logged(tiny_onnx_dir, tmp_path, caplog):
         b"x"
     )
     assert prov.has_cached_engine(engine_dir)
-    prov._providers_for("tensorrt", model, **args)
+    prov._providers_for("tensorrt", model, args)
     assert "reusing the TensorRT engine cached in" in caplog.text
     caplog.clear()
-    prov._providers_for("tensorrt", model, **{**args, "trt_cache": None})
+    prov._providers_for("tensorrt", model, dataclasses.replace(args, trt_cache=None))
     assert "pass --trt-cache" in caplog.text
 
 

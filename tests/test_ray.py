@@ -162,6 +162,28 @@ def test_engine_ray_runs_a_cropping_family(ray_cluster, tmp_path):
     assert {tuple(r["size"]) for r in summary["images"]} == {(48, 64), (90, 41)}
 
 
+def test_engine_ray_runs_an_openvino_ir_on_openvino(ray_cluster, tiny_onnx_dir, tmp_path):
+    """--engine ray --provider openvino on an OpenVINO IR variant (export's
+    model_openvino_int8.xml): the driver checks the model on OpenVINO (an IR opens on
+    nothing else), the actors run it, and the outputs are the local engine's."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    import openvino as ov
+
+    from segdeploy.export.quantize.openvino_int8 import save_ir
+
+    model = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx_dir, model)
+    save_ir(ov.Core().read_model(model / "model.onnx"), model / "model_openvino_int8.xml")
+    root = tmp_path / "photos"
+    files = _photos(root, 4)
+    _bad_files(root)
+    summary = _same_as_local(
+        model, root, tmp_path, ray_cluster, "--provider", "openvino", "--variant",
+        "openvino_int8", "--batch-size", "2", "--ov-cache", str(tmp_path / "ov-cache"),
+    )  # fmt: skip
+    assert summary["provider"] == "openvino" and summary["totals"]["images"] == len(files)
+
+
 @pytest.mark.slow
 def test_engine_ray_on_camvid_photos(ray_cluster, camvid, tiny_onnx_dir, tmp_path):
     root = tmp_path / "street"
@@ -476,23 +498,28 @@ def test_ray_address_auto_joins_the_running_cluster(beside, tiny_onnx_dir, tmp_p
 
 def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
     """The module `serve` shares: a private Ray on the loopback only, sized as asked, gone
-    with every process it started at the end of the block, signal handlers as before;
-    sizing a cluster to join is refused."""
+    with every process it started at the end of the block (and only those), signal
+    handlers as before; sizing a cluster to join is refused."""
     code = textwrap.dedent(
         """
-        import json, signal, psutil
+        import json, signal, subprocess, sys, psutil
         from segdeploy.errors import SegdeployError
         from segdeploy.runtime.ray_session import ray_session
 
         handler = signal.getsignal(signal.SIGTERM)
         with ray_session(None, num_cpus=1) as info:
             import ray
-            procs = psutil.Process().children(recursive=True)
+            # A child of the caller's, started inside the block: not Ray's to stop.
+            mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            procs = [p for p in psutil.Process().children(recursive=True) if p.pid != mine.pid]
             listening = sorted({
                 c.laddr.ip for p in procs for c in p.net_connections("inet")
                 if c.status == psutil.CONN_LISTEN
             })
         gone, alive = psutil.wait_procs(procs, timeout=1)
+        kept = mine.poll() is None
+        mine.kill()
+        mine.wait()
         try:
             with ray_session("auto", num_cpus=2):
                 pass
@@ -503,6 +530,7 @@ def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
             "listening": listening, "processes": len(procs), "alive": len(alive),
             "initialized": ray.is_initialized(),
             "handler": signal.getsignal(signal.SIGTERM) == handler, "refused": refused,
+            "kept": kept,
         }))
         """
     )
@@ -521,6 +549,7 @@ def test_ray_session_starts_a_private_ray_and_stops_it(tmp_path):
     assert {ip.removeprefix("::ffff:") for ip in seen["listening"]} == {"127.0.0.1"}
     assert seen["processes"] >= 2
     assert seen["alive"] == 0 and seen["initialized"] is False and seen["handler"] is True
+    assert seen["kept"] is True  # the caller's own child outlives the block
     assert seen["refused"] == (
         "--ray-address: num_cpus and num_gpus size a private Ray, not a cluster"
     )

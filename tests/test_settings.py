@@ -100,6 +100,15 @@ def test_infer_video_options_default_to_video_settings():
     assert compared == len(fields(VideoSettings))
 
 
+def test_tile_options_default_to_tile_options():
+    """infer's --tile/--stride/--overlap/--blend (bench, validate and export have them as
+    fields of their settings, compared above)."""
+    from segdeploy.cli.infer import infer
+    from segdeploy.runtime.tiles import TileOptions
+
+    assert _check(infer, TileOptions()) == len(fields(TileOptions))
+
+
 @pytest.mark.parametrize(
     "settings",
     [ValidationSettings(tolerance=0.01), ExportSettings(fp16=True), BenchSettings(), TrainConfig()],

@@ -129,7 +129,11 @@ def validation() -> str:
         "| max \\|Δ logit\\| | rules | passed |",
         "|---|---:|---:|---:|---:|---:|---:|---|:---:|",
     ]
-    for name in ("camvid_validation_fp32", "camvid_validation_int8"):
+    for name in (
+        "camvid_validation_fp32",
+        "camvid_validation_int8",
+        "camvid_validation_openvino_int8",
+    ):
         v = load(name)
         rules = ", ".join(k for k in v["rules"])
         lines.append(
@@ -210,6 +214,10 @@ def validation_floors() -> str:
     return "\n".join(lines)
 
 
+def tiles() -> str:
+    return _demote(_script("bench_tiles.py").render(load("tiles_cpu")))
+
+
 RENDERERS = {
     "folder_variants": folder_variants,
     "folder_files": folder_files,
@@ -220,6 +228,7 @@ RENDERERS = {
     "ray": ray,
     "families": families,
     "validation": validation,
+    "tiles": tiles,
 }
 
 

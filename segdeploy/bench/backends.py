@@ -8,7 +8,8 @@ Backend names are what `--backends` takes:
     optimum         optimum's pipeline("image-segmentation", accelerator="ort"): the same
                     transformers pipeline around ORTModelForSemanticSegmentation
     onnx-<p>[-<v>]  segdeploy's own path (`segdeploy infer`, `Segmenter`) on provider
-                    p = cpu | cuda | tensorrt with graph variant v = fp16 | int8 | optimized | ...
+                    p = cpu | cuda | tensorrt | openvino with graph variant
+                    v = fp16 | int8 | optimized | openvino_int8 | ...
 
 `check_backend` decides in the parent process, cheaply, whether a backend can run
 here (and why not). `make_runner` builds, inside a fresh worker process, the
@@ -16,6 +17,9 @@ object that the measurement drives:
 
     runner.end_to_end(items, out, inputs)  files -> label maps (the user's path, timed);
                                    segdeploy takes `inputs` as the CLI does (the folder)
+                                   and writes its label PNGs; the others return the label
+                                   maps, which the worker writes with Pillow in the same
+                                   timed pass (or keeps in memory: BenchSettings.in_memory)
     runner.model_inputs(items)     preprocessed batches for the model alone (not timed)
     runner.forward(batch)          the model alone (timed)
 
@@ -37,7 +41,7 @@ import numpy as np
 
 from segdeploy.errors import SegdeployError
 
-ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt")
+ONNX_PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
 REFERENCE = "torch"  # the backend every other one's masks are compared with
 
 
@@ -63,6 +67,21 @@ class Backend:
     def end_to_end_includes(self) -> str:
         return self.runner.end_to_end_includes
 
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: the numbers its model computes with."""
+        return self.runner.precision_of(self)
+
+    @property
+    def graph(self) -> str | None:
+        """The graph file in the ONNX folder that segdeploy's row runs (None for the others)."""
+        return self.runner.graph_of(self)
+
+    @property
+    def writes_labels(self) -> bool:
+        """Whether its end-to-end pass writes the label PNGs itself (else the worker does)."""
+        return self.runner.writes_labels
+
 
 def parse_backend(name: str) -> Backend:
     """The Backend for a `--backends` entry; SegdeployError for an unknown name."""
@@ -81,12 +100,12 @@ def parse_backend(name: str) -> Backend:
 
 
 def onnx_variants(onnx_dir: Path | None) -> list[str]:
-    """The graph variants present in an ONNX folder besides fp32 (model_<v>.onnx -> v)."""
+    """The graph variants present in an ONNX folder besides fp32 (model_<v>.onnx -> v, and
+    OpenVINO IR graphs model_<v>.xml -> v)."""
     if onnx_dir is None or not onnx_dir.is_dir():
         return []
-    return sorted(
-        p.stem.removeprefix("model_") for p in onnx_dir.glob("model_*.onnx") if p.is_file()
-    )
+    graphs = [*onnx_dir.glob("model_*.onnx"), *onnx_dir.glob("model_*.xml")]
+    return sorted({p.stem.removeprefix("model_") for p in graphs if p.is_file()})
 
 
 def default_backends(onnx_dir: Path | None) -> list[str]:
@@ -111,11 +130,15 @@ def check_backend(
     model_dir: Path | None,
     onnx_dir: Path | None,
     available: Sequence[str],
+    tiling=None,
 ) -> str | None:
     """Why `backend` cannot run here, or None when it can.
 
-    `available` is onnxruntime's list of provider names (get_available_providers()).
+    `available` is onnxruntime's list of provider names (get_available_providers());
+    `tiling` (tiles.TileOptions): only runners with a sliding-window mode can run.
     """
+    if tiling is not None and tiling.enabled and not backend.runner.tiles:
+        return "no sliding-window mode (with --tile only torch and onnx-* rows run)"
     return backend.runner.unavailable(backend, model_dir, onnx_dir, available)
 
 
@@ -170,15 +193,29 @@ class Runner:
     cheap), and, built in the worker, the three calls the measurement drives."""
 
     kind: str = ""
-    #: What the end-to-end figure includes, written under the report's table.
-    end_to_end_includes = (
-        "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
-    )
+    #: Whether it runs sliding windows (`tiled`) for --tile.
+    tiles: bool = False
+    #: The tile options it runs (tiles.TileOptions), None: whole images.
+    tiling = None
+    #: What the end-to-end figure includes, written under the report's table (the
+    #: worker's writing of the label PNGs, or not, is added by the report).
+    end_to_end_includes = "decoding, preprocessing, model, upsampling"
+    #: Its end_to_end writes the label PNGs itself (segdeploy infer); else it returns the
+    #: label maps and the worker writes them with Pillow, as a user would.
+    writes_labels = False
     description = ""
 
     @classmethod
     def describe(cls, backend: Backend) -> str:
         return cls.description
+
+    @classmethod
+    def precision_of(cls, backend: Backend) -> str:
+        return "fp32"
+
+    @classmethod
+    def graph_of(cls, backend: Backend) -> str | None:
+        return None
 
     @classmethod
     def parse(cls, name: str) -> Backend | None:
@@ -209,6 +246,28 @@ class Runner:
     def forward(self, batch) -> None:
         raise NotImplementedError
 
+    def tiled(self, tiling) -> Runner:
+        """This runner running sliding windows (`tiles` runners only)."""
+        self.tiling = tiling
+        return self
+
+
+def _window_batches(items, plan, prepare, batch_size: int, count: int) -> list[np.ndarray]:
+    """Up to `count` batches of `batch_size` windows, cut as `segdeploy infer --tile` cuts
+    them, from the images in turn (model-only inputs of a tiled row)."""
+    from segdeploy.runtime.large_image import open_source
+    from segdeploy.runtime.tiles import window_batches
+
+    batches = []
+    for item in items:
+        with open_source(item.path) as source:
+            for _, x, _ in window_batches(source, plan, prepare, batch_size):
+                if len(x) == batch_size or not batches:
+                    batches.append(x)
+                if len(batches) == count:
+                    return batches
+    return batches
+
 
 @register
 class TorchRunner(Runner):
@@ -216,6 +275,7 @@ class TorchRunner(Runner):
 
     kind = "torch"
     description = "transformers model, eager: processor, forward, bilinear upsample, argmax"
+    tiles = True
 
     @classmethod
     def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
@@ -235,6 +295,7 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
         self.torch = torch
         self.batch_size = batch_size
+        self.model_dir = model_dir
         self.model = AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
         self.processor = processor_class(family_of(model_dir)).from_pretrained(model_dir)
         self.dtype = _label_dtype(self.model.config.num_labels)
@@ -243,7 +304,43 @@ class TorchRunner(Runner):
     def _load(self, path: Path):
         return load_rgb(path)
 
+    def _plan(self):
+        """The tiling of the PyTorch model: segdeploy's windows and window inputs, at the
+        model's size where the family runs only that (its exported graph's)."""
+        from segdeploy.families import family_of
+        from segdeploy.runtime.processors import model_processor
+        from segdeploy.runtime.tiles import plan_tiles
+
+        family = family_of(self.model_dir)
+        processor = model_processor(self.model_dir)
+        fixed = None if family.dynamic_spatial else processor.size
+        plan = plan_tiles(
+            self.tiling, graph_size=fixed, processor=processor, square_only=family.square_only
+        )
+        return plan, processor
+
+    def _tiled_end_to_end(self, items) -> list[np.ndarray]:
+        from segdeploy.runtime.large_image import open_source
+        from segdeploy.runtime.tiles import WindowModel, predict_bands
+
+        plan, processor = self._plan()
+        model = WindowModel(processor.normalize, self._logits, self.model.config.num_labels)
+        labels = []
+        for item in items:
+            with open_source(item.path) as source:
+                out = np.empty((source.height, source.width), self.dtype)
+                for y0, band in predict_bands(source, model, plan, self.batch_size):
+                    out[y0 : y0 + len(band)] = band
+            labels.append(out)
+        return labels
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(pixel_values=self.torch.from_numpy(x)).logits.numpy()
+
     def end_to_end(self, items, out: Path, inputs: Sequence[str]) -> list[np.ndarray]:
+        if self.tiling is not None:
+            return self._tiled_end_to_end(items)
         torch, F = self.torch, self.torch.nn.functional
         labels = []
         for chunk in _chunks(items, self.batch_size):
@@ -262,6 +359,10 @@ class TorchRunner(Runner):
         return labels
 
     def model_inputs(self, items, count: int):
+        if self.tiling is not None:
+            plan, processor = self._plan()
+            batches = _window_batches(items, plan, processor.normalize, self.batch_size, count)
+            return [self.torch.from_numpy(b) for b in batches]
         return [
             self.processor(images=[self._load(i.path) for i in batch], return_tensors="pt")[
                 "pixel_values"
@@ -386,10 +487,30 @@ class SegdeployRunner(Runner):
     end_to_end_includes = (
         "listing, decoding, preprocessing, model, upsampling, writing label PNGs and summary.json"
     )
+    tiles = True
+    writes_labels = True
 
     @classmethod
     def describe(cls, backend: Backend) -> str:
-        return f"segdeploy infer: {backend.variant} graph on onnxruntime {backend.provider}"
+        where = (
+            "OpenVINO (CPU)"
+            if backend.provider == "openvino"
+            else f"onnxruntime {backend.provider}"
+        )
+        return f"segdeploy infer: {backend.variant} graph on {where}"
+
+    @classmethod
+    def precision_of(cls, backend: Backend) -> str:
+        if "int8" in backend.variant:
+            return "int8"
+        return "fp16" if backend.variant.startswith("fp16") else "fp32"
+
+    @classmethod
+    def graph_of(cls, backend: Backend) -> str | None:
+        from segdeploy.folders import variant_file
+
+        # TensorRT builds its fp16 engine from the fp32 graph.
+        return variant_file("fp32" if backend.provider == "tensorrt" else backend.variant)
 
     @classmethod
     def parse(cls, name: str) -> Backend | None:
@@ -402,29 +523,34 @@ class SegdeployRunner(Runner):
 
     @classmethod
     def default_names(cls, variants: Sequence[str]) -> list[str]:
-        """Each provider on fp32, then on each variant. TensorRT gets fp16 only: it picks
-        its own kernels and precision from the fp32 graph (fp16 is a build flag)."""
+        """Each provider on fp32, then on each variant it can run. TensorRT gets fp16 only:
+        it picks its own kernels and precision from the fp32 graph (fp16 is a build flag).
+        OpenVINO IR graphs run on OpenVINO only; OpenVINO on the CPU computes fp16 graphs
+        in fp32, so it gets none of those."""
         names = []
         for provider in ONNX_PROVIDERS:
             names.append(f"onnx-{provider}")
-            names += [
-                f"onnx-{provider}-{v}" for v in variants if provider != "tensorrt" or v == "fp16"
-            ]
+            names += [f"onnx-{provider}-{v}" for v in variants if _runs(provider, v)]
         return names
 
     @classmethod
     def unavailable(cls, backend, model_dir, onnx_dir, available) -> str | None:
         from segdeploy.folders import variant_file
         from segdeploy.runtime import providers as prov
+        from segdeploy.runtime.openvino_runner import is_ir
 
         missing = _export_missing(onnx_dir)
         if missing is not None:
             return missing
-        if prov.ORT_NAME[backend.provider] not in available:
+        if prov.AVAILABLE_NAME[backend.provider] not in available:
             return prov.missing_provider_message(backend.provider, available)
         graph_variant = "fp32" if backend.provider == "tensorrt" else backend.variant
         if not (onnx_dir / variant_file(graph_variant)).is_file():
             return f"no {variant_file(graph_variant)} in {onnx_dir} (see `segdeploy export --help`)"
+        if is_ir(variant_file(graph_variant)) and backend.provider != "openvino":
+            return (
+                f"{variant_file(graph_variant)} is an OpenVINO IR graph: only onnx-openvino runs it"
+            )
         if graph_variant.endswith("fused"):
             return (
                 f"{variant_file(graph_variant)} has argmax fused in (export --fuse-argmax): it "
@@ -438,12 +564,16 @@ class SegdeployRunner(Runner):
         return cls(backend, onnx_dir, batch_size, threads)
 
     def __init__(self, backend: Backend, onnx_dir: Path, batch_size: int, threads: int | None):
+        from segdeploy.runtime.pipeline import default_threads, default_workers
         from segdeploy.runtime.segmenter import Segmenter
 
         fp16 = backend.variant == "fp16"
         # TensorRT builds fp16 engines from the fp32 graph; elsewhere fp16 selects model_fp16.onnx.
         variant = "fp32" if fp16 else backend.variant
         self.onnx_dir = onnx_dir
+        # The session `segdeploy infer` opens: its default threads (the cores of the
+        # process's affinity) and, with worker processes, no spin-waiting.
+        threads = threads or default_threads()
         self.segmenter = Segmenter(
             onnx_dir,
             backend.provider,
@@ -452,6 +582,7 @@ class SegdeployRunner(Runner):
             threads=threads,
             batch_size=batch_size,
             trt_cache=os.environ.get("SEGDEPLOY_BENCH_TRT_CACHE"),
+            spin=default_workers() == 0,
         )
         self.batch_size = batch_size
         self.threads = threads
@@ -466,10 +597,16 @@ class SegdeployRunner(Runner):
             out,
             segmenter=self.segmenter,
             progress=False,
+            tiling=self.tiling,
         )
 
     def model_inputs(self, items, count: int):
         seg = self.segmenter
+        if self.tiling is not None:
+            from segdeploy.runtime.tiles import plan_for
+
+            plan = plan_for(seg, self.tiling)
+            return _window_batches(items, plan, seg.preprocessor.normalize, self.batch_size, count)
         return [
             np.stack([seg.prepare(seg.load(i.path)) for i in batch])
             for batch in _model_batches(items, self.batch_size, count)
@@ -477,6 +614,18 @@ class SegdeployRunner(Runner):
 
     def forward(self, batch) -> None:
         self.segmenter.logits(batch)
+
+
+def _runs(provider: str, variant: str) -> bool:
+    """Whether the default rows pair `provider` with graph `variant` (see default_names)."""
+    from segdeploy.folders import variant_file
+    from segdeploy.runtime.openvino_runner import is_ir
+
+    if provider == "tensorrt":
+        return variant == "fp16"
+    if provider == "openvino":
+        return not variant.startswith("fp16")
+    return not is_ir(variant_file(variant))
 
 
 def load_rgb(path: Path):
@@ -497,8 +646,10 @@ def make_runner(
     onnx_dir: Path | None,
     batch_size: int,
     threads: int | None = None,
+    tiling=None,
 ):
-    return backend.runner.create(backend, model_dir, onnx_dir, batch_size, threads)
+    runner = backend.runner.create(backend, model_dir, onnx_dir, batch_size, threads)
+    return runner.tiled(tiling) if tiling is not None and tiling.enabled else runner
 
 
 def _label_dtype(num_labels: int) -> np.dtype:

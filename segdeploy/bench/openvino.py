@@ -23,7 +23,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,9 +85,6 @@ class OpenVINORunner(Runner):
     description = (
         "OpenVINO CPU: the export's model.onnx, fp32 precision hint, "
         f"{PERFORMANCE_MODE} performance mode; segdeploy's preprocessing and upsampling"
-    )
-    end_to_end_includes = (
-        "decoding, preprocessing, model, upsampling; label maps kept in memory (not written)"
     )
 
     @classmethod
@@ -173,6 +169,10 @@ class OpenVINOInt8Runner(OpenVINORunner):
             )
         return None
 
+    @classmethod
+    def precision_of(cls, backend) -> str:
+        return "int8"
+
     def graph(self, model_dir: Path | None):
         return nncf_int8(self.onnx_dir, Path(model_dir))
 
@@ -240,25 +240,12 @@ def nncf_int8_model(onnx_path: Path, batches: Sequence[np.ndarray], xml: Path) -
         return xml
     # Imported only to quantize: nncf imports torch when it is installed, which a row
     # that reuses the cached model should not pay for.
-    import nncf
     import openvino as ov
 
+    from segdeploy.export.quantize.openvino_int8 import nncf_quantize, save_ir
+
     model = ov.Core().read_model(os.fspath(onnx_path))
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(list(batches)),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=sum(int(b.shape[0]) for b in batches),
-    )
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    # Written under temporary names and renamed, .bin before .xml: a reader that finds
-    # the .xml finds a complete model.
-    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".tmp-") as tmp:
-        tmp_xml = Path(tmp) / xml.name
-        ov.save_model(quantized, os.fspath(tmp_xml), compress_to_fp16=False)
-        os.replace(tmp_xml.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(tmp_xml, xml)
-    return xml
+    return save_ir(nncf_quantize(model, batches), xml)
 
 
 def _compiled_threads(compiled) -> int | None:

@@ -48,6 +48,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The CPU features that decide which int8 and fp32 kernels ONNX Runtime and OpenVINO
+#: pick (VNNI: int8 dot products; AMX: int8/bf16 tiles): a "2-core AMD EPYC" was once
+#: AVX-512 VNNI and once AVX2 only, and the OpenVINO-vs-ORT ratios differ between them.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in CPU_FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -60,6 +79,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "hostname": platform.node(),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable,
         "memory_gb": memory_gb,
@@ -89,10 +109,24 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.3f}%"
 
 
+def _name(r) -> str:
+    """The row's name; "(in memory)" when its end-to-end pass wrote no label files."""
+    return r["backend"] + ("" if r.get("writes_label_files", True) else " (in memory)")
+
+
+def _start_up(r) -> str:
+    # A start-up solved from two noisy passes can come out a little below zero: it is nil.
+    x = r.get("start_up_s")
+    return "-" if x is None else f"{max(x, 0.0):.2f}"
+
+
 COLUMNS = (
-    ("backend", lambda r: r["backend"]),
+    ("backend", _name),
     ("batch", lambda r: str(r["batch_size"])),
     ("e2e img/s", lambda r: _num(r.get("end_to_end_images_per_s"), ".2f")),
+    ("steady img/s", lambda r: _num(r.get("steady_images_per_s"), ".2f")),
+    ("start-up s", _start_up),
+    ("load s", lambda r: _num(r.get("setup_s"), ".2f")),
     ("model p50 ms", lambda r: _num(r.get("model_p50_ms"), ".1f")),
     ("p95 ms", lambda r: _num(r.get("model_p95_ms"), ".1f")),
     ("model img/s", lambda r: _num(r.get("model_images_per_s"), ".2f")),
@@ -134,7 +168,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
-        f"- machine: {m['cpu']}, {m['usable_cores']} usable cores of {m['cpu_count']}, "
+        f"- machine: {m['cpu']} ({', '.join(m.get('cpu_features') or ['features unknown'])}), "
+        f"{m['usable_cores']} usable cores of {m['cpu_count']}, "
         f"{m['memory_gb']} GB, {m['os']}; load average before/after: "
         f"{report['load_average']['before']} / {report['load_average']['after']}",
         f"- model: {model['model_dir']} (ONNX: {model['onnx_dir']}), {model['num_labels']} classes, "
@@ -152,14 +187,21 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(f(r) for _, f in COLUMNS) + " |")
     lines += [
         "",
-        "End to end = image files to label maps, images/s from the median pass. For `onnx-*` it is "
-        "`segdeploy infer` on the folder (decoding, preprocessing, model, upsampling and writing "
-        "the label PNGs and summary.json); the other backends stop at label maps in memory. "
-        "Model = the forward pass alone on preprocessed batches. e2e/model and the ratios "
-        "below are paired: the median over rounds of the ratio within a round (the machine's "
-        "speed drifts between rounds). Peak RSS = the high-water mark of a fresh process per "
-        "row. `= torch` = pixels whose label equals the `torch` backend's.",
+        "End to end = image files in, label PNG files out, images/s from the median pass: "
+        "every row does the same job. For `onnx-*` it is `segdeploy infer` on the folder "
+        "(decoding, preprocessing, model, upsampling, writing the label PNGs and summary.json); "
+        "the other rows' label maps are written as PNG with Pillow in the same timed pass, "
+        'under the same names (rows marked "(in memory)" keep them in memory instead: '
+        "`--in-memory`). Steady img/s and start-up s split a pass's time into a rate per "
+        "image and a fixed cost per pass (a process pool, listing, summary.json), solved from "
+        "a full pass and a short one in each round; load s = the model's load, once per row, "
+        "in no pass. Model = the forward pass alone on preprocessed batches. e2e/model and the "
+        "ratios below are paired: the median over rounds of the ratio within a round (the "
+        "machine's speed drifts between rounds). Peak RSS = the high-water mark of a fresh "
+        "process per row. `= torch` = pixels whose label equals the `torch` backend's.",
     ]
+    for f in report.get("fastest_validated") or []:
+        lines += ["", fastest_line(f)]
     if report["targets"]:
         lines += [
             "",
@@ -167,12 +209,12 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             TARGETS_NOTE,
             "",
-            "| target | batch | value | needs | met |",
+            "| target (rows) | batch | value | needs | met |",
             "|---|---:|---:|---:|:---:|",
         ]
         for t in report["targets"]:
             lines.append(
-                f"| {t['target']} | {t['batch_size']} | {_target_value(t)} | "
+                f"| {_target_name(t)} | {t['batch_size']} | {_target_value(t)} | "
                 f"{_target_threshold(t)} | {'yes' if t['met'] else '**no**'} |"
             )
     not_ok = _not_ok(report)
@@ -186,12 +228,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fastest_line(f: dict[str, Any]) -> str:
+    """One line: the fastest validated path here, how to run it, and its lead."""
+    line = (
+        f"fastest validated path here at batch {f['batch_size']}: {f['backend']} "
+        f"(`{f['command']}`), {f['end_to_end_images_per_s']:.2f} images/s end to end"
+    )
+    if f.get("vs_best_peer") is not None:
+        line += f", {f['vs_best_peer']:.2f}x the fastest other library ({f['best_peer']})"
+    return line
+
+
 def _target_value(t) -> str:
     if t["kind"] == "agreement":
         return _pct(t["value"])
     if t["kind"] == "miou_drop":
         return f"{t['value']:+.4f}"
     return f"{t['value']:.3f}x"  # 3 decimals: 1.597 must not print as a failing 1.60
+
+
+def _target_name(t) -> str:
+    """The target and, where it names a group of rows, the rows that were compared."""
+    if "group" not in t and "compared_group" not in t:
+        return t["target"]
+    rows = t["backend"] + (f" vs {t['compared_with']}" if t.get("compared_with") else "")
+    return f"{t['target']} ({rows})"
 
 
 def _target_threshold(t) -> str:
@@ -289,12 +350,14 @@ def print_report(report: dict[str, Any], console, output: str | os.PathLike) -> 
         console.print(f"  [dim]{r['backend']}: {escape(r['reason'])}[/]")
     for b in report.get("failed_images") or []:
         console.print(f"[red]failed image[/] {escape(b['path'])}: {escape(b['reason'])}")
+    for f in report.get("fastest_validated") or []:
+        console.print(escape(fastest_line(f)))
     if report["targets"]:
         console.print(f"  [dim]{TARGETS_NOTE}[/]")
     for t in report["targets"]:
         mark = "[green]met[/]" if t["met"] else "[red]not met[/]"
         console.print(
-            f"  target {t['target']} (batch {t['batch_size']}): {_target_value(t)}, "
+            f"  target {escape(_target_name(t))} (batch {t['batch_size']}): {_target_value(t)}, "
             f"needs {_target_threshold(t)}: {mark}"
         )
     paths = report_paths(output)

@@ -53,15 +53,31 @@ from segdeploy.folders import (
 
 log = logging.getLogger(__name__)
 
-#: (name, backend, compared with, what, target): the issue's targets, judged per batch size.
+#: Row groups a target may name instead of a row: at each batch size, the fastest ok row
+#: that the group's test accepts. segdeploy's CPU rows are those of `segdeploy infer` on
+#: onnxruntime's CPU provider or OpenVINO; "validated" is set by `mark_validated`.
+SEGDEPLOY_FP32 = "segdeploy infer fp32 (fastest CPU row)"
+FASTEST_VALIDATED = "segdeploy infer (fastest validated CPU row)"
+OPENVINO_FASTEST = "OpenVINO's own pipeline (fastest row)"
+GROUPS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    SEGDEPLOY_FP32: lambda r: _segdeploy_cpu(r) and r.get("precision") == "fp32",
+    FASTEST_VALIDATED: lambda r: _segdeploy_cpu(r) and bool(r.get("validated")),
+    OPENVINO_FASTEST: lambda r: r.get("kind") in ("openvino", "openvino-int8"),
+}
+
+#: (name, backend, compared with, what, target): the issues' targets, judged per batch size.
+#: A backend (or compared-with) is a row's name or a GROUPS name.
 #: "ratio" divides end-to-end images/s, "vs_model" a row's end-to-end rate by its
 #: own model-only rate, both paired by round (see `summarize`); "model_ratio" divides
 #: model-only latencies (base's p50 over the row's); "agreement" is pixel agreement
 #: with torch; "miou_drop" is the mean IoU of `compared with` minus the backend's.
-#: The OpenVINO ones (issue 16) are judged only where the openvino rows ran.
+#: The OpenVINO ones (issues 16, 27) are judged only where the openvino rows ran; the
+#: fp32 ratios (issue 29) compare rows that do the same job (files in, label PNGs out).
 TARGETS = (
-    ("infer fp32 end to end vs hf-pipeline", "onnx-cpu", "hf-pipeline", "ratio", 2.0),
-    ("infer fp32 end to end vs optimum", "onnx-cpu", "optimum", "ratio", 1.0),
+    ("infer fp32 end to end vs torch", SEGDEPLOY_FP32, "torch", "ratio", 1.1),
+    ("infer fp32 end to end vs hf-pipeline", SEGDEPLOY_FP32, "hf-pipeline", "ratio", 2.0),
+    ("infer fp32 end to end vs optimum", SEGDEPLOY_FP32, "optimum", "ratio", 1.1),
+    ("infer fp32 end to end vs OpenVINO fp32", SEGDEPLOY_FP32, "openvino", "ratio", 1.1),
     ("infer fp32 end to end vs its model-only rate", "onnx-cpu", None, "vs_model", 0.9),
     ("infer fp32 masks equal to torch", "onnx-cpu", REFERENCE, "agreement", 0.999),
     ("int8 end to end vs fp32", "onnx-cpu-int8", "onnx-cpu", "ratio", 1.6),
@@ -69,7 +85,17 @@ TARGETS = (
     ("int8 end to end vs OpenVINO NNCF int8", "onnx-cpu-int8", "openvino-int8", "ratio", 1.25),
     ("int8 end to end vs OpenVINO fp32", "onnx-cpu-int8", "openvino", "ratio", 1.25),
     ("ORT fp32 model only vs OpenVINO fp32", "onnx-cpu", "openvino", "model_ratio", 0.9),
-)
+    ("fastest validated CPU row vs OpenVINO's fastest", FASTEST_VALIDATED, OPENVINO_FASTEST,
+     "ratio", 1.15),
+    ("fastest validated CPU row masks equal to torch", FASTEST_VALIDATED, REFERENCE,
+     "agreement", 0.995),
+    ("fastest validated CPU row mean IoU drop vs torch", FASTEST_VALIDATED, REFERENCE,
+     "miou_drop", 0.01),
+)  # fmt: skip
+
+
+def _segdeploy_cpu(row: dict[str, Any]) -> bool:
+    return row.get("kind") == "segdeploy" and row.get("provider") in ("cpu", "openvino")
 
 
 @dataclass(frozen=True)
@@ -96,10 +122,26 @@ class BenchSettings:
     #: Judge TARGETS (set for a CamVid-trained b0 at 512x512, where the figures were
     #: measured); off for models they mean nothing for, such as the 64-px demo model.
     targets: bool = True
+    #: The other rows keep their label maps in memory instead of writing label PNGs
+    #: (segdeploy infer's rows always write): the older, unequal comparison, on request.
+    in_memory: bool = False
     inputs: InputOptions = field(default_factory=InputOptions)
+    #: Sliding windows (--tile, --stride, --overlap, --blend; segdeploy.runtime.tiles): the
+    #: onnx-* rows run `segdeploy infer --tile`, the torch row the same windows in PyTorch,
+    #: model-only batches are batches of windows; rows with no tiled mode are skipped.
+    tile: str | None = None
+    stride: str | None = None
+    overlap: float | None = None
+    blend: str = "mean"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def tiling(self):
+        from segdeploy.runtime.tiles import TileOptions
+
+        return TileOptions.from_text(self.tile, self.stride, self.overlap, self.blend)
 
     def check(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -110,6 +152,7 @@ class BenchSettings:
             raise SegdeployError("--model-runs", f"must be at least 1, got {self.model_runs}")
         if self.threads is not None and self.threads < 1:
             raise SegdeployError("--threads", f"must be at least 1, got {self.threads}")
+        self.tiling  # noqa: B018 (parses the tile options: a bad one is refused here)
         # NaN passes every range check (all its comparisons are false) and is not JSON.
         if self.timeout_s is not None and not (
             math.isfinite(self.timeout_s) and self.timeout_s > 0
@@ -255,7 +298,8 @@ def measure_batch_size(
     """
     workers: dict[int, Worker] = {}
     raw: list[dict[str, Any]] = [
-        {"end_to_end_s": [], "model_latency_s": [], "model_latency_s_by_round": []} for _ in jobs
+        {"end_to_end_s": [], "short_s": [], "model_latency_s": [], "model_latency_s_by_round": []}
+        for _ in jobs
     ]
     try:
         for i, job in enumerate(jobs):
@@ -286,6 +330,7 @@ def measure_batch_size(
                     raw[i] = reply
                     continue
                 raw[i]["end_to_end_s"].append(reply["end_to_end_s"])
+                raw[i]["short_s"].append(reply.get("short_s"))
                 raw[i]["model_latency_s"].extend(reply["model_latency_s"])
                 raw[i]["model_latency_s_by_round"].append(reply["model_latency_s"])
         for i in sorted(workers):
@@ -323,6 +368,7 @@ def summarize(raw: dict[str, Any], batch_size: int) -> dict[str, Any]:
     ]
     return {
         "end_to_end_images_per_s": e2e_rate,
+        **startup_and_steady(raw),
         "end_to_end_images_per_s_by_round": by_round,
         "end_to_end_s_median": float(np.median(e2e)),
         "end_to_end_s": [round(float(x), 6) for x in e2e],
@@ -333,6 +379,32 @@ def summarize(raw: dict[str, Any], batch_size: int) -> dict[str, Any]:
         "end_to_end_vs_model": float(np.median(per_round)) if per_round else e2e_rate / model_rate,
         "end_to_end_vs_model_of_medians": e2e_rate / model_rate,
         "model_latency_ms": [round(float(x), 3) for x in lat],
+    }
+
+
+def startup_and_steady(raw: dict[str, Any]) -> dict[str, Any]:
+    """A pass's fixed start-up (s) and its steady rate (images/s), from the two passes of
+    each round: the full one (n images, T_n s) and the short one (k images, T_k s), as
+    T = start-up + images / rate. Medians over rounds; None without a short pass.
+
+    The start-up is what a pass pays whatever its length (segdeploy's process pool,
+    listing and summary.json; about nothing for the rows whose model is already loaded);
+    the model's own load is the row's `setup_s`, paid once and not in any pass.
+    """
+    n, k = raw["images"], raw.get("short_images") or 0
+    starts, rates = [], []
+    for full, short in zip(raw["end_to_end_s"], raw.get("short_s") or [], strict=False):
+        if short is None or not 0 < k < n or full <= short:
+            continue  # no short pass, or one no faster than the full pass: nothing to solve
+        starts.append((short * n - full * k) / (n - k))
+        rates.append((n - k) / (full - short))
+    if not rates:
+        return {"start_up_s": None, "steady_images_per_s": None}
+    return {
+        "start_up_s": float(np.median(starts)),
+        "steady_images_per_s": float(np.median(rates)),
+        "short_pass_images": k,
+        "short_pass_s": [round(float(x), 6) for x in raw["short_s"] if x is not None],
     }
 
 
@@ -356,6 +428,7 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     from PIL import Image
 
     from segdeploy.runtime.infer import label_path
+    from segdeploy.runtime.large_image import read_labels, tiff_name
     from segdeploy.train.metrics import MeanIoU, finite
 
     ok = [r for r in rows if r["status"] == "ok"]
@@ -371,6 +444,8 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
     pixels = 0
 
     def read(path: Path) -> np.ndarray:
+        if not path.exists() and tiff_name(path).exists():  # a large tiled output
+            return read_labels(tiff_name(path))
         with Image.open(path) as im:
             return np.asarray(im)
 
@@ -408,53 +483,124 @@ def score(rows: list[dict[str, Any]], items: list, inputs: BenchInputs, num_labe
         r["pixel_agreement_with_torch"] = agree[id(r)] / pixels if torch_out and pixels else None
 
 
+def fastest(rows: list[dict[str, Any]], spec: str | None, batch_size: int):
+    """The row `spec` names at `batch_size` (a row name, or the fastest ok row of a GROUPS
+    entry), or None when it did not run."""
+    ok = [r for r in rows if r["status"] == "ok" and r["batch_size"] == batch_size]
+    if spec in GROUPS:
+        members = [r for r in ok if GROUPS[spec](r)]
+        return max(members, key=lambda r: r["end_to_end_images_per_s"], default=None)
+    return next((r for r in ok if r["backend"] == spec), None)
+
+
 def judge_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, for every batch size where the rows they need ran."""
-    found = {(r["backend"], r["batch_size"]): r for r in rows if r["status"] == "ok"}
+    """The issues' targets, for every batch size where the rows they need ran."""
     out = []
     for batch_size in sorted({r["batch_size"] for r in rows}):
         for name, backend, other, what, target in TARGETS:
-            row = found.get((backend, batch_size))
-            base = found.get((other, batch_size)) if other else row
+            row = fastest(rows, backend, batch_size)
+            base = fastest(rows, other, batch_size) if other else row
             if row is None or base is None:
                 continue
-            extra = {}
-            if what == "ratio":
-                value = paired_ratio(row, base)
-                extra["ratio_of_medians"] = (
-                    row["end_to_end_images_per_s"] / base["end_to_end_images_per_s"]
-                )
-                met = value >= target
-            elif what == "model_ratio":
-                value = base["model_p50_ms"] / row["model_p50_ms"]
-                met = value >= target
-            elif what == "vs_model":
-                value = row["end_to_end_vs_model"]
-                extra["ratio_of_medians"] = row.get("end_to_end_vs_model_of_medians")
-                met = value >= target
-            elif what == "agreement":
-                value = row.get("pixel_agreement_with_torch")
-                met = value is not None and value >= target
-            else:  # miou_drop
-                if row.get("mean_iou") is None or base.get("mean_iou") is None:
-                    continue
-                value = base["mean_iou"] - row["mean_iou"]
-                met = value <= target
-            if value is None:
+            judged = _judge(what, row, base, target)
+            if judged is None:
                 continue
+            value, met, extra = judged
             out.append(
                 {
                     "target": name,
                     "batch_size": batch_size,
-                    "backend": backend,
-                    "compared_with": other,
+                    "backend": row["backend"],
+                    "compared_with": base["backend"] if other else None,
                     "kind": what,
                     "value": value,
                     "threshold": target,
                     "met": bool(met),
+                    **({"group": backend} if backend in GROUPS else {}),
+                    **({"compared_group": other} if other in GROUPS else {}),
                     **extra,
                 }
             )
+    return out
+
+
+def _judge(what: str, row, base, target: float):
+    """(value, met, extra) of one target on its rows, or None when a figure is missing."""
+    extra: dict[str, Any] = {}
+    if what == "ratio":
+        value = paired_ratio(row, base)
+        extra["ratio_of_medians"] = row["end_to_end_images_per_s"] / base["end_to_end_images_per_s"]
+        return value, value >= target, extra
+    if what == "model_ratio":
+        value = base["model_p50_ms"] / row["model_p50_ms"]
+        return value, value >= target, extra
+    if what == "vs_model":
+        extra["ratio_of_medians"] = row.get("end_to_end_vs_model_of_medians")
+        value = row["end_to_end_vs_model"]
+        return value, value >= target, extra
+    if what == "agreement":
+        value = row.get("pixel_agreement_with_torch")
+        return None if value is None else (value, value >= target, extra)
+    if row.get("mean_iou") is None or base.get("mean_iou") is None:  # miou_drop
+        return None
+    value = base["mean_iou"] - row["mean_iou"]
+    return value, value <= target, extra
+
+
+def mark_validated(rows: list[dict[str, Any]], onnx_dir: Path | None) -> None:
+    """Set `validated` on segdeploy's ok rows, in place: the graph it ran passed its
+    validation against PyTorch (the report export or validate wrote beside it), and, where
+    the torch row ran, its label maps here agree with torch's as that precision's floor
+    requires (the graph may have been validated on another runtime than this row's)."""
+    from segdeploy.folders import validation_report_name
+    from segdeploy.validate.verdicts import MIN_AGREEMENT
+
+    for r in rows:
+        if r["status"] != "ok" or not r.get("graph") or onnx_dir is None:
+            continue
+        report = read_json_or_none(onnx_dir / validation_report_name(r["graph"]))
+        passed = isinstance(report, dict) and report.get("passed") is True
+        agree = r.get("pixel_agreement_with_torch")
+        floor = MIN_AGREEMENT.get(r.get("precision") or "fp32", 1.0)
+        r["validation_passed"] = passed
+        r["validated"] = passed and (agree is None or agree >= floor)
+
+
+def read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def fastest_paths(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size: segdeploy's fastest validated CPU row, the command that runs it,
+    and its end-to-end ratio (paired) to the fastest row of the other libraries."""
+    out = []
+    for batch_size in sorted({r["batch_size"] for r in rows}):
+        best = fastest(rows, FASTEST_VALIDATED, batch_size)
+        if best is None:
+            continue
+        peers = [
+            r
+            for r in rows
+            if r["status"] == "ok"
+            and r["batch_size"] == batch_size
+            and r.get("kind") != "segdeploy"
+        ]
+        peer = max(peers, key=lambda r: r["end_to_end_images_per_s"], default=None)
+        variant = "" if best["variant"] == "fp32" else f" --variant {best['variant']}"
+        out.append(
+            {
+                "batch_size": batch_size,
+                "backend": best["backend"],
+                "command": f"segdeploy infer --provider {best['provider']}{variant} "
+                f"--batch-size {batch_size}",
+                "end_to_end_images_per_s": best["end_to_end_images_per_s"],
+                "best_peer": peer["backend"] if peer else None,
+                "vs_best_peer": paired_ratio(best, peer) if peer else None,
+            }
+        )
     return out
 
 
@@ -523,10 +669,10 @@ def run_bench(
     report. Backends that cannot run here are rows with status "skipped" and a
     reason; backends that fail while running are "failed" with the reason.
     """
-    import onnxruntime as ort
 
     from segdeploy.bench import report as rep
     from segdeploy.bench.worker import list_items
+    from segdeploy.runtime.providers import available_providers
 
     settings.check()
     model_dir, onnx_dir = resolve_dirs(model, onnx)
@@ -537,8 +683,9 @@ def run_bench(
     parsed.sort(key=lambda b: b.name != REFERENCE)
     output = Path(output) if output is not None else Path(model) / "bench.json"
     check_output(output)
-    available = ort.get_available_providers()
-    skip = {b: check_backend(b, model_dir, onnx_dir, available) for b in parsed}
+    available = available_providers()
+    tiling = settings.tiling
+    skip = {b: check_backend(b, model_dir, onnx_dir, available, tiling) for b in parsed}
 
     work = Path(tempfile.mkdtemp(prefix="segdeploy-bench-"))
     load_before = _loadavg()
@@ -556,6 +703,7 @@ def run_bench(
         if console is not None:
             console.print("scoring the label maps ...")
         score(rows, items, inputs, facts["num_labels"])
+        mark_validated(rows, onnx_dir)
         report = {
             "schema": 1,
             "date": rep.utc_now(),
@@ -580,21 +728,12 @@ def run_bench(
                 "ignore_index": inputs.ignore_index,
                 "reduce_labels": inputs.reduce_labels,
             },
-            "settings": {
-                "batch_sizes": list(settings.batch_sizes),
-                "runs": settings.runs,
-                "model_runs": settings.model_runs,
-                "threads": settings.threads,
-                "targets": settings.targets,
-                "warmup": "per row, before timing: one end-to-end pass over min(images, "
-                "2 x batch) images and 2 forward calls",
-                "order": "rows interleaved: each round runs every row once (one end-to-end "
-                "pass and its share of the forward calls), one row at a time, starting one "
-                "row later each round",
-            },
+            "settings": settings_record(settings),
             "failed_images": bad_images,
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-            "targets": judge_targets(rows) if settings.targets else [],
+            # The targets were set for whole images resized to the model (not windows).
+            "targets": judge_targets(rows) if settings.targets and not tiling.enabled else [],
+            "fastest_validated": fastest_paths(rows),
         }
         rep.write_reports(report, output)
     finally:
@@ -605,6 +744,25 @@ def run_bench(
     if console is not None:
         rep.print_report(report, console, output)
     return report
+
+
+def settings_record(settings: BenchSettings) -> dict[str, Any]:
+    """How the rows were measured, for the report."""
+    tiling = settings.tiling
+    return {
+        "batch_sizes": list(settings.batch_sizes),
+        "runs": settings.runs,
+        "model_runs": settings.model_runs,
+        "threads": settings.threads,
+        "targets": settings.targets and not tiling.enabled,
+        "tiles": tiling.to_json() if tiling.enabled else None,
+        "in_memory": settings.in_memory,
+        "warmup": "per row, before timing: one end-to-end pass over min(images, "
+        "2 x batch) images and 2 forward calls",
+        "order": "rows interleaved: each round runs every row once (a short end-to-end "
+        "pass, a full one and its share of the forward calls), one row at a time, starting "
+        "one row later each round",
+    }
 
 
 def check_output(output: Path) -> None:
@@ -694,7 +852,12 @@ def _measure_rows(
             "backend": backend.name,
             "batch_size": batch_size,
             "description": backend.description,
-            "end_to_end_includes": backend.end_to_end_includes,
+            "end_to_end_includes": end_to_end_includes(backend, settings.in_memory),
+            "writes_label_files": backend.writes_labels or not settings.in_memory,
+            "kind": backend.kind,
+            "variant": backend.variant,
+            "precision": backend.precision,
+            "graph": backend.graph,
         }
         rows.append(row)
         if skip[backend] is not None:
@@ -713,6 +876,8 @@ def _measure_rows(
                 "out": row["_out"],
                 "model_runs": settings.model_runs,
                 "threads": settings.threads,
+                "tiling": settings.tiling.to_json() if settings.tiling.enabled else None,
+                "in_memory": settings.in_memory,
             }
         )
     measured = iter(measure_batch_size(jobs, settings, work, console))
@@ -746,6 +911,15 @@ def _measure_rows(
                 f"model p50 {row['model_p50_ms']:.1f} ms"
             )
     return rows
+
+
+def end_to_end_includes(backend: Backend, in_memory: bool) -> str:
+    """What a row's end-to-end figure includes, as the report says it."""
+    if backend.writes_labels:
+        return backend.end_to_end_includes
+    if in_memory:
+        return f"{backend.end_to_end_includes}; label maps kept in memory (not written)"
+    return f"{backend.end_to_end_includes}, writing label PNGs with Pillow"
 
 
 def _loadavg() -> list[float] | None:

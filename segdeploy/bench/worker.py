@@ -6,11 +6,21 @@ never goes down) and one backend's imports, caches and threads cannot help or
 hinder another. The parent then drives all rows of a batch size round by
 round, one command at a time (JSON lines on stdin and stdout):
 
-    -> {"do": "round", "calls": k}   one timed end-to-end pass over all
-                          images, then k timed forward calls
-    <- {"event": "round", "end_to_end_s": ..., "model_latency_s": [...]}
+    -> {"do": "round", "calls": k}   a timed end-to-end pass over the first
+                          images, one over all images, then k timed forward calls
+    <- {"event": "round", "end_to_end_s": ..., "short_s": ..., "model_latency_s": [...]}
     -> {"do": "finish"}   write the last pass's label maps, report peak memory
     <- {"event": "result", ...}
+
+The short pass (`short_items`) is there to split a pass's time into a fixed
+start-up (a process pool, listing, summary.json: what a fresh command pays once)
+and a steady rate per image: two passes of different lengths give both.
+
+Every row does the same job: image files in, label PNG files out. segdeploy's
+row writes its own (it is `segdeploy infer`); the others' label maps are written
+here, in the timed pass, with Pillow under the same names, as a user of those
+libraries would (`write_label_pngs`). With `in_memory` they are written only after
+timing, for scoring: the older comparison of label maps kept in memory.
 
 Interleaving the rows this way means that a burst of load from another process
 on a shared machine slows every row alike instead of one row wholesale; the
@@ -72,6 +82,29 @@ def list_items(images: Path, out: Path | None = None) -> list:
     return items
 
 
+def _tuple(value):
+    """JSON gives lists where the options had (height, width) tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def short_items(items: list, batch_size: int) -> list:
+    """The short pass's images: a quarter of them, at least two batches, at most half."""
+    return items[: min(max(2 * batch_size, len(items) // 4), len(items) // 2)]
+
+
+def write_label_pngs(out: Path, items, labels) -> None:
+    """Label maps to PNG files with Pillow, named as `segdeploy infer` names them: what a
+    user of a library that returns label maps writes."""
+    from PIL import Image
+
+    from segdeploy.runtime.infer import label_path
+
+    for item, lab in zip(items, labels, strict=True):
+        path = label_path(out, item)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lab if lab.dtype == "uint8" else lab.astype("uint16")).save(path)
+
+
 class Row:
     """A backend set up for one batch size: warm-up done, ready for timed rounds."""
 
@@ -81,12 +114,19 @@ class Row:
         self.backend = parse_backend(job["backend"])
         self.images, self.out = Path(job["images"]), Path(job["out"])
         self.batch_size = job["batch_size"]
+        # The worker writes the label PNGs of a runner that returns label maps.
+        self.write = not job.get("in_memory", False) and not self.backend.writes_labels
         model_dir = Path(job["model_dir"]) if job.get("model_dir") else None
         onnx_dir = Path(job["onnx_dir"]) if job.get("onnx_dir") else None
 
         start = time.perf_counter()
+        tiling = None
+        if job.get("tiling"):
+            from segdeploy.runtime.tiles import TileOptions
+
+            tiling = TileOptions(**{k: _tuple(v) for k, v in job["tiling"].items()})
         self.runner = make_runner(
-            self.backend, model_dir, onnx_dir, self.batch_size, job.get("threads")
+            self.backend, model_dir, onnx_dir, self.batch_size, job.get("threads"), tiling
         )
         self.setup_s = time.perf_counter() - start
         self.items = list_items(self.images, self.out)
@@ -96,8 +136,9 @@ class Row:
         # and the first forward calls on the model-only batches.
         warm = self.items[: min(len(self.items), 2 * self.batch_size)]
         warm_out = self.out.with_name(self.out.name + "-warmup")
-        self.runner.end_to_end(warm, warm_out, [str(i.path) for i in warm])
+        self._pass(warm, warm_out, [str(i.path) for i in warm])
         shutil.rmtree(warm_out, ignore_errors=True)
+        self.short = short_items(self.items, self.batch_size)
         distinct = min(job["model_runs"], max(1, math.ceil(len(self.items) / self.batch_size)))
         self.batches = self.runner.model_inputs(self.items, distinct)
         for i in range(MODEL_WARMUP_CALLS):
@@ -105,10 +146,22 @@ class Row:
         self.calls = 0
         self.labels = None
 
-    def round(self, calls: int) -> dict[str, Any]:
+    def _pass(self, items: list, out: Path, inputs: list[str]) -> tuple[float, Any]:
+        """One end-to-end pass into an empty `out`: (seconds, label maps or None)."""
+        shutil.rmtree(out, ignore_errors=True)  # every pass writes new files, none replaces
         t = time.perf_counter()
-        self.labels = self.runner.end_to_end(self.items, self.out, [str(self.images)])
-        e2e = time.perf_counter() - t
+        labels = self.runner.end_to_end(items, out, inputs)
+        if self.write and labels is not None:
+            write_label_pngs(out, items, labels)
+        return time.perf_counter() - t, labels
+
+    def round(self, calls: int) -> dict[str, Any]:
+        short_s = None
+        if self.short:
+            short_out = self.out.with_name(self.out.name + "-short")
+            short_s, _ = self._pass(self.short, short_out, [str(i.path) for i in self.short])
+            shutil.rmtree(short_out, ignore_errors=True)
+        e2e, self.labels = self._pass(self.items, self.out, [str(self.images)])
         latency = []
         for _ in range(calls):
             batch = self.batches[self.calls % len(self.batches)]
@@ -116,13 +169,18 @@ class Row:
             t = time.perf_counter()
             self.runner.forward(batch)
             latency.append(time.perf_counter() - t)
-        return {"event": "round", "end_to_end_s": e2e, "model_latency_s": latency}
+        return {
+            "event": "round",
+            "end_to_end_s": e2e,
+            "short_s": short_s,
+            "model_latency_s": latency,
+        }
 
     def finish(self) -> dict[str, Any]:
         from segdeploy.runtime.infer import label_path, save_labels
 
         peak = peak_rss_mb()
-        if self.labels is not None:  # segdeploy wrote its own label PNGs; the others' alike
+        if self.labels is not None and not self.write:  # in memory: written now, for scoring
             for item, lab in zip(self.items, self.labels, strict=True):
                 save_labels(label_path(self.out, item), lab)
         return {
@@ -131,6 +189,7 @@ class Row:
             "provider": getattr(self.runner, "provider", "cpu"),
             "threads": self.runner.threads,
             "images": len(self.items),
+            "short_images": len(self.short),
             "setup_s": self.setup_s,
             "peak_rss_mb": peak,
             "torch_imported": "torch" in sys.modules,

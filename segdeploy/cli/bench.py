@@ -7,7 +7,7 @@ import shlex
 import click
 
 from segdeploy.bench.run import BenchSettings
-from segdeploy.cli.options import threads_option
+from segdeploy.cli.options import threads_option, tile_options
 from segdeploy.errors import SegdeployError
 
 
@@ -96,9 +96,10 @@ def command_line(ctx: click.Context) -> str:
     "--backends",
     default=None,
     help="Comma-separated: torch, hf-pipeline, optimum, onnx-cpu, onnx-cuda, onnx-tensorrt, "
-    "onnx-<provider>-<variant> (e.g. onnx-cpu-int8), openvino, openvino-int8 (OpenVINO on "
-    "the CPU, fp32 or NNCF int8; needs the openvino extra)  [default: all but openvino, with "
-    "every variant in the ONNX folder].",
+    "onnx-openvino (segdeploy infer --provider openvino), onnx-<provider>-<variant> (e.g. "
+    "onnx-cpu-int8, onnx-openvino-openvino_int8), openvino, openvino-int8 (OpenVINO's own "
+    "pipeline on the CPU, fp32 or NNCF int8; these need the openvino extra)  [default: all "
+    "but openvino and openvino-int8, with every variant in the ONNX folder].",
 )
 @click.option(
     "--batch-sizes",
@@ -145,7 +146,16 @@ def command_line(ctx: click.Context) -> str:
     help="Judge segdeploy's speed and fidelity targets (set for a trained SegFormer at "
     "512x512, e.g. CamVid b0); --no-targets for models they mean nothing for.",
 )
+@click.option(
+    "--in-memory",
+    is_flag=True,
+    default=BenchSettings.in_memory,
+    help="The other libraries' rows keep their label maps in memory instead of writing label "
+    "PNGs (segdeploy infer's rows always write theirs): a lighter job than infer's, marked "
+    '"(in memory)" in the table.  [default: every row writes its label PNGs]',
+)
 @click.option("--keep-work", is_flag=True, help="Keep the work folder (label maps, worker logs).")
+@tile_options
 def bench(
     model: str | None,
     onnx: str | None,
@@ -164,15 +174,23 @@ def bench(
     timeout: float | None,
     output: str | None,
     targets: bool,
+    in_memory: bool,
     keep_work: bool,
+    tile: str | None,
+    stride: str | None,
+    overlap: float | None,
+    blend: str,
 ) -> None:
     """Compare segdeploy's ONNX Runtime inference with the pipelines users would pick instead.
 
     For each backend and batch size, in a fresh process: end-to-end images/s
-    (image files to label maps; for onnx-* that is `segdeploy infer` on the
-    folder, writing its outputs), model-only latency p50/p95 (the forward pass on
-    preprocessed batches), peak memory, and with labels the mean IoU and the
-    share of pixels whose label equals the `torch` backend's. Backends that
+    (image files in, label PNG files out, the same job for every row: for onnx-*
+    that is `segdeploy infer` on the folder, for the others their own pipeline with
+    the label maps written by Pillow), split into a steady rate and a fixed start-up
+    per pass; model-only latency p50/p95 (the forward pass on preprocessed batches),
+    peak memory, and with labels the mean IoU and the share of pixels whose label
+    equals the `torch` backend's. Then the fastest validated path here (provider and
+    variant of `segdeploy infer`, its graph's validation passed). Backends that
     cannot run here are listed as skipped, with the reason.
 
     \b
@@ -201,6 +219,11 @@ def bench(
         threads=threads,
         timeout_s=timeout,
         targets=targets,
+        tile=tile,
+        stride=stride,
+        overlap=overlap,
+        blend=blend,
+        in_memory=in_memory,
         inputs=InputOptions(
             images=images,
             labels=labels,

@@ -82,6 +82,20 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     "measured effect, go to quantization_int8.json. Example: --max-drop 0.01.",
 )
 @click.option(
+    "--int8-engine",
+    "int8_engines",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    multiple=True,
+    default=_DEFAULTS.int8_engines,
+    show_default=True,
+    help="With --quantize int8: who makes the int8 graph (repeat for both). onnxruntime: "
+    "model_int8.onnx (above). openvino: model_openvino_int8.xml/.bin, NNCF's post-training "
+    "int8 as OpenVINO IR, calibrated on the same images (with --max-drop, NNCF's accuracy "
+    "control, the same drop measure), for `segdeploy infer --provider openvino --variant "
+    "openvino_int8`; validated like the others (validation_openvino_int8.json), its settings "
+    "in quantization_openvino_int8.json. Needs pip install 'segdeploy[openvino]'.",
+)
+@click.option(
     "--validate/--no-validate",
     default=_DEFAULTS.validate,
     show_default=True,
@@ -108,6 +122,7 @@ def export(
     quantize: str | None,
     calibration_images: int,
     max_drop: float | None,
+    int8_engines: tuple[str, ...],
     validate: bool,
     triton_repo: Path | None,
     **opts,
@@ -131,6 +146,7 @@ def export(
       segdeploy export models/tiny --opset 18 --fp16 --optimize --max-images 100
       segdeploy export models/tiny --fp16 --fuse-argmax   # for the GPU path
       segdeploy export models/tiny --quantize int8         # for CPUs
+      segdeploy export models/tiny --quantize int8 --int8-engine openvino
       segdeploy export models/tiny --dataset data/camvid --split val
       segdeploy export models/tiny --triton-repo triton/  # for Triton on a GPU
     """
@@ -149,6 +165,7 @@ def export(
         quantize=quantize,
         calibration_images=calibration_images,
         max_drop=max_drop,
+        int8_engines=tuple(dict.fromkeys(int8_engines)),
         validate=validate,
         validation=settings_from(ValidationSettings, opts),
     )

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import click
 
-from segdeploy.cli.options import ray_address_option, ray_timeout_option, settings_from
+from segdeploy.cli.options import (
+    ray_address_option,
+    ray_timeout_option,
+    settings_from,
+    tile_options,
+)
 from segdeploy.runtime.clips import VideoSettings
 from segdeploy.runtime.providers import PROVIDERS
 from segdeploy.runtime.video_out import LABEL_MODES, OVERLAY_CODECS
@@ -102,7 +107,10 @@ def video_options(func):
     type=click.Choice(PROVIDERS, case_sensitive=False),
     default="auto",
     show_default=True,
-    help="ONNX Runtime provider; auto = CUDA if installed, else CPU (TensorRT only on request).",
+    help="Where the graph runs: ONNX Runtime's cpu, cuda or tensorrt, or openvino (OpenVINO's "
+    "runtime on the CPU: pip install 'segdeploy[openvino]'; runs model.onnx and every variant, "
+    "and the NNCF int8 --variant openvino_int8); auto = CUDA if installed, else ONNX Runtime's "
+    "CPU (TensorRT and OpenVINO only on request; `segdeploy bench` says which is fastest here).",
 )
 @click.option(
     "--fallback",
@@ -135,10 +143,18 @@ def video_options(func):
     "rebuilding (minutes).",
 )
 @click.option(
+    "--ov-cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --provider openvino: folder for compiled models, reused by later runs (each "
+    "file named by the graph's hash, OpenVINO's version, the CPU and the settings)  "
+    "[default: $XDG_CACHE_HOME/segdeploy/openvino, else ~/.cache/segdeploy/openvino].",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="ONNX Runtime intra-op threads  [default: the cores this process may use, from its "
+    help="Model threads (ONNX Runtime's intra-op, OpenVINO's inference threads)  [default: the cores this process may use, from its "
     "CPU affinity (taskset, cgroup cpuset)].",
 )
 @click.option(
@@ -194,6 +210,7 @@ def video_options(func):
     "cuda/tensorrt); MIN-MAX lets Ray scale the pool  [default: one per GPU, else one per node].",
 )
 @video_options
+@tile_options
 def infer(
     inputs: tuple[str, ...],
     model_dir: str | None,
@@ -204,6 +221,7 @@ def infer(
     fp16: bool,
     batch_size: int | None,
     trt_cache: str | None,
+    ov_cache: str | None,
     threads: int | None,
     workers: int | None,
     overlay: bool,
@@ -214,6 +232,10 @@ def infer(
     ray_address: str | None,
     ray_timeout: float,
     actors: str | None,
+    tile: str | None,
+    stride: str | None,
+    overlap: float | None,
+    blend: str,
     **video_opts,
 ) -> None:
     """Segment images with an exported model on ONNX Runtime; no torch needed.
@@ -233,6 +255,7 @@ def infer(
       segdeploy infer --model models/tiny photos/ -o masks --overlay
       segdeploy infer --provider cuda --batch-size 32 'data/**/*.jpg'
       segdeploy infer --engine ray --ray-address HEAD:6379 /shared/in -o /shared/out
+      segdeploy infer --model models/tiny scene.tif -o masks --tile auto --blend gaussian
 
     Video clips among the inputs (mp4, mkv, mov, avi, webm) and --stream URLs are
     segmented frame by frame into OUTPUT/<clip file name>/ (docs/video.md).
@@ -247,10 +270,12 @@ def infer(
 
     from segdeploy.folders import newest_export
     from segdeploy.runtime.image_io import MAX_PIXELS
+    from segdeploy.runtime.tiles import TileOptions
 
     video = settings_from(VideoSettings, video_opts, labels=video_opts["video_labels"])
+    tiling = TileOptions.from_text(tile, stride, overlap, blend)
 
-    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors)
+    engine_opts = _engine_options(engine, workers, video, ray_address, ray_timeout, actors, tiling)
     if model_dir is None:
         model_dir = newest_export()
         click.echo(f"model: {model_dir} (the newest export under models/)", err=True)
@@ -266,6 +291,7 @@ def infer(
             batch_size=batch_size,
             threads=threads,
             trt_cache=trt_cache,
+            ov_cache=ov_cache,
             fp16=fp16,
             overlay=overlay,
             skip_existing=skip_existing,
@@ -276,8 +302,9 @@ def infer(
     _report(result)
 
 
-def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors) -> dict:
-    """The engine's own keyword arguments; another engine's options are refused."""
+def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actors, tiling) -> dict:
+    """The engine's own keyword arguments; another engine's options are refused (--tile is
+    the local engine's: a tiled image's windows are one batch, in one process)."""
     from segdeploy.errors import SegdeployError
 
     if engine == "local":
@@ -289,8 +316,14 @@ def _engine_options(engine: str, workers, video, ray_address, ray_timeout, actor
         ):  # fmt: skip
             if value is not None:
                 raise SegdeployError(name, "only with --engine ray")
-        return {"workers": workers, "video": video}
+        opts: dict = {"workers": workers, "video": video}
+        if tiling.enabled:
+            opts["tiling"] = tiling
+        return opts
     from segdeploy.runtime.ray_engine import parse_actors
+
+    if tiling.enabled:
+        raise SegdeployError("--tile", "only with --engine local")
 
     if workers is not None:
         raise SegdeployError("--workers", "only with --engine local (Ray sizes its tasks)")

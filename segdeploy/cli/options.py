@@ -51,6 +51,49 @@ def batch_size_option(help: str, default: int = _VALIDATION.batch_size):
     )
 
 
+def tile_options(func):
+    """--tile, --stride, --overlap, --blend (segdeploy.runtime.tiles.TileOptions), shared by
+    infer, validate, export and bench."""
+    from segdeploy.runtime.tiles import BLENDS, TileOptions
+
+    d = TileOptions()
+    options = [
+        click.option(
+            "--tile",
+            metavar="auto|SIZE|HxW",
+            default=d.tile,
+            help="Sliding-window inference for large images: cut each image into windows of "
+            "this size (auto: the model's input size) at its own resolution, instead of "
+            "resizing it to the model's input, and blend their logits as MMSegmentation's "
+            "slide mode does (see docs/tiles.md).",
+        ),
+        click.option(
+            "--stride",
+            metavar="S|HxW",
+            default=d.stride,
+            help="With --tile: pixels between window starts  [default: 2/3 of the tile].",
+        ),
+        click.option(
+            "--overlap",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=d.overlap,
+            help="With --tile, instead of --stride: share of the tile neighbouring windows "
+            "overlap  [default: 1/3].",
+        ),
+        click.option(
+            "--blend",
+            type=click.Choice(BLENDS),
+            default=d.blend,
+            show_default=True,
+            help="With --tile: mean (MMSegmentation's average) or gaussian (windows weighted "
+            "towards their centre, as MONAI does: fewer seams).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def ray_address_option(help: str = ""):
     """--ray-address: the Ray a command runs on (segdeploy.runtime.ray_session)."""
     return click.option(
@@ -157,7 +200,7 @@ def validation_options(func):
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return tile_options(func)
 
 
 def warn(message: str) -> None:

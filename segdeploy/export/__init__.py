@@ -27,6 +27,7 @@ from typing import Any
 from segdeploy.atomic import atomic_dir, remove_stale_temporaries, write_json
 from segdeploy.export.checks import (
     DEFAULT_OPSET,
+    check_int8_engines,
     check_max_drop,
     check_opset,
     check_output,
@@ -36,7 +37,13 @@ from segdeploy.export.folder import carry_over
 from segdeploy.export.routes import export_fp32, resolve_opset
 from segdeploy.export.variants import convert_fp16, optimize_graph
 from segdeploy.families import ROUTES, Family, family_of
-from segdeploy.folders import QUANTIZATION_REPORT, VARIANT_FILES, ModelFolder, default_onnx_dir
+from segdeploy.folders import (
+    OPENVINO_QUANTIZATION_REPORT,
+    QUANTIZATION_REPORT,
+    VARIANT_FILES,
+    ModelFolder,
+    default_onnx_dir,
+)
 from segdeploy.validate import ValidationSettings, load_data_for, open_model, validate_graphs
 from segdeploy.writable import environment_errors_as_input
 
@@ -72,6 +79,9 @@ class ExportSettings:
     #: Accuracy-aware int8: the largest disagreement (1 - mean IoU against the fp32
     #: graph) allowed before measured-sensitive nodes are kept in float; None: off.
     max_drop: float | None = None
+    #: Which int8 graphs: "onnxruntime" (model_int8.onnx, QDQ for onnxruntime) and/or
+    #: "openvino" (model_openvino_int8.xml, NNCF's int8 as OpenVINO IR).
+    int8_engines: tuple[str, ...] = ("onnxruntime",)
     #: Compare every graph written with the PyTorch model.
     validate: bool = True
     validation: ValidationSettings = field(default_factory=ValidationSettings)
@@ -131,6 +141,7 @@ def check_export(
         check_quantize(model.path, settings.quantize, settings.calibration_images)
     if settings.max_drop is not None:
         check_max_drop(settings.max_drop, settings.quantize)
+    check_int8_engines(settings.int8_engines, settings.quantize)
     return model, settings
 
 
@@ -229,6 +240,34 @@ def _export(
     return result
 
 
+def _quantize_onnxruntime(model, family, fp32: Path, int8: Path, settings) -> dict[str, Any]:
+    """model_int8.onnx by onnxruntime's quantizer (with --max-drop, the accuracy-aware
+    search); its report."""
+    if settings.max_drop is None:
+        from segdeploy.export.quantize import quantize_int8, training_calibration_batches
+
+        batches = training_calibration_batches(model.path, settings.calibration_images)
+        return quantize_int8(
+            fp32,
+            int8,
+            batches,
+            exclude_op_types=family.int8_float_op_types,
+            skip_symbolic_shape=family.int8_skip_symbolic_shape,
+        )
+    # Accuracy-aware: float exclusions found by measured sensitivity.
+    from segdeploy.export.quantize.search import quantize_int8_within
+
+    return quantize_int8_within(
+        fp32,
+        int8,
+        model.path,
+        settings.calibration_images,
+        settings.max_drop,
+        start_op_types=family.int8_float_op_types,
+        skip_symbolic_shape=family.int8_skip_symbolic_shape,
+    )
+
+
 def _build(
     model: ModelFolder, family: Family, tmp: Path, output: Path, settings: ExportSettings
 ) -> dict[str, Path]:
@@ -238,35 +277,27 @@ def _build(
         built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANT_FILES["fp16"])
     if settings.optimize:
         built["optimized"] = optimize_graph(built["fp32"], tmp / VARIANT_FILES["optimized"])
-    if settings.quantize == "int8":
-        from segdeploy.export.quantize import quantize_int8, training_calibration_batches
-
+    if settings.quantize == "int8" and "onnxruntime" in settings.int8_engines:
         built["int8"] = tmp / VARIANT_FILES["int8"]
-        if settings.max_drop is None:
-            batches = training_calibration_batches(model.path, settings.calibration_images)
-            report = quantize_int8(
-                built["fp32"],
-                built["int8"],
-                batches,
-                exclude_op_types=family.int8_float_op_types,
-                skip_symbolic_shape=family.int8_skip_symbolic_shape,
-            )
-        else:  # accuracy-aware: float exclusions found by measured sensitivity
-            from segdeploy.export.quantize.search import quantize_int8_within
-
-            report = quantize_int8_within(
-                built["fp32"],
-                built["int8"],
-                model.path,
-                settings.calibration_images,
-                settings.max_drop,
-                start_op_types=family.int8_float_op_types,
-                skip_symbolic_shape=family.int8_skip_symbolic_shape,
-            )
+        report = _quantize_onnxruntime(model, family, built["fp32"], built["int8"], settings)
         # Name the graphs where they will be, not in the temporary folder.
         report["source"] = str(output / built["fp32"].name)
         report["output"] = str(output / built["int8"].name)
         write_json(tmp / QUANTIZATION_REPORT, report)
+    if settings.quantize == "int8" and "openvino" in settings.int8_engines:
+        from segdeploy.export.quantize.openvino_int8 import quantize_openvino_int8
+
+        built["openvino_int8"] = tmp / VARIANT_FILES["openvino_int8"]
+        report = quantize_openvino_int8(
+            built["fp32"],
+            built["openvino_int8"],
+            model.path,
+            settings.calibration_images,
+            max_drop=settings.max_drop,
+        )
+        report["source"] = str(output / built["fp32"].name)
+        report["output"] = str(output / built["openvino_int8"].name)
+        write_json(tmp / OPENVINO_QUANTIZATION_REPORT, report)
     if settings.fuse_argmax:
         from segdeploy.export.fuse_argmax import fuse_argmax as fuse
 

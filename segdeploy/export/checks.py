@@ -59,6 +59,34 @@ def check_max_drop(max_drop: float, quantize: str | None) -> None:
         raise SegdeployError("--max-drop", f"must be between 0 and 1, got {max_drop}")
 
 
+#: `--int8-engine` values: who makes the int8 graph, and for which runtime.
+INT8_ENGINES = ("onnxruntime", "openvino")
+
+
+def check_int8_engines(engines, quantize: str | None) -> None:
+    """Known engines, int8 asked for when one is not the default, and NNCF and OpenVINO
+    installed for "openvino" (refused now, not after the fp32 export)."""
+    import importlib.util
+
+    engines = tuple(engines)
+    unknown = [e for e in engines if e not in INT8_ENGINES]
+    if unknown or not engines:
+        raise SegdeployError(
+            "--int8-engine",
+            f"unknown {unknown[0] if unknown else 'none'!r}; choose from "
+            + ", ".join(INT8_ENGINES),
+        )
+    if quantize != "int8" and engines != ("onnxruntime",):
+        raise SegdeployError("--int8-engine", "applies to int8 only: add --quantize int8")
+    if "openvino" in engines and quantize == "int8":
+        for module in ("openvino", "nncf"):
+            if importlib.util.find_spec(module) is None:
+                raise SegdeployError(
+                    "--int8-engine",
+                    f"openvino needs {module}: pip install 'segdeploy[openvino]'",
+                )
+
+
 def check_output(model_dir: Path, output: Path) -> None:
     """Refuse an output folder export must not replace (see segdeploy.export.folder), or
     one it cannot write beside."""

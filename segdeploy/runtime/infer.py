@@ -64,7 +64,7 @@ from segdeploy.atomic import (
     remove_stale_temporaries,
 )
 from segdeploy.errors import SegdeployError, first_line, shown
-from segdeploy.runtime import pipeline
+from segdeploy.runtime import pipeline, tiled_infer, tiles
 from segdeploy.runtime.clips import Clips, VideoSettings
 from segdeploy.runtime.image_io import MAX_PIXELS, file_kind, image_size, is_image_name
 from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = "segdeploy-out"
 SUMMARY_NAME = "summary.json"
 OVERLAY_SUFFIX = "_overlay.jpg"
+#: What a tiled run (--tile) may write instead, for a large or georeferenced image
+#: (segdeploy.runtime.large_image.tiff_name): x.tif, x_overlay.tif.
+TIFF_SUFFIXES = (".tif", "_overlay.tif")
 #: summary.json's first key: how a later run knows the file is infer's own.
 WRITTEN_BY = "segdeploy infer"
 
@@ -346,14 +349,23 @@ class Planner:
     (dev, inode) pairs, small per item; the listing itself streams. With
     `clean`, the tool's stale temporaries are removed from each output folder
     the first time the run meets it. `overlay`: the run writes overlays (their
-    names must fit too).
+    names must fit too). `tiff`: a tiled run, whose outputs may be TIFF (TIFF_SUFFIXES)
+    as well.
     """
 
-    def __init__(self, output: str | os.PathLike, *, clean: bool = False, overlay: bool = False):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        *,
+        clean: bool = False,
+        overlay: bool = False,
+        tiff: bool = False,
+    ):
         self.output = Path(output)
         self.out_real = Path(os.path.realpath(output))
         self.clean = clean
         self.overlay = overlay
+        self.suffixes = (".png", OVERLAY_SUFFIX, *(TIFF_SUFFIXES if tiff else ()))
         # Compact per-item state, so that planning a million files stays in tens of MB:
         # inputs as one int (device, inode); output names as their hash (a false match
         # only renames one more output, it can never make two outputs share a name).
@@ -401,7 +413,7 @@ class Planner:
         return out
 
     def _stem_taken(self, out: PurePath) -> bool:
-        files = (out.name + ".png", out.name + OVERLAY_SUFFIX)
+        files = [out.name + suffix for suffix in self.suffixes]
         return (
             hash(str(out)) in self._names
             or any(hash(str(out.with_name(f))) in self._planned_folders for f in files)
@@ -410,7 +422,7 @@ class Planner:
 
     def _file_taken(self, path: PurePath) -> bool:
         """Whether `path` is a label map or overlay this run plans."""
-        for suffix in (".png", OVERLAY_SUFFIX):
+        for suffix in self.suffixes:
             if path.name.endswith(suffix) and len(path.name) > len(suffix):
                 stem = path.with_name(path.name[: -len(suffix)])
                 if hash(str(stem)) in self._names:
@@ -497,6 +509,7 @@ def check_plan(
     overwrite: bool = False,
     overlay: bool = False,
     streams: bool = False,
+    tiled: bool = False,
 ) -> int:
     """Plan the whole run without writing; raise SegdeployError if it would harm a user file
     or cannot run at all.
@@ -510,11 +523,15 @@ def check_plan(
     --stream URLs follow the inputs). Returns the number of entries (for the progress
     bar). Costs one more listing and a stat per file, and a read of each file already
     at an output path (its mark). A clip's outputs (OUT/<clip file name>/) are its own
-    (segdeploy.runtime.clips), not checked here.
+    (segdeploy.runtime.clips), not checked here. `tiled` (--tile): each image's outputs
+    are the PNG/JPEG or the TIFFs its header calls for (segdeploy.runtime.tiled_infer).
     """
-    planner = Planner(output, overlay=overlay)
+    planner = Planner(output, overlay=overlay, tiff=tiled)
     counts: dict[str, Any] = {}
     existing: dict[int, Path] = {}  # outputs already on disk -> their path
+    # A new output folder holds no outputs yet, so none can be an input or a user's file:
+    # two stats an image saved (5% of a run on 64-px images).
+    look = Path(output).exists()
     foreign: list[Path] = []  # the first file at an output path that segdeploy did not write
     n = images = n_foreign = 0
     for item in planner.items(inputs, counts):
@@ -525,9 +542,9 @@ def check_plan(
             images += is_input_name(item.path)  # an image that will fail (a name too long)
             continue
         images += 1
-        if is_video_name(item.path):
+        if is_video_name(item.path) or not look:
             continue  # a clip writes a folder of its own (segdeploy.runtime.clips)
-        for dest in _dests(planner.output, item, overlay):
+        for dest in _dests(planner.output, item, overlay, tiled):
             there = occupant(dest, rel_name(dest, planner.output))
             if there is None:
                 continue
@@ -556,9 +573,12 @@ def check_plan(
     return n
 
 
-def _dests(output: Path, item: Item, overlay: bool) -> list[Path]:
-    """The files a run writes for `item` under `output`."""
-    return [label_path(output, item), *([overlay_path(output, item)] if overlay else [])]
+def _dests(output: Path, item: Item, overlay: bool, tiled: bool = False) -> list[Path]:
+    """The files a run writes for `item` under `output` (`tiled`: a --tile run's)."""
+    label, over = label_path(output, item), overlay_path(output, item) if overlay else None
+    if tiled:
+        label, over = tiled_infer.planned_outputs(item.path, label, over)
+    return [label, *([over] if over is not None else [])]
 
 
 def _refuse_replacing_inputs(existing: dict[int, Path], inputs: set[int]) -> None:
@@ -818,6 +838,7 @@ def run_infer(
     threads: int | None = None,
     workers: int | None = None,
     trt_cache: str | os.PathLike | None = None,
+    ov_cache: str | os.PathLike | None = None,
     fp16: bool = False,
     overlay: bool = False,
     skip_existing: bool = False,
@@ -826,6 +847,7 @@ def run_infer(
     progress: bool | None = None,
     segmenter=None,
     video: VideoSettings | None = None,
+    tiling=None,
 ) -> dict[str, Any]:
     """Segment every image in `inputs`; write labels, overlays and summary.json under `output`.
     Clips among the inputs and `video.streams`: frame by frame (segdeploy.runtime.clips).
@@ -837,11 +859,17 @@ def run_infer(
     anything is written. A run that segments nothing (every image failed) raises
     RunStopped after writing summary.json. Ctrl-C stops after the images in
     flight, writes summary.json with "interrupted": true and re-raises
-    KeyboardInterrupt.
+    KeyboardInterrupt. `tiling` (a tiles.TileOptions with a tile): each image is
+    segmented by sliding windows instead (segdeploy.runtime.tiled_infer), under
+    the same rules; clips are then failures, not tiled.
     """
     from segdeploy.runtime.segmenter import Segmenter
 
     workers, threads, video = _check_run(inputs, workers, threads, video)
+    tiled = tiling is not None and tiling.enabled
+    if tiled:
+        tiled_infer.check_run(video)
+        workers = 0  # a tiled image's windows are its batch: in-process
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
@@ -855,17 +883,23 @@ def run_infer(
         batch_size=batch_size,
         max_pixels=max_pixels,
         spin=workers == 0,  # worker processes need the cores ONNX Runtime would spin on
+        ov_cache=ov_cache,
     )
+    plan = tiles.plan_for(seg, tiling) if tiled else None  # a bad --tile: refused before writing
     out = Path(output)
     # Refuses a run that would harm a user file or cannot run: nothing written.
     total = check_plan(
-        inputs, out, overwrite=overwrite, overlay=overlay, streams=bool(video.streams)
-    )
+        inputs, out, overwrite=overwrite, overlay=overlay, streams=bool(video.streams),
+        tiled=tiled,
+    )  # fmt: skip
     prepare_output(out)
     remove_stale_temporaries(out)  # a killed run's .summary.tmp-<pid>-<random>.jsonl
     if progress is None:
         progress = sys.stderr.isatty()
-    run = _Run(seg, out, overlay, skip_existing, video, total if progress else None, progress)
+    run = _Run(
+        seg, out, overlay, skip_existing, video, total if progress else None, progress,
+        tiling=plan, overwrite=overwrite,
+    )  # fmt: skip
     outcome = run.execute(inputs, workers)
     _raise_if_stopped(outcome, run.records, out / SUMMARY_NAME, run.summary_error)
     return {**run.header, "totals": run.totals, "summary": str(out / SUMMARY_NAME)}
@@ -876,11 +910,25 @@ class _Run:
     frame by frame, segdeploy.runtime.clips), the records, and summary.json written
     whatever happens (also when the engine fails: then it says so)."""
 
-    def __init__(self, seg, out: Path, overlay: bool, skip_existing: bool, video, total, progress):
+    def __init__(
+        self,
+        seg,
+        out: Path,
+        overlay: bool,
+        skip_existing: bool,
+        video,
+        total,
+        progress,
+        *,
+        tiling: tiles.TilePlan | None = None,
+        overwrite: bool = False,
+    ):
         from tqdm import tqdm
 
         self.seg, self.out, self.overlay, self.skip_existing = seg, out, overlay, skip_existing
-        self.planner = Planner(out, clean=True, overlay=overlay)
+        self.tiling = tiling  # --tile: segdeploy.runtime.tiled_infer segments each image
+        self.overwrite = overwrite  # (the tiled engine checks each output again as it writes)
+        self.planner = Planner(out, clean=True, overlay=overlay, tiff=tiling is not None)
         self.cfg = pipeline.StageConfig.for_segmenter(seg, overlay=overlay, output=out)
         self.clips = Clips(out, seg, video, self.cfg, skip_existing=skip_existing)
         self.counts: dict[str, Any] = {"ignored": 0}
@@ -911,20 +959,31 @@ class _Run:
             raise pipeline.Stop(fatal) from None
         self.bar.update(1)
 
+    def _engine(self, inputs, workers: int, signals) -> pipeline.Outcome:
+        """The worker pipeline over the planned jobs, or with --tile the tiled engine (which
+        finds an image's earlier outputs itself: they may be TIFF)."""
+        if self.tiling is None:
+            items = self.planner.items(inputs, self.counts)
+            jobs = _jobs(items, self.out, self.overlay, self.skip_existing, self.seg, self.clips)
+            return pipeline.run(
+                jobs, self.seg, self.out, cfg=self.cfg, workers=workers,
+                record=self.record, stop=signals,
+            )  # fmt: skip
+        items = tiled_infer.images_only(self.planner.items(inputs, self.counts), Failure)
+        jobs = _jobs(items, self.out, self.overlay, False, self.seg, self.clips)
+        return tiled_infer.run(
+            jobs, self.seg, self.tiling, self.out, overlay=self.overlay,
+            skip_existing=self.skip_existing, overwrite=self.overwrite,
+            record=self.record, stop=signals,
+        )  # fmt: skip
+
     def execute(self, inputs: Sequence[str | os.PathLike], workers: int) -> pipeline.Outcome:
         start = time.perf_counter()
         outcome = pipeline.Outcome(workers=workers)
         failure: str | None = None
         with pipeline.stop_signals() as signals:
             try:
-                items = self.planner.items(inputs, self.counts)
-                jobs = _jobs(
-                    items, self.out, self.overlay, self.skip_existing, self.seg, self.clips
-                )
-                outcome = pipeline.run(
-                    jobs, self.seg, self.out, cfg=self.cfg, workers=workers,
-                    record=self.record, stop=signals,
-                )  # fmt: skip
+                outcome = self._engine(inputs, workers, signals)
             except Exception as err:  # a bug or an OS failure: the summary says the run broke
                 failure = (
                     str(err)

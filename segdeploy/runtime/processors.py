@@ -142,6 +142,14 @@ class ImageProcessor:
         `Preprocessor.to_array`): masks follow the guide and are upsampled to the photo."""
         return self(image)[0]
 
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 [3, h, w] for h x w x 3 uint8 pixels: the processor's per-pixel steps only
+        (rescale, normalise, channel order), with no resize, crop or pad. What each window of
+        a tiled image gets: MMSegmentation's slide mode normalises the image, then cuts
+        windows at the model's own resolution (segdeploy.runtime.tiles)."""
+        out = self.values.rescale_normalize(pixels)
+        return np.ascontiguousarray(out[::-1]) if self.flip_bgr else out
+
     @property
     def size(self) -> tuple[int, int] | None:
         """(height, width) of every output whatever the photo, or None when it follows

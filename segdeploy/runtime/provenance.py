@@ -11,8 +11,10 @@ summary.json, and those must still be recognised (and skipped by
 The mark is a small JSON text: the output's path relative to OUT, the model's
 fingerprint, the label map's size, and the SHA-256 of the file's other bytes.
 In a label PNG it is a `tEXt` chunk (keyword `segdeploy`) right after IHDR; in
-an overlay JPEG a COM segment after SOI (and JFIF's APP0). Every reader
-ignores both, so the pixels read back as before. A file is ours only when its
+an overlay JPEG a COM segment after SOI (and JFIF's APP0); in the TIFFs of a
+tiled run (`--tile`: large or georeferenced images) a private ASCII tag
+(TIFF_TAG) of the first page, its digest over every byte but the tag's value.
+Every reader ignores all three, so the pixels read back as before. A file is ours only when its
 mark is there, names the path it is found at, and the digest still matches
 (a file edited since, or re-saved by another program, is not ours any more).
 
@@ -39,8 +41,13 @@ from segdeploy.atomic import is_temporary_name
 KEY = b"segdeploy"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR_END = 8 + 8 + 13 + 4  # signature, IHDR's length and type, its 13 bytes, its CRC
-#: Files larger than this are not read to check a mark (outputs are far smaller).
+#: Files larger than this are not read to check a mark (outputs are far smaller); a TIFF
+#: is hashed from the disk a block at a time, whatever its size.
 _MAX_MARKED_BYTES = 1 << 30
+#: The private TIFF tag (the range TIFF 6.0 leaves to private use; tifffile, GDAL and
+#: libtiff name none at this number) holding a TIFF output's mark, ASCII.
+TIFF_TAG = 65117
+_TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # TIFF and BigTIFF, both orders
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,39 @@ def mark_jpeg(jpeg: bytes, mark: Mark) -> bytes:
     return head + b"\xff\xfe" + struct.pack(">H", len(data) + 2) + data + tail
 
 
+def tiff_placeholder(mark: Mark) -> tuple:
+    """The extra tag (tifffile's `extratags` form) that reserves room for `mark` in a TIFF
+    being written; `mark_tiff` fills it in once the file is complete."""
+    return (TIFF_TAG, "s", 0, mark._text("0" * 64).decode("ascii"), True)
+
+
+def mark_tiff(path: str | os.PathLike, mark: Mark) -> None:
+    """Write `mark` into the TIFF at `path` (written with `tiff_placeholder(mark)`), in place:
+    the digest covers every byte of the file but the tag's value."""
+    path = Path(path)
+    placeholder, offset, count = _tiff_mark_place(path)
+    if placeholder is None or len(placeholder) + 1 != count:
+        raise ValueError(f"{path}: no room for the mark (written without tiff_placeholder?)")
+    text = mark._text(_file_digest(path, offset, count))
+    if len(text) + 1 != count:
+        raise ValueError(f"{path}: the mark does not fit its placeholder")
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(text + b"\0")
+
+
 def read_mark(path: str | os.PathLike) -> Mark | None:
     """The mark of the file at `path`, or None: no mark (not written by segdeploy), bytes
     changed since it was written, not a regular file, or unreadable."""
     path = Path(path)
     try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_MARKED_BYTES:
+        if not path.is_file() or path.is_symlink():
+            return None
+        with path.open("rb") as f:
+            first = f.read(4096)
+        if first[:4] in _TIFF_SIGNATURES:
+            return _tiff_mark(path)
+        if path.stat().st_size > _MAX_MARKED_BYTES:
             return None
         with path.open("rb") as f:
             first = f.read(4096)
@@ -148,6 +182,49 @@ def foreign_files(
 def rel_name(path: str | os.PathLike, output: str | os.PathLike) -> str:
     """`path` relative to `output`, with "/" separators: the path a mark records."""
     return Path(os.path.relpath(path, output)).as_posix()
+
+
+def _tiff_mark_place(path: Path) -> tuple[str | None, int, int]:
+    """(the mark tag's text or None, its value's offset in the file, its byte count)."""
+    import tifffile  # the tiles extra: only tiled runs write TIFFs
+
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages.first.tags.get(TIFF_TAG)
+        if tag is None or not isinstance(tag.value, str):
+            return None, 0, 0
+        return tag.value, int(tag.valueoffset), int(tag.count)
+
+
+def _tiff_mark(path: Path) -> Mark | None:
+    try:
+        text, offset, count = _tiff_mark_place(path)
+    except Exception:  # tifffile missing, or not a TIFF it can parse: not ours
+        return None
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+        if fields["sha256"] != _file_digest(path, offset, count):
+            return None
+        return Mark(str(fields["path"]), fields["model"], tuple(fields["size"]))
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def _file_digest(path: Path, skip_at: int, skip: int) -> str:
+    """SHA-256 of the file's bytes but `skip` bytes at `skip_at`, read a block at a time."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for start, end in ((0, skip_at), (skip_at + skip, None)):
+            f.seek(start)
+            left = None if end is None else end - start
+            while left is None or left > 0:
+                block = f.read(1 << 20 if left is None else min(left, 1 << 20))
+                if not block:
+                    break
+                h.update(block)
+                left = None if left is None else left - len(block)
+    return h.hexdigest()
 
 
 def _digest(head: bytes, tail: bytes) -> str:

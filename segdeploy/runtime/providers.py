@@ -1,4 +1,10 @@
-"""ONNX Runtime sessions on CPU, CUDA or TensorRT, with an explicit fallback chain.
+"""Sessions on onnxruntime's CPU, CUDA or TensorRT, or on OpenVINO, with an explicit
+fallback chain.
+
+`PROVIDERS_BY_NAME` is the registry: for each `--provider` name, how it shows among
+the available providers, where `--fallback` goes next, which graph files it runs,
+how it opens a session and what to say when it is missing. `create_session` and
+`Segmenter` go through it alone; a new provider is a new entry, not a new branch.
 
 The pure functions here (`choose_provider`, `provider_options`, `trt_cache_dir`,
 `missing_provider_message`) take the list of available providers as an argument,
@@ -15,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,15 +31,15 @@ from segdeploy.folders import PREPROCESSOR_FILE, image_size_of, read_json
 
 log = logging.getLogger(__name__)
 
-#: Short names, best first: the order `--fallback` walks down.
+#: onnxruntime's providers, best first (TensorRT -> CUDA -> CPU is `--fallback`'s order).
 CHAIN = ("tensorrt", "cuda", "cpu")
-PROVIDERS = ("auto", *CHAIN)
+#: OpenVINO's own runtime on the CPU (segdeploy.runtime.openvino_runner).
+OPENVINO = "openvino"
 ORT_NAME = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-SHORT_NAME = {v: k for k, v in ORT_NAME.items()}
 
 #: TensorRT builder workspace; 4 GiB fits every SegFormer size at batch 16 and
 #: leaves room on a 16 GB card.
@@ -54,8 +60,74 @@ class ProviderChoice:
         return bool(self.skipped)
 
 
+@dataclass(frozen=True)
+class SessionRequest:
+    """What a session is opened with, whichever provider opens it."""
+
+    threads: int | None = None
+    spin: bool = True
+    fp16: bool = False
+    trt_cache: str | os.PathLike | None = None
+    batch_size: int = 1
+    image_size: tuple[int, int] | None = None
+    device_id: int = 0
+    trt_workspace: int = DEFAULT_TRT_WORKSPACE
+    input_name: str = DEFAULT_INPUT_NAME
+    ov_cache: str | os.PathLike | None = None
+
+
+class StartFailed(Exception):
+    """A provider that is installed could not start on this graph: `--fallback` steps past
+    it, warning with `reason`; without `--fallback`, `error` is what the user sees."""
+
+    def __init__(self, reason: str, error: SegdeployError):
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One `--provider` (see the module docstring)."""
+
+    listed_as: str  # its name in `available_providers()`
+    next: str | None  # where `--fallback` goes when it is missing or fails to start
+    #: (path, name, SessionRequest) -> session; raises StartFailed or SegdeployError.
+    open: Callable[[Path, str, SessionRequest], Any]
+    missing: Callable[[str, Sequence[str]], str]  # (name, available) -> how to get it
+    graphs: tuple[str, ...] = (".onnx",)  # the graph files it runs, by suffix
+    on_cpu: bool = False  # runs on the CPU (opens a graph to check it, on any machine)
+
+
+def available_providers() -> list[str]:
+    """onnxruntime's available providers, and "OpenVINO" when the openvino package is
+    installed (found without importing it)."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    try:
+        if importlib.util.find_spec("openvino") is not None:
+            available.append(PROVIDERS_BY_NAME[OPENVINO].listed_as)
+    except (ImportError, ValueError):
+        pass
+    return available
+
+
 def missing_provider_message(name: str, available: Sequence[str]) -> str:
     """Say what is missing and how to get it."""
+    return PROVIDERS_BY_NAME[name].missing(name, available)
+
+
+def _missing_openvino(name: str, available: Sequence[str]) -> str:
+    return (
+        "OpenVINO is not installed here: pip install 'segdeploy[openvino]', or pass "
+        "--fallback to run on onnxruntime's CPU provider."
+    )
+
+
+def _missing_ort(name: str, available: Sequence[str]) -> str:
+    """onnxruntime's GPU providers come with onnxruntime-gpu (the CPU one is always there)."""
     have = ", ".join(SHORT_NAME.get(p, p) for p in available if p in SHORT_NAME) or "none"
     msg = (
         f"onnxruntime here has no {ORT_NAME[name]} (available: {have}). "
@@ -70,12 +142,15 @@ def missing_provider_message(name: str, available: Sequence[str]) -> str:
 def choose_provider(
     requested: str, available: Sequence[str], *, fallback: bool = False
 ) -> ProviderChoice:
-    """Pick the provider to start, from the ORT provider names in `available`.
+    """Pick the provider to start, from the provider names in `available`
+    (`available_providers()`: onnxruntime's, and "OpenVINO").
 
-    `auto` means CUDA when present, else CPU. It never picks TensorRT: a TensorRT
-    engine takes minutes to build on first use, and onnxruntime-gpu lists the
-    TensorRT provider even where the TensorRT libraries are absent, so TensorRT
-    is only used when asked for by name.
+    `auto` means CUDA when present, else onnxruntime's CPU provider. It never picks
+    TensorRT: a TensorRT engine takes minutes to build on first use, and
+    onnxruntime-gpu lists the TensorRT provider even where the TensorRT libraries
+    are absent, so TensorRT is only used when asked for by name. Nor OpenVINO:
+    which runtime is fastest on a CPU depends on the CPU and the graph, and
+    `segdeploy bench` says which it is here; it is used when asked for by name.
     """
     requested = requested.lower()
     if requested not in PROVIDERS:
@@ -85,15 +160,17 @@ def choose_provider(
     if requested == "auto":
         name = "cuda" if ORT_NAME["cuda"] in available else "cpu"
         return ProviderChoice(name, requested)
-    if ORT_NAME[requested] in available:
+    if _listed(requested, available):
         return ProviderChoice(requested, requested)
     if not fallback:
         raise SegdeployError("--provider", missing_provider_message(requested, available))
     skipped = []
-    for name in CHAIN[CHAIN.index(requested) :]:
-        if ORT_NAME[name] in available:
+    name: str | None = requested
+    while name is not None:
+        if _listed(name, available):
             return ProviderChoice(name, requested, tuple(skipped))
         skipped.append(name)
+        name = PROVIDERS_BY_NAME[name].next
     # The CPU provider is in every onnxruntime build; reaching here means a broken install.
     raise SegdeployError("--provider", f"no usable provider in {list(available)}")
 
@@ -236,24 +313,29 @@ def create_session(
     input_name: str = DEFAULT_INPUT_NAME,
     available: Sequence[str] | None = None,
     spin: bool = True,
+    ov_cache: str | os.PathLike | None = None,
 ):
-    """An `onnxruntime.InferenceSession` on `provider` ("auto", "cpu", "cuda", "tensorrt").
+    """A session on `provider` ("auto", "cpu", "cuda", "tensorrt", "openvino"): an
+    `onnxruntime.InferenceSession`, or for "openvino" an `OpenVINOSession`, which
+    answers the same calls (segdeploy.runtime.openvino_runner).
 
     Raises SegdeployError when the model file is missing or unreadable, or when
     the provider is absent or fails to start, unless `fallback` is set: then
-    TensorRT -> CUDA -> CPU is walked down with a logged warning at each step.
-    `fp16` builds TensorRT engines in fp16 (other providers run the graph as it
-    is; pick the fp16 graph with Segmenter's `variant`). `image_size` and
-    `batch_size` set the TensorRT shape profile; `image_size` defaults to the
-    preprocessor_config.json beside the model.
+    TensorRT -> CUDA -> CPU (and OpenVINO -> CPU) is walked down with a logged
+    warning at each step. `fp16` builds TensorRT engines in fp16 (other providers run
+    the graph as it is; pick the fp16 graph with Segmenter's `variant`). `image_size`
+    and `batch_size` set the TensorRT shape profile, and OpenVINO's input shape and
+    settings; `image_size` defaults to the preprocessor_config.json beside the model
+    for TensorRT. `ov_cache`: OpenVINO's compiled-model folder (None: the user cache).
+    A graph only some providers run (OpenVINO IR, .xml) is refused by the others
+    (`graph_provider`).
     """
-    import onnxruntime as ort
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise SegdeployError(onnx_path, "model file not found")
     if available is None:
-        available = ort.get_available_providers()
+        available = available_providers()
+    provider, fallback = graph_provider(onnx_path, provider, fallback)
     choice = choose_provider(provider, available, fallback=fallback)
     if choice.fell_back:
         log.warning(
@@ -262,74 +344,147 @@ def create_session(
             ", ".join(choice.skipped),
             choice.name,
         )
-    opts = session_options(threads, spin=spin)
+    request = SessionRequest(
+        threads, spin, fp16, trt_cache, batch_size, image_size, device_id, trt_workspace,
+        input_name, ov_cache,
+    )  # fmt: skip
     name = choice.name
     while True:
-        providers = _providers_for(
-            name,
-            onnx_path,
-            fp16,
-            trt_cache,
-            batch_size,
-            image_size,
-            device_id,
-            trt_workspace,
-            input_name,
-        )
         try:
-            # enable_fallback=0: onnxruntime's own fallback would print to stdout and
-            # switch providers silently; we decide, and say so, below.
-            session = ort.InferenceSession(
-                os.fspath(onnx_path), sess_options=opts, providers=providers, enable_fallback=0
+            return PROVIDERS_BY_NAME[name].open(onnx_path, name, request)
+        except StartFailed as err:
+            if not fallback:
+                raise err.error from err
+            nxt = _next_available(name, available)
+            log.warning(
+                "provider %s failed to start (%s); falling back to %s", name, err.reason, nxt
             )
-        except Exception as err:  # ORT raises bare RuntimeError/Fail/InvalidGraph...
-            if name == "cpu":
-                raise SegdeployError(
-                    onnx_path, f"onnxruntime cannot load the model: {first_line(err)}"
-                ) from err
-            reason = first_line(err)
-        else:
-            active = session.get_providers()[0]
-            if SHORT_NAME.get(active) == name:
-                log.info("onnxruntime %s: %s on %s", ort.__version__, onnx_path.name, active)
-                return session
-            # ORT drops a provider it cannot register with only a warning; never run
-            # somewhere the user did not hear of.
-            reason = f"onnxruntime started {active} instead"
-        if not fallback:
+            name = nxt
+
+
+def graph_provider(path: Path, provider: str, fallback: bool) -> tuple[str, bool]:
+    """(provider, fallback) for the graph at `path`. A graph that only some providers run
+    (an OpenVINO IR) opens on the first of them with `auto`, is refused by the others,
+    and has nothing to fall back to; any other graph keeps both."""
+    runs = [n for n, p in PROVIDERS_BY_NAME.items() if path.suffix in p.graphs]
+    if len(runs) == len(PROVIDERS_BY_NAME):
+        return provider, fallback
+    if not runs:
+        raise SegdeployError(path, f"is not a graph any provider runs ({', '.join(PROVIDERS)})")
+    if provider.lower() == "auto":
+        return runs[0], False
+    if provider.lower() not in runs:
+        raise SegdeployError(
+            path,
+            f"is {_graph_kind(path)}, which runs on --provider {' or '.join(runs)} only, not "
+            f"--provider {provider}: use --provider {runs[0]}",
+        )
+    return provider, False
+
+
+def _graph_kind(path: Path) -> str:
+    from segdeploy.runtime.openvino_runner import is_ir
+
+    return "an OpenVINO IR graph" if is_ir(path) else f"a {path.suffix} graph"
+
+
+def probe_provider(path: str | os.PathLike) -> str:
+    """The CPU provider that opens the graph at `path`: to check a model on a machine that
+    will not run it (the Ray engine's driver), whatever provider its actors use."""
+    suffix = Path(path).suffix
+    return next(n for n, p in PROVIDERS_BY_NAME.items() if p.on_cpu and suffix in p.graphs)
+
+
+def _open_openvino(path: Path, name: str, request: SessionRequest):
+    """An OpenVINOSession (segdeploy.runtime.openvino_runner)."""
+    from segdeploy.runtime.openvino_runner import open_session
+    from segdeploy.runtime.pipeline import available_cores
+
+    return open_session(
+        path,
+        threads=request.threads or available_cores(),
+        batch_size=request.batch_size,
+        image_size=request.image_size,
+        cache=request.ov_cache,
+    )
+
+
+def _open_openvino_or_fail(path: Path, name: str, request: SessionRequest):
+    """`_open_openvino`; a graph OpenVINO cannot read or compile is StartFailed, so that
+    `--fallback` runs it on onnxruntime's CPU provider (without it: OpenVINO's reason,
+    named by the graph's path)."""
+    try:
+        return _open_openvino(path, name, request)
+    except SegdeployError as err:
+        raise StartFailed(err.problem, err) from err
+
+
+def _open_ort(path: Path, name: str, request: SessionRequest):
+    """An onnxruntime session on provider `name`."""
+    import onnxruntime as ort
+
+    opts = session_options(request.threads, spin=request.spin)
+    providers = _providers_for(name, path, request)
+    try:
+        # enable_fallback=0: onnxruntime's own fallback would print to stdout and
+        # switch providers silently; we decide, and say so, in create_session.
+        session = ort.InferenceSession(
+            os.fspath(path), sess_options=opts, providers=providers, enable_fallback=0
+        )
+    except Exception as err:  # ORT raises bare RuntimeError/Fail/InvalidGraph...
+        if name == "cpu":
             raise SegdeployError(
-                "--provider",
-                f"{ORT_NAME[name]} failed to start ({reason}); check the CUDA/cuDNN"
-                f"{'/TensorRT' if name == 'tensorrt' else ''} libraries (README section GPU), "
-                "or pass --fallback",
-            )
-        nxt = _next_available(name, available)
-        log.warning("provider %s failed to start (%s); falling back to %s", name, reason, nxt)
-        name = nxt
+                path, f"onnxruntime cannot load the model: {first_line(err)}"
+            ) from err
+        raise _ort_failed(name, first_line(err)) from err
+    active = session.get_providers()[0]
+    if SHORT_NAME.get(active) != name:
+        # ORT drops a provider it cannot register with only a warning; never run
+        # somewhere the user did not hear of.
+        raise _ort_failed(name, f"onnxruntime started {active} instead")
+    log.info("onnxruntime %s: %s on %s", ort.__version__, path.name, active)
+    return session
+
+
+def _ort_failed(name: str, reason: str) -> StartFailed:
+    return StartFailed(
+        reason,
+        SegdeployError(
+            "--provider",
+            f"{ORT_NAME[name]} failed to start ({reason}); check the CUDA/cuDNN"
+            f"{'/TensorRT' if name == 'tensorrt' else ''} libraries (README section GPU), "
+            "or pass --fallback",
+        ),
+    )
 
 
 def check_provider(provider: str, fallback: bool = False) -> None:
-    """SegdeployError now if onnxruntime here lacks `provider`, rather than after a long run."""
-    import onnxruntime as ort
+    """SegdeployError now if `provider` is missing here, rather than after a long run."""
+    choose_provider(provider, available_providers(), fallback=fallback)
 
-    choose_provider(provider, ort.get_available_providers(), fallback=fallback)
+
+def _listed(name: str, available: Sequence[str]) -> bool:
+    return PROVIDERS_BY_NAME[name].listed_as in available
 
 
 def _next_available(name: str, available: Sequence[str]) -> str:
-    for nxt in CHAIN[CHAIN.index(name) + 1 :]:
-        if ORT_NAME[nxt] in available:
-            return nxt
-    return "cpu"
+    nxt = PROVIDERS_BY_NAME[name].next
+    while nxt is not None and not _listed(nxt, available):
+        nxt = PROVIDERS_BY_NAME[nxt].next
+    return nxt or "cpu"
 
 
-def _providers_for(
-    name, onnx_path, fp16, trt_cache, batch_size, image_size, device_id, trt_workspace, input_name
-) -> list[Any]:
+def _providers_for(name: str, onnx_path: Path, request: SessionRequest) -> list[Any]:
+    """onnxruntime's `providers=` for `name`; TensorRT's with its engine cache and profile."""
+    device_id, image_size, trt_cache = request.device_id, request.image_size, request.trt_cache
+    fp16, batch_size = request.fp16, request.batch_size
     if name != "tensorrt":
         return provider_options(name, device_id=device_id)
     if image_size is None:
         image_size = read_image_size(onnx_path.parent)
-    profile = None if image_size is None else profile_shapes(input_name, image_size, batch_size)
+    profile = (
+        None if image_size is None else profile_shapes(request.input_name, image_size, batch_size)
+    )
     engine_dir = None
     if trt_cache is not None:
         engine_dir = trt_cache_dir(
@@ -352,7 +507,7 @@ def _providers_for(
         fp16=fp16,
         trt_cache=engine_dir,
         trt_timing_cache=trt_cache,
-        trt_workspace=trt_workspace,
+        trt_workspace=request.trt_workspace,
         profile=profile,
     )
 
@@ -381,3 +536,20 @@ def run_io_binding(
         binding.bind_output(out.name, device_type, device_id)
     session.run_with_iobinding(binding)
     return binding
+
+
+#: The registry: every `--provider` but auto, in `--provider`'s order (see the module
+#: docstring). OpenVINO runs ONNX and its own IR; `--fallback` steps from it to
+#: onnxruntime's CPU provider, which every onnxruntime build has.
+PROVIDERS_BY_NAME: dict[str, Provider] = {
+    "tensorrt": Provider(ORT_NAME["tensorrt"], "cuda", _open_ort, _missing_ort),
+    "cuda": Provider(ORT_NAME["cuda"], "cpu", _open_ort, _missing_ort),
+    "cpu": Provider(ORT_NAME["cpu"], None, _open_ort, _missing_ort, on_cpu=True),
+    OPENVINO: Provider(
+        "OpenVINO", "cpu", _open_openvino_or_fail, _missing_openvino, (".onnx", ".xml"), True
+    ),
+}
+PROVIDERS = ("auto", *PROVIDERS_BY_NAME)
+#: How each provider shows in `available_providers()`, and back.
+AVAILABLE_NAME = {name: p.listed_as for name, p in PROVIDERS_BY_NAME.items()}
+SHORT_NAME = {v: k for k, v in AVAILABLE_NAME.items()}

@@ -48,6 +48,7 @@ import numpy as np
 
 from segdeploy.atomic import remove_stale_temporaries
 from segdeploy.errors import SegdeployError, first_line
+from segdeploy.folders import variant_file
 from segdeploy.runtime import pipeline, ray_video
 from segdeploy.runtime.image_io import MAX_PIXELS
 from segdeploy.runtime.infer import (
@@ -66,6 +67,7 @@ from segdeploy.runtime.infer import (
     summary_header,
     summary_totals,
 )
+from segdeploy.runtime.providers import probe_provider
 from segdeploy.runtime.ray_session import (
     DEFAULT_CONNECT_TIMEOUT_S,
     import_ray,
@@ -185,6 +187,7 @@ class SegmentBatch:
         max_pixels: int | None = MAX_PIXELS,
         image_column: str = "image",
         label_column: str = "labels",
+        ov_cache: str | os.PathLike | None = None,
     ):
         from segdeploy.runtime.segmenter import Segmenter
 
@@ -198,6 +201,7 @@ class SegmentBatch:
             fp16=fp16,
             batch_size=batch_size,
             max_pixels=max_pixels,
+            ov_cache=ov_cache,
         )
         self.image_column, self.label_column = image_column, label_column
 
@@ -334,7 +338,8 @@ def _default_actors(ray, provider: str) -> int:
 
 
 def _check_job(inputs, model_dir, output, address, provider, variant, fp16, batch_size,
-               max_pixels, *, overwrite=False, overlay=False, video=None):  # fmt: skip
+               max_pixels, *, overwrite=False, overlay=False, video=None,
+               ov_cache=None):  # fmt: skip
     """Everything checked before Ray is touched (a bad job is exit status 2 with nothing
     written): the inputs, OUTPUT, the plan, and the model as the actors will load it
     (opened here on the CPU; its header fields go into summary.json). Returns (that
@@ -354,7 +359,13 @@ def _check_job(inputs, model_dir, output, address, provider, variant, fp16, batc
     graph_variant = "fp16" if fp16 and variant == "fp32" and provider != "tensorrt" else variant
     batch_size = batch_size or (16 if provider in GPU_PROVIDERS else 4)
     probe = Segmenter(
-        model_dir, "cpu", graph_variant, threads=1, batch_size=batch_size, max_pixels=max_pixels
+        model_dir,
+        probe_provider(variant_file(graph_variant)),  # an OpenVINO IR opens on OpenVINO only
+        graph_variant,
+        threads=1,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        ov_cache=ov_cache,
     )
     out = Path(output).absolute()
     # The local engine's planning, so the same rules keep user files safe: nothing is
@@ -379,6 +390,7 @@ def run_infer_ray(
     batch_size: int | None = None,
     threads: int | None = None,
     trt_cache: str | os.PathLike | None = None,
+    ov_cache: str | os.PathLike | None = None,
     fp16: bool = False,
     overlay: bool = False,
     skip_existing: bool = False,
@@ -401,7 +413,7 @@ def run_infer_ray(
     ray = import_ray()
     probe, out = _check_job(inputs, model_dir, output, address, provider, variant, fp16,
                             batch_size, max_pixels, overwrite=overwrite, overlay=overlay,
-                            video=video)  # fmt: skip
+                            video=video, ov_cache=ov_cache)  # fmt: skip
     provider = provider.lower()
     model_kwargs = {
         "model_dir": str(Path(model_dir).absolute()),
@@ -410,6 +422,7 @@ def run_infer_ray(
         "fallback": fallback,
         "threads": threads,
         "trt_cache": str(Path(trt_cache).absolute()) if trt_cache else None,
+        "ov_cache": str(Path(ov_cache).absolute()) if ov_cache else None,
         "fp16": fp16,
         "batch_size": probe.batch_size,
         "max_pixels": max_pixels,

@@ -115,6 +115,7 @@ def ray_session(
     levels = _quiet_loggers(verbose)
     handlers = _signal_handlers()
     before = _descendants()
+    stopped = False
     try:
         with _loopback_kept(ray):
             if target is None:
@@ -128,9 +129,11 @@ def ray_session(
             try:
                 yield info
             finally:
+                stopped = True
                 _stop(ray, before)
     finally:
-        _stop(ray, before)  # a start that failed half-way, too
+        if not stopped:  # a start that failed half-way
+            _stop(ray, before)
         _restore_signal_handlers(handlers)
         for logger, level in levels.items():
             logger.setLevel(level)
@@ -306,12 +309,39 @@ def _descendants() -> set:
         return set()
 
 
-def _stop(ray, before: set) -> None:
-    """Disconnect; a private Ray's processes (those this process started since `before`)
-    are waited for, and killed if still there after EXIT_GRACE_S."""
+def _ray_processes(ray) -> set | None:
+    """The processes Ray's node started for this process (GCS, raylet, dashboard...) and
+    their descendants (the workers are the raylet's children); None where this Ray does
+    not say (its node object is internal to Ray)."""
     import psutil
 
-    started = _descendants() - before  # before shutdown: Ray's workers are the raylet's children
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(node, "_global_node", None)
+    if node is None or not isinstance(getattr(node, "all_processes", None), dict):
+        return None
+    found = set()
+    for infos in node.all_processes.values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error, AttributeError, TypeError):
+                proc = psutil.Process(info.process.pid)
+                found |= {proc, *proc.children(recursive=True)}
+    return found
+
+
+def _stop(ray, before: set) -> None:
+    """Disconnect; a private Ray's processes (started since `before`) are waited for, and
+    killed if still there after EXIT_GRACE_S.
+
+    Only Ray's: other children started inside the block are the caller's (the local
+    engine's fork server, started in a block, was killed here and reaped, and every
+    later run in the process met "ChildProcessError: No child processes")."""
+    import psutil
+
+    # Before shutdown: Ray's workers are the raylet's children.
+    started = _descendants() - before
+    ours = _ray_processes(ray)
+    if ours is not None:
+        started &= ours
     with contextlib.suppress(Exception):  # a half-started Ray: stop what there is
         ray.shutdown()
     _, alive = psutil.wait_procs(started, timeout=EXIT_GRACE_S)

@@ -203,8 +203,10 @@ class Segmenter:
     processor is the one preprocessor_config.json names (segdeploy.runtime.processors),
     and masks are upsampled to each photo's own size, whatever it cropped or padded.
     `variant` picks the graph: fp32 (model.onnx), fp16, optimized, int8, or any
-    `model_<variant>.onnx`. `provider`: auto | cpu | cuda | tensorrt; a missing
-    one raises SegdeployError unless `fallback` (TensorRT -> CUDA -> CPU).
+    `model_<variant>.onnx` (or OpenVINO IR `model_<variant>.xml`). `provider`: auto |
+    cpu | cuda | tensorrt | openvino (OpenVINO's runtime, `ov_cache` its compiled-model
+    folder); a missing one raises SegdeployError unless `fallback` (TensorRT -> CUDA ->
+    CPU, OpenVINO -> CPU).
     `fp16`: TensorRT builds fp16 engines; on CUDA and CPU it selects the fp16
     graph (same as variant="fp16"). `batch_size` is the largest batch the model
     runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads;
@@ -225,12 +227,11 @@ class Segmenter:
         device_id: int = 0,
         max_pixels: int | None = MAX_PIXELS,
         spin: bool = True,
+        ov_cache: str | os.PathLike | None = None,
     ):
-        import onnxruntime as ort
-
         if batch_size is not None and batch_size < 1:
             raise SegdeployError("--batch-size", f"must be at least 1, got {batch_size}")
-        available = ort.get_available_providers()
+        available = prov.available_providers()
         choice = prov.choose_provider(provider, available, fallback=fallback)
         if fp16 and variant == "fp32" and choice.name != "tensorrt":
             variant = (
@@ -256,6 +257,7 @@ class Segmenter:
             device_id=device_id,
             available=available,
             spin=spin,
+            ov_cache=ov_cache,
         )
         self.provider = prov.active_provider(self.session)
         self.device_id = device_id
@@ -404,8 +406,25 @@ class Segmenter:
         return _BatchOutput(out).host()
 
     # -- convenience -----------------------------------------------------------
-    def predict(self, image: ImageLike) -> np.ndarray:
-        """(H, W) class ids for one image, at the image's own size."""
+    def predict(
+        self,
+        image: ImageLike,
+        tile: int | tuple[int, int] | str | None = None,
+        *,
+        stride: int | tuple[int, int] | None = None,
+        overlap: float | None = None,
+        blend: str = "mean",
+    ) -> np.ndarray:
+        """(H, W) class ids for one image, at the image's own size.
+
+        With `tile` ("auto": the model's input size, a side, or (height, width)) the
+        image is segmented by sliding windows at its own resolution, MMSegmentation's
+        slide mode (segdeploy.runtime.tiles; `stride` or `overlap`, `blend` "mean" or
+        "gaussian"); a TIFF path is then read by window."""
+        if tile is not None:
+            from segdeploy.runtime.tiles import TileOptions, predict_tiled
+
+            return predict_tiled(self, image, TileOptions(tile, stride, overlap, blend))
         return self.predict_batch([image])[0]
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[np.ndarray]:

@@ -8,7 +8,6 @@ training images). The same code runs under `torchrun` and `accelerate launch`
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from segdeploy.train.config import (
     default_output_dir,
     resolve_lr,
 )
+from segdeploy.train.ddp import close_process_group, cpu_distributed
 from segdeploy.train.evaluation import (
     StreamingMeanIoU,
     best_mean_iou,
@@ -146,6 +146,9 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         is_main_process=trainer.is_world_process_zero(),
         resumed_from=str(resume_from) if resume_from else None,
     )
+    # The last collective is behind us: close the group now, while the ranks are
+    # together, not after rank 0's writes and upload (see close_process_group).
+    close_process_group()
     if result.is_main_process:
         train_args = _train_args(config, record, args, out, result)
         train_args["dataset_choices"] = data.choices  # what the data decided, and why
@@ -153,7 +156,6 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
             write_model_folder(out, trainer.model, processor, metrics, train_args, history)
         if hub_repo is not None:
             result.pushed_to = push(out, hub_repo)
-    _close_process_group()
     return result
 
 
@@ -181,7 +183,7 @@ def _training_arguments(config: TrainConfig, out: Path, lr: float):
         seed=config.seed,
         dataloader_num_workers=config.workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=_cpu_distributed(),
+        use_cpu=cpu_distributed(),
         ddp_find_unused_parameters=False,  # every SegFormer parameter is used; skip the graph walk
         save_safetensors=True,
     )
@@ -252,32 +254,3 @@ def _train_args(config: TrainConfig, record: dict, args, out: Path, result: Trai
         "segdeploy_version": __version__,
         "transformers_version": transformers.__version__,
     }
-
-
-def _close_process_group() -> None:
-    """Under torchrun: wait for rank 0's writes, then close the process group.
-
-    Exiting with the gloo group still open let its threads abort a rank at
-    interpreter shutdown ("terminate called without an active exception",
-    SIGABRT) after a successful run, which failed the whole launch.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _cpu_distributed() -> bool:
-    """Launched by torchrun/accelerate on a machine without CUDA.
-
-    Accelerate only picks CPU DDP (gloo) when told the run is on CPU; otherwise
-    it silently trains N independent copies. A single process is left to the
-    Trainer's own device choice (CUDA, MPS or CPU).
-    """
-    import torch
-
-    launched = (
-        int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
-    )
-    return launched and not torch.cuda.is_available()

@@ -43,6 +43,7 @@ from segdeploy.validate.report import (
 )
 from segdeploy.validate.settings import ValidationSettings
 from segdeploy.validate.tables import print_outcome, print_reports
+from segdeploy.validate.tiled import compare_tiled
 from segdeploy.validate.verdicts import judge
 from segdeploy.writable import check_writable
 
@@ -109,10 +110,10 @@ def validate_graphs(
         data = replace(data, eval=data.eval.select(range(s.max_images)))
 
     start = time.perf_counter()
+    tiling = s.tiling
     with torch_threads(s.threads):
-        run = compare(
-            model.path, stats, data, model.num_labels, s.batch_size, s.random_inputs, progress
-        )
+        args = (model.path, stats, data, model.num_labels, s.batch_size, s.random_inputs, progress)
+        run = compare_tiled(*args, tiling) if tiling.enabled else compare(*args)
     run["total_s"] = time.perf_counter() - start
 
     id2label = {int(k): v for k, v in model.config.get("id2label", {}).items()}
@@ -121,6 +122,8 @@ def validate_graphs(
             report = graph_report(path, precision, opset, stats[path.name], run, data)
             report["onnx_dir"] = os.fspath(onnx_dir_name if onnx_dir_name else path.parent)
             report["torch_model"] = os.fspath(model.path)
+            if "tiles" in run:  # sliding windows: what was tiled, and how many windows
+                report["tiles"] = {**run["tiles"], "windows": run["windows"]}
             report.update(extra or {})
             judge(report, stats[path.name], run, data, id2label, s.tolerance, s.logit_tolerance)
             report["timings"] = timings(run, stats[path.name])
@@ -181,7 +184,7 @@ def validate_export(
         )
     open_model(onnx_dir, need_weights=False)
     onnx_path = onnx_dir / graph if graph else onnx_dir / variant_file(variant or "fp32")
-    load_graph(onnx_path)  # a missing or corrupt graph is reported before any data is loaded
+    inspect(onnx_path)  # a missing or corrupt graph (ONNX or IR): before any data is loaded
     check_writable(onnx_dir, validation_path(onnx_path).name)  # read-only: before the data
     if model_dir is None:
         parent = onnx_dir.resolve().parent

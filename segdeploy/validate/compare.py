@@ -106,14 +106,19 @@ def processor_size(processor) -> tuple[int, int]:
 
 
 def open_sessions(graphs, provider, fallback, threads, data, num_labels, skip_unrunnable):
-    """A running comparison per graph, and "skipped" reports for those that cannot run."""
-    from segdeploy.runtime.providers import active_provider, create_session
+    """A running comparison per graph, and "skipped" reports for those that cannot run.
+
+    An OpenVINO IR graph runs on OpenVINO whatever `provider` says: it has no other runtime.
+    """
+    from segdeploy.runtime.openvino_runner import is_ir
+    from segdeploy.runtime.providers import OPENVINO, active_provider, create_session
 
     stats: dict[str, GraphStats] = {}
     skipped: dict[str, dict[str, Any]] = {}
     for path, precision, opset in graphs:
+        where = OPENVINO if is_ir(path) else provider
         try:
-            session = create_session(path, provider, fallback=fallback, threads=threads)
+            session = create_session(path, where, fallback=fallback, threads=threads)
         except SegdeployError as err:
             if precision not in skip_unrunnable:
                 raise

@@ -116,7 +116,12 @@ def graph_opset(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def inspect(path: str | os.PathLike) -> tuple[Path, str, int]:
-    """(path, precision, opset) of a graph, which is loaded and checked."""
+def inspect(path: str | os.PathLike) -> tuple[Path, str, int | None]:
+    """(path, precision, opset) of a graph, which is loaded and checked; an OpenVINO IR
+    (export's model_openvino_int8.xml) has no opset."""
+    from segdeploy.runtime.openvino_runner import ir_precision, is_ir
+
+    if is_ir(path):
+        return Path(path), ir_precision(path), None
     model = load_graph(path)
     return Path(path), graph_precision(model), graph_opset(model)

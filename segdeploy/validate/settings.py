@@ -34,9 +34,22 @@ class ValidationSettings:
     random_inputs: int = 4
     #: CPU threads for PyTorch and onnxruntime; None: theirs.
     threads: int | None = None
+    #: Sliding-window validation (--tile auto|SIZE|HxW, --stride, --overlap, --blend): both
+    #: models run segdeploy.runtime.tiles' windows on the images at their own size.
+    tile: str | None = None
+    stride: str | None = None
+    overlap: float | None = None
+    blend: str = "mean"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def tiling(self):
+        """The tile options (segdeploy.runtime.tiles.TileOptions); `.enabled` when --tile."""
+        from segdeploy.runtime.tiles import TileOptions
+
+        return TileOptions.from_text(self.tile, self.stride, self.overlap, self.blend)
 
     def check(self) -> None:
         """SegdeployError for a value no run could use (the CLI's ranges refuse them too)."""
@@ -46,6 +59,7 @@ class ValidationSettings:
             raise SegdeployError("--batch-size", "must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise SegdeployError("--threads", "must be at least 1")
+        self.tiling  # noqa: B018 (parses the tile options: a bad one is refused here)
         # NaN passes every range check (all its comparisons are false): refused by name,
         # or every comparison with it would pass and the report would hold NaN (not JSON).
         for option, value in (("--tolerance", self.tolerance),

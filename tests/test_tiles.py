@@ -1,0 +1,215 @@
+"""Sliding-window inference (segdeploy.runtime.tiles, tile_blend): exact against
+MMSegmentation's slide mode, bounded memory, and the options that choose the windows.
+
+The reference is MMSegmentation's `EncoderDecoder.slide_inference` loop itself,
+written with the torch operations it runs (`F.interpolate` to the window,
+`F.pad` into a C x H x W buffer, a count matrix, division, argmax), around an
+identity-like model: logits that are a fixed function of the window's pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mmseg_reference import linear_model, mmseg_slide, photo, prepare
+
+from segdeploy.errors import SegdeployError
+from segdeploy.runtime.large_image import ArraySource
+from segdeploy.runtime.tile_blend import Grid, TileBlender
+from segdeploy.runtime.tiles import (
+    TileOptions,
+    TilePlan,
+    WindowModel,
+    gaussian_weights,
+    plan_tiles,
+    predict_bands,
+)
+
+
+def tiled(image, run, classes, plan, batch_size=3) -> np.ndarray:
+    out = np.full(image.shape[:2], -1, np.int64)
+    rows = 0
+    for y0, band in predict_bands(
+        ArraySource(image), WindowModel(prepare, run, classes), plan, batch_size
+    ):
+        assert y0 == rows, "bands come top to bottom, without gaps"
+        out[y0 : y0 + len(band)] = band
+        rows += len(band)
+    assert rows == image.shape[0]
+    return out
+
+
+# (height, width, tile, stride, logit stride): sizes that the stride divides (80 = 32 + 3 x
+# 16), sizes it does not, images smaller than a window on one side or both, non-square.
+EXACT_CASES = [
+    (80, 96, (32, 32), (16, 16), 4),
+    (80, 101, (32, 32), (21, 21), 4),
+    (77, 90, (32, 32), (21, 21), 1),
+    (20, 25, (32, 32), (21, 21), 4),
+    (20, 140, (32, 32), (21, 21), 4),
+    (150, 97, (48, 40), (31, 17), 4),
+    (64, 64, (64, 64), (43, 43), 8),
+    (101, 67, (32, 32), (32, 32), 4),  # no overlap
+]
+
+
+@pytest.mark.parametrize(("h", "w", "tile", "stride", "s"), EXACT_CASES)
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_labels_equal_mmsegmentation_slide_inference(h, w, tile, stride, s, blend):
+    image = photo(h, w, seed=h * w)
+    run = linear_model(7, s)
+    plan = TilePlan(tile, stride, blend)
+    ours = tiled(image, run, 7, plan)
+    ref = mmseg_slide(
+        image, run, 7, tile, stride, gaussian_weights if blend == "gaussian" else None
+    )
+    assert (ours == ref).mean() == 1.0
+
+
+def test_ties_and_near_ties_are_decided_as_torch_decides_them():
+    """Logits with duplicated classes (exact ties: the lower id wins) and classes a few
+    units of the last place apart: the shortcut must not decide these, the full
+    computation with torch's own operations must."""
+    base = linear_model(4, 4)
+
+    def run(x):
+        out = base(x)
+        tied = np.concatenate([out, out[:, :1], out[:, :1] + np.float32(1e-6)], 1)
+        return tied * np.float32(1000)  # large logits: their last place is coarse
+
+    image = photo(90, 110, seed=3)
+    plan = TilePlan((32, 32), (21, 21))
+    ours = tiled(image, run, 6, plan)
+    assert (ours == mmseg_slide(image, run, 6, (32, 32), (21, 21))).all()
+    assert not (ours == 4).any()  # the copy of class 0 never beats class 0
+
+
+def test_constant_logits_give_class_zero():
+    run = lambda x: np.zeros((len(x), 5, x.shape[2] // 4, x.shape[3] // 4), np.float32)  # noqa: E731
+    assert (tiled(photo(50, 70), run, 5, TilePlan((32, 32), (21, 21))) == 0).all()
+
+
+def test_window_placement_is_mmsegmentations():
+    grid = Grid.over(600, 1000, (512, 512), (341, 341))
+    boxes = [(w.y1, w.y2, w.x1, w.x2) for w in grid.windows()]
+    # h_grids = (600 - 512 + 340) // 341 + 1 = 2; the last row shifted flush to the border
+    assert grid.ys == (0, 88) and grid.xs == (0, 341, 488)
+    assert boxes[0] == (0, 512, 0, 512) and boxes[-1] == (88, 600, 488, 1000)
+    small = Grid.over(100, 700, (512, 512), (341, 341))
+    assert [(w.y1, w.y2) for w in small.windows()] == [(0, 100)] * 2  # (700 - 512 + 340) // 341 + 1
+
+
+def test_memory_follows_a_row_of_windows_not_the_image():
+    """The blender's peak holding is the same for an image 4x taller (same last-row shift):
+    it follows the width, a row of windows, and windows are cut to the rows that later
+    bands need as soon as a band is done."""
+
+    def peak(height: int) -> int:
+        grid = Grid.over(height, 300, (32, 32), (21, 21))
+        blender = TileBlender(grid, 6)
+        run, most = linear_model(6, 4), 0
+        for win in grid.windows():
+            pixels = photo(32, 32, seed=win.row * 100 + win.col)[
+                : win.y2 - win.y1, : win.x2 - win.x1
+            ]
+            blender.add(win, run(prepare(pixels)[None])[0], win.size)
+            list(blender.finished())
+            most = max(most, blender.held_floats())
+        return most
+
+    floats_per_window = 6 * 8 * 8
+    columns = len(Grid.over(100, 300, (32, 32), (21, 21)).xs)
+    tall, taller = peak(200), peak(200 + 21 * 28)
+    assert tall == taller
+    assert tall <= columns * floats_per_window  # less than one row of whole windows
+
+
+def test_gaussian_weights_are_monais():
+    w = gaussian_weights(64, 48)
+    assert w.shape == (64, 48) and w.dtype == np.float32
+    # centre ~1, sigma = 0.125 x side, floored at 1e-3 (MONAI's min_non_zero)
+    assert w.max() == pytest.approx(np.exp(-(0.5**2) / (2 * 8**2)) * np.exp(-(0.5**2) / (2 * 6**2)))
+    assert w.min() == pytest.approx(1e-3)
+    assert w[32, 24] > w[32, 40] > w[32, 47]
+
+
+# -- options -------------------------------------------------------------------------
+
+
+class Processor:
+    def __init__(self, size=(512, 512), pad_divisor=None):
+        self.size, self.pad_divisor = size, pad_divisor
+
+
+def test_stride_from_overlap_and_defaults():
+    plan = plan_tiles(TileOptions("auto"), graph_size=None, processor=Processor())
+    assert plan.tile == (512, 512) and plan.stride == (341, 341) and not plan.pad
+    half = plan_tiles(TileOptions(256, overlap=0.5), graph_size=None, processor=Processor())
+    assert half.tile == (256, 256) and half.stride == (128, 128)
+    rect = plan_tiles(
+        TileOptions((256, 384), stride=(100, 200)), graph_size=None, processor=Processor()
+    )
+    assert rect.tile == (256, 384) and rect.stride == (100, 200)
+
+
+def test_fixed_size_graphs_tile_at_their_size_and_pad():
+    plan = plan_tiles(TileOptions("auto"), graph_size=(513, 513), processor=Processor((513, 513)))
+    assert plan.tile == (513, 513) and plan.pad
+    with pytest.raises(SegdeployError, match="takes only 513x513"):
+        plan_tiles(TileOptions(512), graph_size=(513, 513), processor=Processor((513, 513)))
+    assert plan_tiles(TileOptions(64), graph_size=None, processor=Processor(), square_only=True).pad
+    with pytest.raises(SegdeployError, match="square"):
+        plan_tiles(TileOptions((64, 96)), graph_size=None, processor=Processor(), square_only=True)
+    with pytest.raises(SegdeployError, match="multiples of 32"):
+        plan_tiles(TileOptions(100), graph_size=None, processor=Processor(pad_divisor=32))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (TileOptions("auto", stride=100, overlap=0.5), "not both"),
+        (TileOptions("auto", overlap=1.0), "below 1"),
+        (TileOptions("auto", blend="median"), "mean, gaussian"),
+        (TileOptions(0), "1..16384"),
+        (TileOptions("auto", stride=600), "1 to the tile"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(options, match):
+    with pytest.raises(SegdeployError, match=match):
+        plan_tiles(options, graph_size=None, processor=Processor())
+
+
+def test_auto_needs_a_model_size():
+    with pytest.raises(SegdeployError, match="give --tile SIZE"):
+        plan_tiles(TileOptions("auto"), graph_size=None, processor=Processor(None))
+
+
+def test_options_from_the_command_line():
+    assert TileOptions.from_text("512x768", "300", None, "gaussian") == TileOptions(
+        (512, 768), 300, None, "gaussian"
+    )
+    assert TileOptions.from_text("AUTO", None, 0.25, "mean").tile == "auto"
+    assert not TileOptions.from_text(None, None, None, "mean").enabled
+    for args, name in (
+        ((None, "64", None, "mean"), "--stride"),
+        ((None, None, 0.5, "mean"), "--overlap"),
+        ((None, None, None, "gaussian"), "--blend"),
+        (("12a", None, None, "mean"), "--tile"),
+    ):
+        with pytest.raises(SegdeployError, match=name):
+            TileOptions.from_text(*args)
+
+
+def test_padded_windows_equal_the_model_on_the_padded_tile():
+    """A fixed-size model tiles an image smaller than its tile by padding the window with
+    zeros (after normalising) and using the logits over the image only."""
+    run = linear_model(5, 4)
+    image = photo(20, 27)
+    plan = TilePlan((32, 32), (21, 21), pad=True)
+    ours = tiled(image, run, 5, plan)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    x[0, :, :20, :27] = prepare(image)
+    logits = F.interpolate(torch.from_numpy(run(x)), (32, 32), mode="bilinear", align_corners=False)
+    assert (ours == logits[0, :, :20, :27].argmax(0).numpy()).all()
