@@ -17,7 +17,7 @@ $(VENV)/.install.stamp: pyproject.toml scripts/install_torch.sh
 	$(BIN)/pip install --quiet --upgrade pip
 	PIP=$(BIN)/pip PYTHON=$(BIN)/python TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" \
 		scripts/install_torch.sh
-	$(BIN)/pip install --quiet -e ".[dev,ray,openvino,docs,video,tiles]"
+	$(BIN)/pip install --quiet -e ".[dev,ray,openvino,docs,video,tiles,serve,serve-test]"
 	touch $@
 
 demo: install

@@ -22,7 +22,10 @@ machine's CPU. Every step is the project's own command, run as a user would:
 6. `benchmarks/bench_tiles.py`: `segdeploy infer --tile` on generated 1k to 16k
    TIFFs with a 150-class SegFormer b0 (megapixels/s, peak RSS, batched windows
    against one per call, the tiled run against the model alone), to
-   benchmarks/results/tiles_cpu.{json,md}.
+   benchmarks/results/tiles_cpu.{json,md};
+7. `benchmarks/bench_serve.py`: `segdeploy serve` (MODEL's export) under 1, 4 and 16
+   loopback clients beside `segdeploy infer` and a hand-written FastAPI + transformers
+   endpoint, to benchmarks/results/serve_cpu.{json,md}.
 
 Why 512x512 (SegFormer's and the guide's input size), though a smaller size
 trains several times faster: at 512 the model is most of the end-to-end time,
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-pipeline",
         action="store_true",
-        help="skip benchmarks/bench_pipeline.py and bench_video.py",
+        help="skip benchmarks/bench_pipeline.py, bench_video.py, bench_tiles.py and bench_serve.py",
     )
     parser.add_argument(
         "--reuse-export",
@@ -181,12 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_pipeline:
         return 0
     rc = 0
-    for script in ("bench_pipeline.py", "bench_video.py", "bench_tiles.py"):
-        print("$ " + shlex.join(["python", f"benchmarks/{script}"]), flush=True)
+    scripts = {
+        "bench_pipeline.py": [],
+        "bench_video.py": [],
+        "bench_tiles.py": [],
+        "bench_serve.py": ["--model", rel(model)]
+        + ([] if args.data == CAMVID else ["--images", rel(args.data / "images" / "val")]),
+    }
+    for script, extra in scripts.items():
+        print("$ " + shlex.join(["python", f"benchmarks/{script}", *extra]), flush=True)
         rc = (
             rc
             or subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / script)], cwd=ROOT
+                [sys.executable, str(ROOT / "benchmarks" / script), *extra], cwd=ROOT
             ).returncode
         )
     return rc

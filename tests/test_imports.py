@@ -3,7 +3,7 @@
 The stages, from the top down (a module may import its own stage and any stage
 below it, never one above):
 
-    cli -> demo -> bench -> export -> validate -> {train, runtime, data}
+    cli -> demo -> {bench, serve} -> export -> validate -> {train, runtime, data}
         -> the folder contract (folders, atomic) -> errors
 
 Imports inside functions count too: a lazy import that runs back up is still a
@@ -26,6 +26,8 @@ STAGES: list[tuple[str, int]] = [
     ("segdeploy.cli", 8),
     ("segdeploy.demo", 7),
     ("segdeploy.bench", 6),
+    # `segdeploy serve`: a front end over the runtime's Segmenter, beside bench.
+    ("segdeploy.serve", 6),
     ("segdeploy.export", 5),
     ("segdeploy.validate", 4),
     ("segdeploy.train", 3),

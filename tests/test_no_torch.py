@@ -46,6 +46,22 @@ def test_import_segdeploy_and_runtime_is_torch_free():
     assert heavy_modules(proc.stdout) == []
 
 
+def test_serve_is_torch_free():
+    """`segdeploy serve` and its replicas' modules (the service runs beside no torch)."""
+    code = (
+        "import segdeploy.serve.settings, segdeploy.serve.model, segdeploy.serve.protocol\n"
+        "import segdeploy.serve.service, segdeploy.cli.serve\n"
+        "try:\n"
+        "    import segdeploy.serve.app, segdeploy.serve.metrics, segdeploy.serve.deployments\n"
+        "except ImportError as err:  # without the serve extra: what it needs is absent\n"
+        "    assert err.name.split('.')[0] in {'ray', 'fastapi', 'prometheus_client'}, err\n"
+        + REPORT
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert heavy_modules(proc.stdout) == []
+
+
 def test_segmenter_predicts_without_torch(tiny_onnx_dir, tmp_path):
     Image.new("RGB", (30, 20), (90, 120, 30)).save(tmp_path / "a.png")
     code = (

@@ -12,10 +12,12 @@ import pytest
 from segdeploy.bench.run import BenchSettings, InputOptions
 from segdeploy.cli.bench import bench
 from segdeploy.cli.export import export
+from segdeploy.cli.serve import serve
 from segdeploy.cli.train import train
 from segdeploy.cli.validate import validate
 from segdeploy.data import DatasetSpec
 from segdeploy.export import ExportSettings
+from segdeploy.serve.settings import ServeSettings
 from segdeploy.train import TrainConfig
 from segdeploy.validate import ValidationSettings
 
@@ -84,6 +86,10 @@ def test_bench_options_default_to_bench_settings():
     # every field but the nested input options, and those through them
     assert compared == len(fields(BenchSettings)) - 1
     assert _check(bench, settings.inputs) == len(fields(InputOptions))
+
+
+def test_serve_options_default_to_serve_settings():
+    assert _check(serve, ServeSettings()) == len(fields(ServeSettings))
 
 
 def test_infer_video_options_default_to_video_settings():

@@ -17,6 +17,7 @@ from segdeploy.cli.bench import bench
 from segdeploy.cli.demo import demo
 from segdeploy.cli.export import export
 from segdeploy.cli.infer import infer
+from segdeploy.cli.serve import serve
 from segdeploy.cli.train import train
 from segdeploy.cli.validate import validate
 from segdeploy.errors import SegdeployError
@@ -49,7 +50,7 @@ class _Group(click.Group):
 
     def list_commands(self, ctx):
         # The order a user meets them in, not alphabetical.
-        return ["train", "export", "validate", "infer", "bench", "demo"]
+        return ["train", "export", "validate", "infer", "serve", "bench", "demo"]
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,5 +82,5 @@ def main(verbose: int, quiet: int) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-for _command in (train, export, validate, infer, bench, demo):
+for _command in (train, export, validate, infer, serve, bench, demo):
     main.add_command(_command)

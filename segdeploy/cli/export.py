@@ -102,6 +102,15 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     help="Compare every graph written with the PyTorch model (mean IoU on the data, "
     "see `segdeploy validate --help`).",
 )
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write a Triton model repository here: DIR/NAME/1/model.onnx (the fp32 graph), "
+    "config.pbtxt (onnxruntime backend, dynamic batching, TensorRT fp16 with an engine cache; "
+    "inputs and outputs from the graph) and preprocessing.md (what a client does). NAME is "
+    "the model folder's. Written only when validation passes.",
+)
 @validation_options
 def export(
     model_dir: Path,
@@ -115,6 +124,7 @@ def export(
     max_drop: float | None,
     int8_engines: tuple[str, ...],
     validate: bool,
+    triton_repo: Path | None,
     **opts,
 ) -> None:
     """Export a trained model folder to ONNX and prove it faithful.
@@ -138,11 +148,13 @@ def export(
       segdeploy export models/tiny --quantize int8         # for CPUs
       segdeploy export models/tiny --quantize int8 --int8-engine openvino
       segdeploy export models/tiny --dataset data/camvid --split val
+      segdeploy export models/tiny --triton-repo triton/  # for Triton on a GPU
     """
     from segdeploy.cli.options import exit_if_failed, settings_from, warn
     from segdeploy.export import export_model
     from segdeploy.export.folder import readd_options
     from segdeploy.validate import ValidationSettings
+    from segdeploy.validate.report import failed
     from segdeploy.validate.tables import print_outcome
 
     settings = ExportSettings(
@@ -163,6 +175,7 @@ def export(
         f"export: {graphs} (opset {result.opset}, {result.route} route) in "
         f"{result.export_seconds:.1f} s -> {result.output}"
     )
+    reports = list(result.reports.values())
     if result.kept:
         click.echo(f"kept from the earlier export (same model.onnx): {', '.join(result.kept)}")
     if result.dropped:
@@ -173,6 +186,11 @@ def export(
             + (f"; add {again} to make them again" if again else "")
         )
     if validate:
-        reports = list(result.reports.values())
         print_outcome(reports, seconds=result.validation_seconds)
+    if triton_repo is not None and not failed(reports):
+        from segdeploy.export.triton import write_triton_repo
+
+        target = write_triton_repo(result.output, triton_repo, name=model_dir.resolve().name)
+        click.echo(f"triton: {target} (config.pbtxt, 1/model.onnx, preprocessing.md)")
+    if validate:
         exit_if_failed(reports)

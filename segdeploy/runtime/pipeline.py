@@ -347,14 +347,21 @@ def finish_image(
 
 
 def save_labels(path: str | os.PathLike, labels: np.ndarray, *, mark: Mark | None = None) -> None:
-    """8-bit PNG when ids fit, else 16-bit (`label_png`); atomically, with the provenance
+    """The label map as `encode_labels` makes it, written atomically, with the provenance
     `mark` (segdeploy.runtime.provenance) when given."""
+    png = encode_labels(labels, where=path)
+    write_bytes(path, png if mark is None else mark_png(png, mark))
+
+
+def encode_labels(labels: np.ndarray, *, where: str | os.PathLike | None = None) -> bytes:
+    """The label PNG of every front end (files, `segdeploy serve`), unmarked: 8-bit when
+    ids fit, else 16-bit (`label_png`). `where` names the output in the error for > 65536
+    classes."""
     if labels.dtype != np.uint8:
         if labels.max(initial=0) >= 1 << 16:
-            raise SegdeployError(path, "more than 65536 classes do not fit a PNG")
+            raise SegdeployError(where, "more than 65536 classes do not fit a PNG")
         labels = labels.astype(np.uint16)
-    png = label_png(labels)
-    write_bytes(path, png if mark is None else mark_png(png, mark))
+    return label_png(labels)
 
 
 def class_shares(labels: np.ndarray, id2label: dict[int, str]) -> list[dict[str, Any]]:

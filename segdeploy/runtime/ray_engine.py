@@ -86,17 +86,18 @@ _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
 _NO_RAW = np.zeros((0, 0, 0), np.float32)
 
 
-def parse_actors(text: str | None) -> int | tuple[int, int] | None:
-    """`--actors`: N (a fixed pool) or MIN-MAX (Ray Data scales the pool between them)."""
+def parse_actors(text: str | None, option: str = "--actors") -> int | tuple[int, int] | None:
+    """`--actors` (and `segdeploy serve --replicas`, named by `option`): N (a fixed pool) or
+    MIN-MAX (Ray scales the pool between them)."""
     if text is None:
         return None
     lo, sep, hi = text.partition("-")
     try:
         counts = (int(lo), int(hi)) if sep else (int(lo),)
     except ValueError:
-        raise SegdeployError("--actors", f"expected N or MIN-MAX, got {text!r}") from None
+        raise SegdeployError(option, f"expected N or MIN-MAX, got {text!r}") from None
     if min(counts) < 1 or (sep and counts[0] > counts[1]):
-        raise SegdeployError("--actors", f"need 1 <= MIN <= MAX, got {text!r}")
+        raise SegdeployError(option, f"need 1 <= MIN <= MAX, got {text!r}")
     return counts if sep else counts[0]
 
 

@@ -26,14 +26,14 @@ from segdeploy.errors import SegdeployError, first_line
 from segdeploy.families import FAMILIES, Family
 from segdeploy.folders import CONFIG_FILE, OUTPUT_SIZE_INPUT, OnnxFolder, read_json
 from segdeploy.runtime import providers as prov
-from segdeploy.runtime.image_io import MAX_PIXELS, array_image, load_image, to_rgb
+from segdeploy.runtime.image_io import MAX_PIXELS, array_image, decode_image, load_image, to_rgb
 from segdeploy.runtime.preprocess import CONFIG_NAME
 from segdeploy.runtime.processors import ImageProcessor, model_processor
 from segdeploy.runtime.upsample import label_dtype, upsample_argmax
 
 log = logging.getLogger(__name__)
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray
+ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 def resolve_model_dir(model_dir: str | os.PathLike, variant: str = "fp32") -> tuple[Path, Path]:
@@ -330,10 +330,13 @@ class Segmenter:
 
     # -- steps -----------------------------------------------------------------
     def load(self, image: ImageLike) -> Image.Image:
-        """An RGB PIL image from a path (EXIF applied, bomb-guarded), a PIL image or a uint8
-        array (HxW or HxWx1 grey, HxWx3 RGB, HxWx4 RGBA); anything else is a SegdeployError."""
+        """An RGB PIL image from a path or an image file's bytes (EXIF applied,
+        bomb-guarded), a PIL image or a uint8 array (HxW or HxWx1 grey, HxWx3 RGB, HxWx4
+        RGBA); anything else is a SegdeployError."""
         if isinstance(image, str | os.PathLike):
             return load_image(image, max_pixels=self.max_pixels)
+        if isinstance(image, bytes):
+            return decode_image(image, max_pixels=self.max_pixels)
         if isinstance(image, np.ndarray):
             return array_image(image)
         if isinstance(image, Image.Image):
@@ -356,21 +359,30 @@ class Segmenter:
         Inputs of different shapes (only when the preprocessor keeps image
         sizes) run as separate batches, as do different sizes on a fused graph.
         """
+        pending: list[PendingMask | None] = [None] * len(inputs)
+        for chunk in self.batches(inputs, sizes):
+            pixels = np.stack([inputs[i] for i in chunk])
+            out = _BatchOutput(self._run(pixels, tuple(sizes[chunk[0]])))
+            for j, i in enumerate(chunk):
+                pending[i] = PendingMask(out, j, tuple(sizes[i]), self.fused)
+        return pending  # type: ignore[return-value]
+
+    def batches(
+        self, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]
+    ) -> list[list[int]]:
+        """The model calls `forward` makes: per call, the indices of the inputs it takes
+        (inputs of one shape, and of one output size on a fused graph; `batch_size` at most)."""
         if len(inputs) != len(sizes):
             raise ValueError("one size per input")
         groups: dict[Any, list[int]] = {}
         for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
             key = (x.shape, tuple(size)) if self.fused else x.shape
             groups.setdefault(key, []).append(i)
-        pending: list[PendingMask | None] = [None] * len(inputs)
-        for idx in groups.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                pixels = np.stack([inputs[i] for i in chunk])
-                out = _BatchOutput(self._run(pixels, tuple(sizes[chunk[0]])))
-                for j, i in enumerate(chunk):
-                    pending[i] = PendingMask(out, j, tuple(sizes[i]), self.fused)
-        return pending  # type: ignore[return-value]
+        return [
+            idx[start : start + self.batch_size]
+            for idx in groups.values()
+            for start in range(0, len(idx), self.batch_size)
+        ]
 
     def _run(self, pixels: np.ndarray, size: tuple[int, int]):
         feeds = {self.input_name: pixels}

@@ -1,0 +1,127 @@
+"""The two Ray Serve deployments of `segdeploy serve`.
+
+- `Frontend` (one replica, no CPU reserved): the HTTP API (`app.build_app`), its
+  metrics and the bounded queue. One replica sees every request, so its counters
+  are the service's and `--max-queue` bounds the whole service.
+- `ModelReplica` (`--replicas N` or MIN-MAX, autoscaled): one Segmenter each
+  (`model.ReplicaModel`), decoding, batching, upsampling and encoding the
+  requests the front end hands it. The CPU work is here, so it spreads over the
+  cluster's nodes with the replicas. Requests that arrive together share one
+  model call (`@serve.batch`); with a GPU provider each replica holds one GPU.
+
+Imported only once the serve extra is known to be there (it imports Ray Serve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from ray import serve
+
+from segdeploy.serve.app import build_app
+from segdeploy.serve.model import Job, Prepared, Refused, ReplicaModel, Segmented, ServiceInfo
+from segdeploy.serve.settings import ServeSettings
+
+
+class ModelReplica:
+    """One Segmenter behind Ray Serve."""
+
+    def __init__(self, model_kwargs: dict, max_batch_size: int, batch_wait_s: float):
+        self.model = ReplicaModel(batch_size=max_batch_size, **model_kwargs)
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_s)
+        self.served_by = {
+            "node": ray.get_runtime_context().get_node_id(),
+            "replica": serve.get_replica_context().replica_id.unique_id,
+        }
+
+    async def segment(self, job: Job) -> Segmented | Refused:
+        # Decoding and upsampling run on threads (Pillow, numpy and zlib release the GIL),
+        # so that the next requests are decoded while the model runs.
+        prepared = await asyncio.to_thread(self.model.prepare, job)
+        if isinstance(prepared, Refused):
+            return prepared
+        passed = await self._batched(prepared)
+        result = await asyncio.to_thread(self.model.finish, job, prepared, passed)
+        result.served_by = self.served_by
+        return result
+
+    # The sizes here are replaced in __init__ by the settings' (--max-batch-size,
+    # --batch-wait-ms); one batch at a time, so requests queue up while the model runs.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _batched(self, items: list[Prepared]):
+        return await asyncio.to_thread(self.model.forward, items)
+
+
+class HandleBackend:
+    """`app.Backend` over a handle to the ModelReplica deployment."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def segment(self, job: Job) -> Segmented | Refused:
+        return await self.handle.segment.remote(job)
+
+
+@serve.ingress()
+class Frontend:
+    """The HTTP API, in one replica."""
+
+    def __init__(self, model, info: ServiceInfo, settings: ServeSettings):
+        self._app = build_app(HandleBackend(model), info, settings)
+
+    def __serve_build_asgi_app__(self):
+        return self._app
+
+    async def mark_ready(self) -> None:
+        """Every deployment runs: the ready routes answer 200 from now on."""
+        self._app.state.service.ready = True
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new segmentation requests and wait for those inside (`Gate.drain`)."""
+        return await self._app.state.service.gate.drain(timeout_s)
+
+
+def application(
+    settings: ServeSettings,
+    info: ServiceInfo,
+    model_kwargs: dict,
+    *,
+    replicas: tuple[int, int],
+    num_cpus: float,
+    num_gpus: float,
+):
+    """The bound Ray Serve application: the front end over the model replicas."""
+    lo, hi = replicas
+    scaling = (
+        {"num_replicas": lo}
+        if lo == hi
+        else {
+            "autoscaling_config": {
+                "min_replicas": lo,
+                "max_replicas": hi,
+                # A replica is busy with one batch running and one forming.
+                "target_ongoing_requests": settings.max_batch_size,
+            }
+        }
+    )
+    model = serve.deployment(ModelReplica).options(
+        name="model",
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=2 * settings.max_batch_size,
+        **scaling,
+    )
+    front = serve.deployment(Frontend).options(
+        name="frontend",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        # Room for every request --max-queue lets in, and for /metrics and health probes
+        # beside them; the proxy's own queue is bounded too, past that.
+        max_ongoing_requests=settings.max_queue + 16,
+        max_queued_requests=settings.max_queue,
+    )
+    batch_wait_s = settings.batch_wait_ms / 1e3
+    return front.bind(
+        model.bind(model_kwargs, settings.max_batch_size, batch_wait_s), info, settings
+    )
