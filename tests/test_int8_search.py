@@ -62,6 +62,9 @@ def test_groups_cover_the_quantizable_nodes_within_the_bound(sharp_model):
     assert {"Conv", "MatMul"} <= {ops[n] for n in names}
 
 
+# Slow (about 100 s on 2 cores: the search tries every group since int8 weights went to
+# 7 bits); CI runs it with the slow tests.
+@pytest.mark.slow
 def test_tighter_limit_keeps_more_in_float_and_passes_validation(sharp_model, tmp_path):
     fp32 = sharp_model / "fp32" / "model.onnx"
     loose = quantize_int8_within(fp32, tmp_path / "loose.onnx", sharp_model, 4, 1.0)["search"]
