@@ -304,18 +304,13 @@ def _bench(model_dir: Path, onnx_dir: Path, inputs, settings: DemoSettings, outp
 
 def closing_line(result: DemoResult) -> str | None:
     """One line: the bench's fastest validated segdeploy row and its lead over the fastest
-    other library's row (both end to end, files in, label files out)."""
+    other library's row (both end to end, files in, label files out), as bench words it."""
+    from segdeploy.bench.report import fastest_line
+
     paths = result.bench.get("fastest_validated") or []
     if not paths:
         return None
-    f = max(paths, key=lambda p: p["end_to_end_images_per_s"])
-    line = (
-        f"fastest validated: {f['backend']} (`{f['command']}`), "
-        f"{f['end_to_end_images_per_s']:.0f} images/s end to end"
-    )
-    if f.get("vs_best_peer") is not None:
-        line += f", {f['vs_best_peer']:.2f}x the fastest other library ({f['best_peer']})"
-    return line
+    return fastest_line(max(paths, key=lambda p: p["end_to_end_images_per_s"]))
 
 
 def summary_table(result: DemoResult, settings: DemoSettings):
