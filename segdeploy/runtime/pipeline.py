@@ -873,14 +873,22 @@ def stop_signals() -> Iterator[_Signals]:
     Python cannot install handlers) this changes nothing.
     """
     state = _Signals()
+    with signals_to(state.handler):
+        yield state
+    if state.pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def signals_to(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` in the block, to the handlers found before after
+    it; outside the main thread (where Python cannot install handlers) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
-        yield state
+        yield
         return
-    old = {s: signal.signal(s, state.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield state
+        yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if state.pending:
-        raise KeyboardInterrupt

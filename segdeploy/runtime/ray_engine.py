@@ -36,9 +36,7 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
@@ -524,15 +522,8 @@ class _Stop:
 @contextlib.contextmanager
 def _stop_signals() -> Iterator[_Stop]:
     stop = _Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # Python cannot install handlers here: Ray's and the caller's stay
-        return
-    old = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with pipeline.signals_to(stop.handler):
         yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
