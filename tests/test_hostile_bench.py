@@ -13,6 +13,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 import pytest
+from cli_checks import one_line_error
 from click.testing import CliRunner
 from PIL import Image
 from test_hostile_train_export import NEED_ROOT, _in_mount
@@ -37,14 +38,6 @@ def photos(tmp_path_factory):
 def _bench(tiny_model_dir, tiny_onnx_dir, *args):
     base = ["bench", "--model", str(tiny_model_dir), "--onnx", str(tiny_onnx_dir)]
     return CliRunner().invoke(main, [*base, *map(str, args)])
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "unexpected" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ------------------------------------------------------------------ -o rep.md (item 4)
@@ -138,7 +131,7 @@ def test_labels_are_checked_before_any_row_runs(
         tiny_model_dir, tiny_onnx_dir, "--images", photos[0], "--labels", labels, *QUICK,
         "-o", out,
     )  # fmt: skip
-    _one_line_error(result, str(last), needle)
+    one_line_error(result, str(last), needle)
     assert "done" not in result.output and "loading" not in result.output  # no row started
     assert not out.exists()
 
@@ -155,7 +148,7 @@ def test_dataset_options_with_images_are_named_for_what_they_are(
     extra, option, tiny_model_dir, tiny_onnx_dir, photos, tmp_path
 ):
     result = _bench(tiny_model_dir, tiny_onnx_dir, "--images", photos[0], *extra, *QUICK)
-    _one_line_error(result, f"error: {option}:")
+    one_line_error(result, f"error: {option}:")
     assert "--dataset/--split" not in result.output
 
 
@@ -171,7 +164,7 @@ def test_reduce_labels_reads_label_files_ade20k_style(
     out = tmp_path / "b.json"
     args = ["--images", photos[0], "--labels", labels, *QUICK, "-o", out]
     plain = _bench(tiny_model_dir, tiny_onnx_dir, *args)
-    _one_line_error(plain, "mask values 5 fall outside")  # unless reduced
+    one_line_error(plain, "mask values 5 fall outside")  # unless reduced
     result = _bench(tiny_model_dir, tiny_onnx_dir, *args, "--reduce-labels")
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["inputs"]["reduce_labels"] is True
@@ -185,7 +178,7 @@ def test_a_nan_timeout_is_refused(tiny_model_dir, tiny_onnx_dir, photos, tmp_pat
     result = _bench(
         tiny_model_dir, tiny_onnx_dir, "--images", photos[0], *QUICK, "--timeout", "nan", "-o", out
     )
-    _one_line_error(result, "--timeout", "nan")
+    one_line_error(result, "--timeout", "nan")
     assert not out.exists()
 
 

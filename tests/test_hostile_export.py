@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+from cli_checks import one_line_error
 from click.testing import CliRunner
 from test_hostile_train_export import NEED_ROOT, _in_mount
 
@@ -26,14 +27,6 @@ def _snapshot(folder):
     }
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "unexpected" not in result.output, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 # ------------------------------------------------------------------ export --output (item 1)
 
 
@@ -44,7 +37,7 @@ def test_export_refuses_a_folder_of_the_users_files(tiny_model_dir, tmp_path):
     (docs / "sub" / "chapter.txt").write_text("chapter")
     before = _snapshot(tmp_path)
     result = _export(tiny_model_dir, "--output", docs, "--no-validate")
-    _one_line_error(result, str(docs), "did not write", "sub/", "thesis.txt")
+    one_line_error(result, str(docs), "did not write", "sub/", "thesis.txt")
     assert _snapshot(tmp_path) == before  # nothing lost, nothing written beside it
 
 
@@ -55,7 +48,7 @@ def test_export_refuses_a_graph_beside_the_users_files(tiny_model_dir, tmp_path)
     out.mkdir()
     (out / "model.onnx").write_bytes(b"someone's graph")
     (out / "notes.md").write_text("notes")
-    _one_line_error(_export(tiny_model_dir, "--output", out, "--no-validate"), "notes.md")
+    one_line_error(_export(tiny_model_dir, "--output", out, "--no-validate"), "notes.md")
     assert (out / "notes.md").read_text() == "notes"
 
 
@@ -66,7 +59,7 @@ def test_export_refuses_any_folder_of_the_model_but_onnx(tiny_model_dir, tmp_pat
     before = _snapshot(model)
     for inside in ("checkpoints", "checkpoints/onnx", "exports"):
         result = _export(model, "--output", model / inside, "--no-validate")
-        _one_line_error(result, "inside the model folder", str(model / "onnx"))
+        one_line_error(result, "inside the model folder", str(model / "onnx"))
     assert _snapshot(model) == before  # the checkpoints are there for --resume
     assert _export(model, "--output", model / "onnx", "--no-validate").exit_code == 0
 
@@ -75,7 +68,7 @@ def test_export_to_the_working_folder_is_one_line(tiny_model_dir, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep.txt").write_text("mine")
     for output in (".", "sub/..", str(tmp_path.parent)):
-        _one_line_error(_export(tiny_model_dir, "--output", output, "--no-validate"))
+        one_line_error(_export(tiny_model_dir, "--output", output, "--no-validate"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
@@ -84,7 +77,7 @@ def test_export_refuses_a_symlink_output(tiny_model_dir, tmp_path):
     target.mkdir()
     (tmp_path / "link").symlink_to(target)
     result = _export(tiny_model_dir, "--output", tmp_path / "link", "--no-validate")
-    _one_line_error(result, "symbolic link")
+    one_line_error(result, "symbolic link")
     assert (tmp_path / "link").is_symlink()
 
 
@@ -149,10 +142,10 @@ def test_validate_refuses_a_nan_tolerance(tiny_model_dir, tiny_onnx_dir, tmp_pat
         result = CliRunner().invoke(
             main, ["validate", str(onnx), "--model", str(tiny_model_dir), option, "nan"]
         )
-        _one_line_error(result, option, "nan")
+        one_line_error(result, option, "nan")
     assert not (onnx / "validation.json").exists()
     result = _export(tiny_model_dir, "--output", tmp_path / "out", "--tolerance", "nan")
-    _one_line_error(result, "--tolerance")
+    one_line_error(result, "--tolerance")
     assert not (tmp_path / "out").exists()
 
 
@@ -166,7 +159,7 @@ def test_validate_graph_of_another_folder_leaves_its_report_alone(
         result = CliRunner().invoke(
             main, ["validate", str(mine), "--model", str(tiny_model_dir), "--graph", graph]
         )
-        _one_line_error(result, "--graph", "is a path")
+        one_line_error(result, "--graph", "is a path")
     assert _snapshot(other) == before
 
 
@@ -179,11 +172,11 @@ def test_config_whose_classes_do_not_fit_the_weights_is_one_line(
     config["label2id"] = {name: int(i) for i, name in config["id2label"].items()}
     (model / "config.json").write_text(json.dumps(config))
     needles = (str(model / "config.json"), "100000 classes", "decode_head.classifier", "[5")
-    _one_line_error(_export(model, "--no-validate"), *needles)
+    one_line_error(_export(model, "--no-validate"), *needles)
     assert not (model / "onnx").exists()
     onnx = shutil.copytree(tiny_onnx_dir, tmp_path / "onnx")
     result = CliRunner().invoke(main, ["validate", str(onnx), "--model", str(model)])
-    _one_line_error(result, *needles)
+    one_line_error(result, *needles)
     assert not (onnx / "validation.json").exists()
 
 
