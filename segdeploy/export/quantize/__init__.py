@@ -125,7 +125,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
         "(vpmaddwd), so no product pair can saturate on any x86 CPU, with or without "
         "VNNI, and the weights keep all 8 bits: on CamVid b0 the label maps agreed with "
         "PyTorch on 99.71% of the pixels, against 99.40% with 7-bit int8 weights, for "
-        "a model 2-12% slower than 7-bit int8 on an AVX2 CPU",
+        "a model 2-16% slower than 7-bit int8 on an AVX2 CPU",
     ),
     "int8-7bit": WeightFormat(
         "QInt8",
