@@ -110,6 +110,33 @@ def test_search_keeps_nodes_in_float_for_the_agreement_floor(sharp_model, tmp_pa
     assert held["reached"] == (held["final_agreement"] >= floor)
 
 
+def test_held_out_images_are_unseen_by_the_model_when_it_trained_on_a_slice(sharp_model, tmp_path):
+    """The sharp model trained on train[:24]: the search measures on other rows of train
+    (images the model never saw, as validation's), not on its training images."""
+    import shutil
+
+    from segdeploy.data import DatasetSpec
+    from segdeploy.export.quantize import training_images
+    from segdeploy.export.quantize.search import held_out_images
+
+    trained_on = {np.asarray(im).tobytes() for im in training_images(sharp_model, 24)}
+    held, what = held_out_images(sharp_model, [], 6)
+    assert len(held) == 6 and "not trained on" in what
+    assert not {np.asarray(im).tobytes() for im in held} & trained_on
+
+    # Trained on the whole split: no unseen rows, so held-out training images, said so.
+    whole = tmp_path / "whole"
+    shutil.copytree(sharp_model, whole)
+    spec = DatasetSpec("synthetic:64", split="train", eval_split="validation[:4]")
+    (whole / "train_args.json").write_text(json.dumps({"dataset": spec.to_dict()}))
+    calibration = training_images(whole, 4)
+    held, what = held_out_images(whole, calibration, 6)
+    assert len(held) == 6 and what.startswith("training images")
+    assert not {np.asarray(im).tobytes() for im in held} & {
+        np.asarray(im).tobytes() for im in calibration
+    }
+
+
 def test_groups_cover_the_quantizable_nodes_within_the_bound(sharp_model):
     from segdeploy.export.quantize import DEFAULT_FLOAT_OP_TYPES, _quantizable_op_types
 

@@ -6,8 +6,9 @@ predictions, so it works for any architecture that export writes:
 
 1. Quantize with the starting exclusions (segdeploy's defaults: Softmax,
    LayerNorm, attention scores; see segdeploy.export.quantize) and measure it on
-   held-out training images (neither the validation split nor the calibration
-   images) the way validation will judge it (`Measure`): label maps at each
+   held-out images (images of the training split the model was not trained on
+   where there are, else training images; never the validation split nor the
+   calibration images) the way validation will judge it (`Measure`): label maps at each
    image's size (validation's upsample_argmax), compared with the fp32 graph's
    taken as the reference, for the drop (1 - mean IoU of the int8 maps with the
    fp32 maps as labels: a disagreement measure that bounds how far int8 can move
@@ -71,6 +72,7 @@ class HeldOut:
 
     batches: list[np.ndarray]
     sizes: list[tuple[int, int]]
+    what: str = "held-out images"
 
     def __post_init__(self):
         if len(self.sizes) != sum(int(b.shape[0]) for b in self.batches):
@@ -361,7 +363,7 @@ def search_exclusions(
         "min_agreement": floor,
         "measure": "against the fp32 graph's label maps at image size (bilinear upsampling "
         "of the logits, then argmax, as validation does), on "
-        f"{len(held_out.sizes)} held-out training images: the drop is 1 - mean IoU of the "
+        f"{len(held_out.sizes)} {held_out.what}: the drop is 1 - mean IoU of the "
         "int8 label maps with the fp32 ones as labels, the agreement the share of equal "
         "pixels",
         "starting_float_op_types": list(start),
@@ -382,13 +384,23 @@ def search_exclusions(
     return report
 
 
-def held_out_images(model_dir: str | os.PathLike, calibration: Sequence[Any], n: int) -> list:
-    """`n` training images of `model_dir` that are not among `calibration` (PIL images)."""
+def held_out_images(
+    model_dir: str | os.PathLike, calibration: Sequence[Any], n: int
+) -> tuple[list, str]:
+    """`n` held-out images for measuring an int8 graph, and what they are: images of the
+    training split the model was not trained on when there are (see
+    `unseen_training_images`), else training images that are not among `calibration`
+    (PIL images)."""
     from segdeploy.export.quantize import training_images
+    from segdeploy.export.quantize.calibration import unseen_training_images
 
+    unseen = unseen_training_images(model_dir, n)
+    if unseen:
+        return unseen, "images of the training split that the model was not trained on"
     seen = {np.asarray(im).tobytes() for im in calibration}
     pool = training_images(model_dir, len(calibration) + n, seed=1)
-    return [im for im in pool if np.asarray(im).tobytes() not in seen][:n]
+    held = [im for im in pool if np.asarray(im).tobytes() not in seen][:n]
+    return held, "training images (the model was trained on the whole split)"
 
 
 def quantize_int8_within(
@@ -412,7 +424,7 @@ def quantize_int8_within(
 
     preprocess = model_processor(model_dir).pixel_values
     calib_images = training_images(model_dir, calibration_images)
-    held = held_out_images(model_dir, calib_images, held_out)
+    held, what = held_out_images(model_dir, calib_images, held_out)
     if not held:
         raise SegdeployError(
             model_dir, "--max-drop needs training images beyond the calibration images"
@@ -425,6 +437,7 @@ def quantize_int8_within(
         HeldOut(
             list(calibration_batches(held, preprocess, batch_size=4)),
             [(im.height, im.width) for im in held],
+            what,
         ),
         max_drop,
         num_labels=len(config["id2label"]),
