@@ -212,10 +212,13 @@ class _Held:
         down, right = np.minimum(np.arange(lh) + 1, lh - 1), np.minimum(np.arange(lw) + 1, lw - 1)
         same = (sure == sure[down]) & (sure == sure[:, right]) & (sure == sure[down][:, right])
         cells = np.where(same, sure, -1).astype(self.ranks.dtype)
+        self.src0 = 0  # first source row still held
         self.pure = cells[self.ry[0]][:, self.rx[0]]  # [wh, ww]
+        u, v = np.nonzero(self.pure < 0)
+        if u.size:
+            self.pure[u, v] = self._leading(u, v, SURE_MARGIN * self.scale)
         self.weights = weights  # [wh, ww] float32, or None for the mean
         self.u0 = 0  # first window row still held
-        self.src0 = 0  # first source row still held
 
     def keep_from(self, y: int) -> None:
         """Forget the rows above image row `y` (all finished)."""
@@ -244,6 +247,36 @@ class _Held:
         top, bottom = (i0 - self.src0) * lw, (i1 - self.src0) * lw
         weights = tuple(a[:, None] for a in (wx0, wx1, wy0, wy1))
         return (top + j0, top + j1, bottom + j0, bottom + j1, *weights)
+
+    def _leading(self, u: np.ndarray, v: np.ndarray, tol: float) -> np.ndarray:
+        """For window pixels (u, v) of mixed cells: the best class k at the nearest corner
+        of the pixel's source cell where it leads every other class of this window by more
+        than `tol` after resizing, else -1. Any other class is at most the best logit of
+        the classes other than k at each corner, so k's lead is at least the blend of its
+        leads over that bound at the four corners: one class's value per corner, not C."""
+        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v)
+        left = wx0[:, 0] >= wx1[:, 0]
+        near = np.where(wy0[:, 0] >= wy1[:, 0], np.where(left, a, b), np.where(left, c, d))
+        k = self.ranks[0].reshape(-1)[near].astype(np.int64)
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, never sure
+            return np.where(self.lead(u, v, k) > tol, k, -1)
+
+    def lead(self, u: np.ndarray, v: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """A lower bound (up to float32 rounding) of how far class k [n] leads every other
+        class at window pixels (u, v) after resizing: the blend of k's logit minus the
+        best other logit at the four corners of each pixel's source cell."""
+        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v)
+        first = self.ranks[0].reshape(-1)
+        best, second = self.ranked[0].reshape(-1), self.ranked[1].reshape(-1)
+        at = k * (self.logits.shape[1] * self.logits.shape[2])
+        flat = self.logits.reshape(-1)
+
+        def corner(i: np.ndarray) -> np.ndarray:
+            return flat[at + i] - np.where(first[i] == k, second[i], best[i])
+
+        with np.errstate(invalid="ignore"):
+            top = corner(a) * wx0[:, 0] + corner(b) * wx1[:, 0]
+            return top * wy0[:, 0] + (corner(c) * wx0[:, 0] + corner(d) * wx1[:, 0]) * wy1[:, 0]
 
     def values(
         self, u: np.ndarray, v: np.ndarray, classes: np.ndarray, *, fused: bool
@@ -391,19 +424,47 @@ class TileBlender:
         out = np.empty(ys.size, np.int64)
         for start in range(0, ys.size, BLOCK_PIXELS):
             y, x = ys[start : start + BLOCK_PIXELS], xs[start : start + BLOCK_PIXELS]
-            labels = np.empty(y.size, np.int64)
-            todo = np.arange(y.size)
+            labels, proven = self._leaders(y, x, cover)
+            todo = np.flatnonzero(~proven)
             for t in range(1, RANKS + 1):
+                if not todo.size:
+                    break
                 found, proven = self._candidates(y[todo], x[todo], cover, t)
                 labels[todo[proven]] = found[proven]
                 todo = todo[~proven]
-                if not todo.size:
-                    break
             if todo.size:
                 every = np.broadcast_to(np.arange(self.num_classes), (todo.size, self.num_classes))
                 labels[todo] = self._blend(y[todo], x[todo], cover, every, fused=True)[0]
             out[start : start + BLOCK_PIXELS] = labels
         return out
+
+    def _leaders(self, y: np.ndarray, x: np.ndarray, cover) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, proven) for pixels (y, x) where the covering windows disagree or one is
+        unsure: each window's own leader k (TileBlender's `pure` map) is tried in turn, and
+        proven where the weighted mean over the windows of k's lead bound (_Held.lead) is
+        over the margin, since k's lead over any class c in the blend is at least that."""
+        inside = list(self._inside(y, x, cover))
+        labels = np.full(y.size, -1, np.int64)
+        proven = np.zeros(y.size, bool)
+        tol = SURE_MARGIN * max(h.scale for h, *_ in inside)
+        count = np.zeros(y.size, F32)
+        for _, idx, _, _, weight in inside:
+            count[idx] += F32(1) if weight is None else weight
+        for h, idx, u, v, _ in inside:
+            k = np.full(y.size, -1, np.int64)
+            k[idx] = h.pure[u - h.u0, v]
+            tried = np.flatnonzero(~proven & (k >= 0))
+            if not tried.size:
+                continue
+            lead = np.zeros(y.size, F32)
+            for g, gidx, gu, gv, weight in inside:
+                sel = np.flatnonzero(~proven[gidx] & (k[gidx] >= 0))
+                d = g.lead(gu[sel], gv[sel], k[gidx[sel]])
+                lead[gidx[sel]] += d if weight is None else d * weight[sel]
+            with np.errstate(invalid="ignore"):
+                won = tried[lead[tried] / count[tried] > tol]
+            labels[won], proven[won] = k[won], True
+        return labels, proven
 
     def _inside(self, y: np.ndarray, x: np.ndarray, cover):
         """(held window, indices of the pixels inside it, their window coordinates u, v,
