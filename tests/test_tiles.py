@@ -83,7 +83,9 @@ def context_model(classes: int, stride: int):
 
 
 @pytest.mark.parametrize("blend", ["mean", "gaussian"])
-@pytest.mark.parametrize(("tile", "stride", "s"), [((32, 32), (21, 21), 4), ((48, 40), (23, 19), 1)])
+@pytest.mark.parametrize(
+    ("tile", "stride", "s"), [((32, 32), (21, 21), 4), ((48, 40), (23, 19), 1)]
+)
 def test_windows_that_disagree_still_equal_mmsegmentation(tile, stride, s, blend):
     image = photo(131, 157, seed=5, block=5)
     run = context_model(12, s)
