@@ -22,7 +22,13 @@ Each pixel's label is found in one of two ways, both giving the reference's answ
   SURE_MARGIN of the window's largest |logit|, far above them (see below). So
   such pixels get k without touching their C logits: that is most pixels,
   everything away from class borders.
-- The others (near class borders) are computed in full: for each covering window
+- Bounded pixels. Near a border, k's lead over every other class at a pixel, in
+  one window, is at least the blend of (k's logit - the best other logit) at its
+  four corners: one class's values, not C. A window whose leader passes that
+  bound vouches for it (`_Held._leading`); where the windows disagree, the
+  weighted mean of their bounds for one leader, over the margin, proves it
+  (`TileBlender._leaders`): k's lead in the average is at least that mean.
+- The others are computed in full: for each covering window
   in MMSegmentation's order (row by row, left to right) the same float32
   operations as torch's CPU kernel for `F.interpolate(mode="bilinear")`, which
   fuses a multiply-add at two places (measured bit for bit: see
