@@ -27,12 +27,8 @@ image.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,10 +50,6 @@ DEFAULT_OVERLAP = 1 / 3
 GAUSSIAN_SIGMA_SCALE = 0.125
 #: MONAI's floor of the importance map (a weight of 0 would leave pixels uncounted).
 GAUSSIAN_MIN_WEIGHT = 1e-3
-#: Niceness of the thread that cuts and blends windows beside the model (Linux). ONNX
-#: Runtime's threads meet at a barrier after each parallel operator, so a helper that
-#: takes one of their cores stalls the other too; niced, it runs in their gaps instead.
-HELPER_NICE = 19
 
 
 def parse_size(text: str | int | tuple, option: str) -> int | tuple[int, int]:
@@ -340,14 +332,6 @@ def window_batches(
         yield batch, x, size
 
 
-def _lower_priority() -> None:
-    """Make the calling thread yield the CPU to the model's threads (HELPER_NICE), where
-    threads have their own priority (Linux); elsewhere, or when refused, it stays."""
-    if sys.platform.startswith("linux") and HELPER_NICE:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HELPER_NICE)
-
-
 def predict_bands(
     source,
     model: WindowModel,
@@ -382,7 +366,7 @@ def predict_bands(
         clock.add("blend", time.perf_counter() - start)
         return bands
 
-    with ThreadPoolExecutor(1, "segdeploy-tiles", _lower_priority) as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="segdeploy-tiles") as pool:
         pending = None
         upcoming = pool.submit(cut)
         while (item := upcoming.result()) is not None:
