@@ -16,8 +16,11 @@ tile by tile), so `segdeploy infer --tile` reads them by window.
    model alone (Segmenter.logits on batches of those windows, as many calls).
 
     .venv/bin/python benchmarks/bench_tiles.py [--sizes 1024,2048,4096,8192,16384] [--rounds 3]
+        [--only batching]
 
-Writes benchmarks/results/tiles_cpu.{json,md}.
+Writes benchmarks/results/tiles_cpu.{json,md}. `--only batching` reruns part 2 alone
+(about 3 minutes against 20) and keeps part 1's rows from the results file already
+there, which then names the run each part comes from.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 150
+RESULTS_JSON = "benchmarks/results/tiles_cpu.json"
 TILE, STRIDE = 512, 341
 
 #: Runs `segdeploy infer` in this fresh process, then prints its peak RSS and summary.
@@ -209,6 +213,14 @@ def render(r: dict) -> str:
         "| image | MP | windows | output | s | MP/s | windows/s | peak RSS MB | mmseg's C x H x W buffer MB |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
+    runs = r.get("runs")
+    if runs and runs["sizes"] != runs["batching"]:
+        lines[4:4] = [
+            f"Parts measured in separate runs: image sizes {run_line(runs['sizes'])}; "
+            f"batched windows and the model alone {run_line(runs['batching'])} "
+            "(`--only batching`).",
+            "",
+        ]
     for s in r["sizes"]:
         lines.append(
             f"| {s['side']}x{s['side']} | {s['megapixels']} | {s['windows']} | {s['output']} | "
@@ -239,18 +251,58 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+def git_output(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
+    except OSError:
+        return None
+    return out.strip() or None
+
+
+def git_commit() -> str | None:
+    """The commit the measured code is at ("+" when tracked files have changes), or None."""
+    head = git_output("rev-parse", "--short", "HEAD")
+    dirty = git_output("status", "--porcelain", "--untracked-files=no")
+    return None if head is None else head + ("+" if dirty else "")
+
+
+def run_line(run: dict) -> str:
+    if run.get("commit"):
+        return f"{run['date']} at commit {run['commit']}"
+    if run.get("results_commit"):
+        return f"{run['date']} (results committed in {run['results_commit']})"
+    return run["date"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384")
     ap.add_argument("--batching-side", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument(
+        "--only",
+        choices=["batching"],
+        help="rerun part 2 alone; part 1's rows are kept from the results file there",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    earlier = None
+    if args.only:
+        earlier = json.loads((args.output / "tiles_cpu.json").read_text())
+    today = {"date": datetime.date.today().isoformat(), "commit": git_commit()}
     with tempfile.TemporaryDirectory(prefix="bench-tiles-") as tmp:
         work = Path(tmp)
         onnx = make_model(work)
-        sizes = sweep(onnx, work, [int(s) for s in args.sizes.split(",")])
+        if earlier is None:
+            sizes = sweep(onnx, work, [int(s) for s in args.sizes.split(",")])
+            sizes_run = today
+        else:
+            sizes = earlier["sizes"]
+            sizes_run = earlier.get("runs", {}).get("sizes") or {
+                "date": earlier["date"],
+                "results_commit": git_output("log", "-1", "--format=%h", "--", RESULTS_JSON),
+            }
         batch = batching(onnx, work, args.batching_side, args.rounds)
     biggest = max(sizes, key=lambda s: s["side"])
     targets = [
@@ -282,6 +334,7 @@ def main(argv=None) -> int:
         "model": f"SegFormer b0, random init, {CLASSES} classes, {TILE}x{TILE}, ONNX fp32 (Optimum, opset 17)",
         "tile": TILE,
         "stride": STRIDE,
+        "runs": {"sizes": sizes_run, "batching": today},
         "sizes": sizes,
         "batching": batch,
         "targets": targets,

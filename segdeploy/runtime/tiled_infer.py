@@ -265,9 +265,10 @@ def _segment(job, src, dest: Path, over: Path | None, how: _How, outcome) -> dic
     total = time.perf_counter() - wall
     model_s = stages.get("model", 0.0)
     host = {"decode": stages.get("decode", 0.0), "preprocess": stages.get("preprocess", 0.0)}
-    main_thread = sum(stages.get(k, 0.0) for k in ("decode", "preprocess", "model", "wait"))
+    # Windows are cut and blended on predict_bands' helper thread, beside the model.
+    main_thread = stages.get("model", 0.0) + stages.get("wait", 0.0)
     finished = {
-        "upsample_argmax": stages.get("blend", 0.0),  # on its own thread, beside the model
+        "upsample_argmax": stages.get("blend", 0.0),
         "png_encode": max(0.0, t_written - wall - main_thread),  # writing, PNG or TIFF
     }
     if over is not None:

@@ -323,7 +323,9 @@ def window_batches(
             clock.lap("decode")
         wh, ww = batch[0].size
         size = plan.tile if plan.pad else (wh, ww)
-        x = np.zeros((len(batch), 3, *size), np.float32)
+        # Zeros only where windows are padded to the tile: every window fills the rest.
+        fill = np.empty if (wh, ww) == tuple(size) else np.zeros
+        x = fill((len(batch), 3, *size), np.float32)
         for i, crop in enumerate(crops):
             x[i, :, :wh, :ww] = prepare(crop)
         clock.lap("preprocess")
@@ -339,16 +341,22 @@ def predict_bands(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, labels [rows, width]) of the label map of `source`, top to bottom, each
     band as soon as no later window touches it. `stages` (if given) adds up the seconds
-    spent reading (decode), preparing windows (preprocess), in the model, blending (on its
-    thread) and waiting for the blending (wait).
+    spent reading (decode), preparing windows (preprocess) and blending (on the helper
+    thread), in the model, and waiting for the helper (wait).
 
-    A batch's logits are blended on a second thread while the model runs the next batch
-    and the next windows are cut (numpy and ONNX Runtime release the GIL): on a CPU the
-    blending fills the gaps ONNX Runtime's threads leave between operators, on a GPU it
-    keeps the device fed."""
-    clock = _Clock(stages)
+    The calling thread only runs the model. A second thread cuts the next batch of
+    windows and blends the last batch's logits while the model runs (numpy and ONNX
+    Runtime release the GIL): on a CPU that work fills the gaps ONNX Runtime's threads
+    leave between operators instead of holding the model up, on a GPU it keeps the
+    device fed."""
+    clock, helper_clock = _Clock(stages), _Clock(stages)
     grid = plan.grid(source.height, source.width)
     blender = TileBlender(grid, model.num_classes, plan.weights())
+    batches = window_batches(source, plan, model.prepare, batch_size, helper_clock)
+
+    def cut():
+        helper_clock.mark()
+        return next(batches, None)
 
     def blend(windows: list[Window], logits: np.ndarray, size) -> list:
         start = time.perf_counter()
@@ -358,9 +366,13 @@ def predict_bands(
         clock.add("blend", time.perf_counter() - start)
         return bands
 
-    with ThreadPoolExecutor(1, thread_name_prefix="segdeploy-blend") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="segdeploy-tiles") as pool:
         pending = None
-        for windows, x, size in window_batches(source, plan, model.prepare, batch_size, clock):
+        upcoming = pool.submit(cut)
+        while (item := upcoming.result()) is not None:
+            windows, x, size = item
+            upcoming = pool.submit(cut)  # runs beside the model, after the last blend
+            clock.lap("wait")
             logits = np.asarray(model.run(x))
             clock.lap("model")
             if logits.ndim != 4 or len(logits) != len(windows):
@@ -373,6 +385,7 @@ def predict_bands(
                 yield from bands
                 clock.mark()  # the caller's time with the bands is not ours
             pending = pool.submit(blend, windows, logits, size)
+        clock.lap("wait")
         if pending is not None:
             bands = pending.result()
             clock.lap("wait")
