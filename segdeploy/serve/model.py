@@ -6,7 +6,7 @@ preprocess (`Segmenter.prepare`), the model on a batch of requests
 from `pipeline.encode_labels`, the encoder infer writes files with: so a mask
 from the service is the PNG `segdeploy infer` writes for the same file, byte for
 byte. Plain Python, no Ray: `deployments.ModelReplica` runs it behind Ray Serve,
-batching `forward` with `@serve.batch`.
+batching `forward` with `batching.Batcher`.
 """
 
 from __future__ import annotations
