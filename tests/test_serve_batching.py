@@ -109,3 +109,27 @@ def test_a_request_whose_client_left_is_not_run():
 def test_impossible_settings_are_refused(size, wait):
     with pytest.raises(ValueError):
         Batcher(SlowModel(0.0), max_batch_size=size, wait_s=wait)
+
+
+# -- the replica around the batcher (no Ray either) --------------------------------------
+
+
+def test_a_replica_warms_up_with_one_full_batch_at_the_processors_size(tiny_onnx_dir):
+    from segdeploy.serve.model import ReplicaModel
+
+    model = ReplicaModel(str(tiny_onnx_dir), provider="cpu", batch_size=3)
+    shapes = []
+    run = model.seg._run
+    model.seg._run = lambda pixels, size: shapes.append(pixels.shape) or run(pixels, size)
+    model.warm_up()
+    h, w = model.seg.preprocessor.size
+    assert shapes == [(3, 3, h, w)]
+
+
+@pytest.mark.parametrize("given, gpu, used", [(None, False, 4), (None, True, 16), (2, False, 2)])
+def test_the_default_batch_is_infers_on_the_replicas_device(given, gpu, used):
+    from segdeploy.serve.settings import ServeSettings
+
+    settings = ServeSettings(max_batch_size=given)
+    settings.check()
+    assert settings.batch_size_on(gpu) == used

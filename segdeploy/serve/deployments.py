@@ -30,6 +30,7 @@ class ModelReplica:
 
     def __init__(self, model_kwargs: dict, max_batch_size: int, batch_wait_s: float):
         self.model = ReplicaModel(batch_size=max_batch_size, **model_kwargs)
+        self.model.warm_up()  # before Serve counts the replica ready
         # Requests that queue up while the model runs share its next call (`Batcher`).
         self.batcher = Batcher(self.model.forward, max_batch_size, batch_wait_s)
         self.served_by = {

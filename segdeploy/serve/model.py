@@ -128,6 +128,20 @@ class ReplicaModel:
         )
         self.palette = palette_for(self.seg.num_labels)
 
+    def warm_up(self) -> None:
+        """One full batch of blank inputs at the processor's size, before the replica takes
+        requests (Triton's model_warmup): ONNX Runtime sizes its memory arena for the
+        largest call now, so the first full batch under load is not the slow one and the
+        replica's memory does not grow under load. A processor that keeps each photo's
+        size has no one size to warm up; its replica warms up on its first requests."""
+        size = self.seg.preprocessor.size
+        if size is None:
+            return
+        blank = np.zeros((3, *size), np.float32)
+        n = self.seg.batch_size
+        for pending in self.seg.forward([blank] * n, [size] * n):
+            pending.raw()
+
     def prepare(self, job: Job) -> Prepared | Refused:
         """Decode and preprocess; a bad image is a Refused (413 over the pixel limit, else 400)."""
         t0 = time.perf_counter()
