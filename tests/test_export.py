@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from cli_checks import one_line_error
 from click.testing import CliRunner
 
 from segdeploy.cli import main
@@ -155,47 +156,39 @@ def _invoke(*args):
     return CliRunner().invoke(main, ["export", *map(str, args)])
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_not_a_model_folder_of_a_known_family(tmp_path, tiny_model_dir):
-    _one_line_error(_invoke(tmp_path / "missing"), "not a folder")
-    _one_line_error(_invoke(tmp_path), "no config.json")
+    one_line_error(_invoke(tmp_path / "missing"), "not a folder")
+    one_line_error(_invoke(tmp_path), "no config.json")
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    _one_line_error(
+    one_line_error(
         _invoke(other), "bert/config.json", "'bert' is not supported", "segformer, dpt, beit"
     )
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     shutil.copy(tiny_model_dir / "config.json", weightless)
-    _one_line_error(_invoke(weightless), "no PyTorch weights")
+    one_line_error(_invoke(weightless), "no PyTorch weights")
     assert not (weightless / "onnx").exists()
 
 
 def test_opset_out_of_range(tiny_model_dir):
     highest = onnx.defs.onnx_opset_version()
-    _one_line_error(_invoke(tiny_model_dir, "--opset", highest + 1), "--opset", f"<= {highest}")
-    _one_line_error(_invoke(tiny_model_dir, "--opset", 9), "--opset", ">= 11")
+    one_line_error(_invoke(tiny_model_dir, "--opset", highest + 1), "--opset", f"<= {highest}")
+    one_line_error(_invoke(tiny_model_dir, "--opset", 9), "--opset", ">= 11")
     from torch.onnx import _constants
 
     torch_max = _constants.ONNX_MAX_OPSET
     if torch_max < highest:  # onnx 1.23 writes 28, torch 2.13's exporter 23
-        _one_line_error(
+        one_line_error(
             _invoke(tiny_model_dir, "--opset", torch_max + 1), "torch", f"<= {torch_max}"
         )
     assert not (tiny_model_dir / "onnx").exists()
 
 
 def test_output_must_not_replace_the_model(tiny_model_dir):
-    _one_line_error(_invoke(tiny_model_dir, "--output", tiny_model_dir), "--output")
-    _one_line_error(_invoke(tiny_model_dir, "--output", tiny_model_dir.parent), "--output")
+    one_line_error(_invoke(tiny_model_dir, "--output", tiny_model_dir), "--output")
+    one_line_error(_invoke(tiny_model_dir, "--output", tiny_model_dir.parent), "--output")
 
 
 def test_dataset_whose_classes_do_not_fit(tiny_model_dir, tmp_path):
@@ -205,7 +198,7 @@ def test_dataset_whose_classes_do_not_fit(tiny_model_dir, tmp_path):
         tiny_model_dir, "--dataset", "synthetic:64", "--split", "validation[:2]",
         "--id2label", names, "--output", tmp_path / "onnx",
     )  # fmt: skip
-    _one_line_error(result, "3 classes", "the model has 5")
+    one_line_error(result, "3 classes", "the model has 5")
     assert not (tmp_path / "onnx").exists()
 
 
@@ -214,7 +207,7 @@ def test_missing_provider_fails_before_exporting(tiny_model_dir, tmp_path, monke
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     out = tmp_path / "onnx"
-    _one_line_error(_invoke(tiny_model_dir, "--output", out, "--provider", "cuda"), "--provider")
+    one_line_error(_invoke(tiny_model_dir, "--output", out, "--provider", "cuda"), "--provider")
     assert not out.exists()
     # --no-validate runs no session, so the provider does not matter.
     assert (

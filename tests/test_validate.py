@@ -9,6 +9,7 @@ import time
 import numpy as np
 import onnx
 import pytest
+from cli_checks import one_line_error
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -104,39 +105,31 @@ def test_broken_graph_fails_on_random_inputs_too(tiny_model_dir, tmp_path):
 
 def test_graph_and_variant_options(trained_dir):
     onnx_dir = trained_dir / "onnx"
-    _one_line_error(_validate(onnx_dir, "--variant", "fp16"), "model_fp16.onnx", "no such")
-    _one_line_error(_validate(onnx_dir, "--graph", "x.onnx", "--variant", "fp16"), "not both")
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    one_line_error(_validate(onnx_dir, "--variant", "fp16"), "model_fp16.onnx", "no such")
+    one_line_error(_validate(onnx_dir, "--graph", "x.onnx", "--variant", "fp16"), "not both")
 
 
 def test_missing_or_corrupt_graph(trained_dir, tmp_path):
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(trained_dir / "onnx", onnx_dir)
     (onnx_dir / "model.onnx").unlink()
-    _one_line_error(_validate(onnx_dir, "--model", trained_dir), "model.onnx", "no such")
+    one_line_error(_validate(onnx_dir, "--model", trained_dir), "model.onnx", "no such")
     (onnx_dir / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
-    _one_line_error(_validate(onnx_dir, "--model", trained_dir), "not a valid ONNX graph")
+    one_line_error(_validate(onnx_dir, "--model", trained_dir), "not a valid ONNX graph")
     (onnx_dir / "model.onnx").write_bytes(b"")  # e.g. a disk that filled up
-    _one_line_error(_validate(onnx_dir, "--model", trained_dir), "not a valid ONNX graph")
+    one_line_error(_validate(onnx_dir, "--model", trained_dir), "not a valid ONNX graph")
 
 
 def test_not_a_segformer_onnx_folder(tmp_path, trained_dir):
-    _one_line_error(_validate(tmp_path), "no config.json")
-    _one_line_error(_validate(trained_dir / "onnx", "--model", tmp_path), "no config.json")
+    one_line_error(_validate(tmp_path), "no config.json")
+    one_line_error(_validate(trained_dir / "onnx", "--model", tmp_path), "no config.json")
 
 
 def test_dataset_with_other_classes(trained_dir, tmp_path):
     names = tmp_path / "id2label.json"
     names.write_text(json.dumps({str(i): f"c{i}" for i in range(7)}))
     result = _validate(trained_dir / "onnx", "--id2label", names)
-    _one_line_error(result, "7 classes", "the model has 5")
+    one_line_error(result, "7 classes", "the model has 5")
 
 
 def test_labels_outside_the_classes_are_an_error(trained_dir, tmp_path):
@@ -151,7 +144,7 @@ def test_labels_outside_the_classes_are_an_error(trained_dir, tmp_path):
     result = _validate(
         trained_dir / "onnx", "--dataset", root, "--split", "val", "--no-reduce-labels"
     )
-    _one_line_error(result, "a.png")
+    one_line_error(result, "a.png")
     assert json.loads((trained_dir / "onnx" / "validation.json").read_text())["passed"] is True
 
 
