@@ -11,7 +11,14 @@ from click.testing import CliRunner
 
 from segdeploy.cli import main
 from segdeploy.errors import SegdeployError
-from segdeploy.export.quantize.search import candidate_groups, drop_against, quantize_int8_within
+from segdeploy.export.quantize.search import (
+    HeldOut,
+    Measure,
+    candidate_groups,
+    drop_against,
+    label_maps,
+    quantize_int8_within,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +54,89 @@ def test_drop_is_zero_for_identical_and_grows_with_disagreement():
     assert 0 < drop_against(ref, worse, 3) < drop_against(ref, worst, 3) <= 1
 
 
+def test_a_graph_passes_only_when_it_passes_both_of_validations_rules():
+    """Validation fails an int8 graph below the pixel floor whatever its mean IoU drop; so
+    does the search (before, it judged the drop alone and returned a DPT graph with drop
+    0.0099 that validation failed at 98.6% agreement)."""
+    within = Measure(drop=0.0099, agreement=0.995, max_drop=0.01, min_agreement=0.99)
+    assert within.passes and within.shortfall == 0.0
+    low = Measure(drop=0.0099, agreement=0.986, max_drop=0.01, min_agreement=0.99)
+    assert not low.passes and low.shortfall == pytest.approx(0.004)
+    both = Measure(drop=0.03, agreement=0.986, max_drop=0.01, min_agreement=0.99)
+    assert both.shortfall == pytest.approx(0.024) and both.shortfall > low.shortfall
+
+
+def test_label_maps_are_validations_at_each_images_size(tiny_onnx_dir):
+    """The search compares label maps at image size through validation's own
+    post-processing, not argmaxes at the graph's output resolution."""
+    import onnxruntime as ort
+
+    from segdeploy.validate.compare import upsample_argmax
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(2, 3, 64, 64)).astype(np.float32)]
+    sizes = [(37, 53), (90, 120)]
+    maps = label_maps(tiny_onnx_dir / "model.onnx", HeldOut(batches, sizes))
+    assert [m.shape for m in maps] == sizes
+    logits = ort.InferenceSession(str(tiny_onnx_dir / "model.onnx")).run(
+        None, {"pixel_values": batches[0]}
+    )[0]
+    assert logits.shape[-1] != 53  # the output is not at image size: maps were upsampled
+    for got, one, size in zip(maps, logits, sizes, strict=True):
+        assert np.array_equal(got, upsample_argmax(one, size))
+    with pytest.raises(ValueError, match="per held-out image"):
+        HeldOut(batches, sizes[:1])
+
+
+@pytest.mark.slow
+def test_search_keeps_nodes_in_float_for_the_agreement_floor(sharp_model, tmp_path):
+    """With no limit on the drop, a pixel floor above the graph's agreement still makes the
+    search keep groups in float until the agreement rises (the old search, judging the
+    drop alone, stopped at once with nothing in float)."""
+    fp32 = sharp_model / "fp32" / "model.onnx"
+    free = quantize_int8_within(
+        fp32, tmp_path / "free.onnx", sharp_model, 4, 1.0, min_agreement=0.0
+    )["search"]
+    assert free["reached"] and free["nodes_kept_in_float"] == []
+    start = free["final_agreement"]
+    assert start < 0.999  # int8 changes some labels of the sharp model
+    floor = start + (1 - start) / 2
+    held = quantize_int8_within(
+        fp32, tmp_path / "held.onnx", sharp_model, 4, 1.0, min_agreement=floor,
+        max_groups=4, max_evaluations=8,
+    )["search"]  # fmt: skip
+    assert held["min_agreement"] == floor and held["starting_agreement"] == start
+    assert held["nodes_kept_in_float"] and held["final_agreement"] > start
+    assert held["reached"] == (held["final_agreement"] >= floor)
+
+
+def test_held_out_images_are_unseen_by_the_model_when_it_trained_on_a_slice(sharp_model, tmp_path):
+    """The sharp model trained on train[:24]: the search measures on other rows of train
+    (images the model never saw, as validation's), not on its training images."""
+    import shutil
+
+    from segdeploy.data import DatasetSpec
+    from segdeploy.export.quantize import training_images
+    from segdeploy.export.quantize.search import held_out_images
+
+    trained_on = {np.asarray(im).tobytes() for im in training_images(sharp_model, 24)}
+    held, what = held_out_images(sharp_model, [], 6)
+    assert len(held) == 6 and "not trained on" in what
+    assert not {np.asarray(im).tobytes() for im in held} & trained_on
+
+    # Trained on the whole split: no unseen rows, so held-out training images, said so.
+    whole = tmp_path / "whole"
+    shutil.copytree(sharp_model, whole)
+    spec = DatasetSpec("synthetic:64", split="train", eval_split="validation[:4]")
+    (whole / "train_args.json").write_text(json.dumps({"dataset": spec.to_dict()}))
+    calibration = training_images(whole, 4)
+    held, what = held_out_images(whole, calibration, 6)
+    assert len(held) == 6 and what.startswith("training images")
+    assert not {np.asarray(im).tobytes() for im in held} & {
+        np.asarray(im).tobytes() for im in calibration
+    }
+
+
 def test_groups_cover_the_quantizable_nodes_within_the_bound(sharp_model):
     from segdeploy.export.quantize import DEFAULT_FLOAT_OP_TYPES, _quantizable_op_types
 
@@ -67,7 +157,9 @@ def test_groups_cover_the_quantizable_nodes_within_the_bound(sharp_model):
 @pytest.mark.slow
 def test_tighter_limit_keeps_more_in_float_and_passes_validation(sharp_model, tmp_path):
     fp32 = sharp_model / "fp32" / "model.onnx"
-    loose = quantize_int8_within(fp32, tmp_path / "loose.onnx", sharp_model, 4, 1.0)["search"]
+    loose = quantize_int8_within(
+        fp32, tmp_path / "loose.onnx", sharp_model, 4, 1.0, min_agreement=0.0
+    )["search"]
     assert loose["reached"] and loose["nodes_kept_in_float"] == [] and loose["evaluations"] == 2
 
     result = CliRunner().invoke(
@@ -83,7 +175,10 @@ def test_tighter_limit_keeps_more_in_float_and_passes_validation(sharp_model, tm
     assert tight["starting_drop"] > 0.02  # the limit made the search work
     assert len(tight["nodes_kept_in_float"]) > len(loose["nodes_kept_in_float"])
     assert tight["final_drop"] < tight["starting_drop"]
-    assert tight["reached"] == (tight["final_drop"] <= 0.02)
+    assert tight["min_agreement"] == 0.99  # validation's int8 floor
+    assert tight["reached"] == (
+        tight["final_drop"] <= 0.02 and tight["final_agreement"] >= tight["min_agreement"]
+    )
     assert tight["evaluations"] <= tight["max_evaluations"]
     # Every group kept in float is there because of a measured gain.
     assert tight["kept_in_float"] and all(

@@ -3,8 +3,9 @@
 Everything numerical is onnxruntime's own tooling: `quant_pre_process` (symbolic
 shape inference and graph clean-up, which the quantizer needs to see every
 tensor's type and shape), then `quantize_static` in QDQ format: activations
-uint8 with per-tensor scales from calibration, weights int8 symmetric with one
-scale per output channel. At session creation ORT fuses each
+uint8 with per-tensor scales from calibration, weights symmetric with one scale
+per output channel, stored as uint8 by default (WEIGHT_FORMATS says why). At
+session creation ORT fuses each
 DequantizeLinear -> op -> QuantizeLinear group into an integer kernel
 (QLinearConv, QLinearMatMul, ...). Dynamic quantization is not offered: on
 this model it runs ConvInteger kernels that are slower than float.
@@ -69,7 +70,9 @@ __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
     "DEFAULT_CALIBRATION_METHOD",
     "DEFAULT_FLOAT_OP_TYPES",
+    "DEFAULT_WEIGHTS",
     "REASONS",
+    "WEIGHT_FORMATS",
     "calibration_batches",
     "quantize_int8",
     "recorded_training_data",
@@ -95,6 +98,57 @@ REASONS: dict[str, str] = {
 }
 DEFAULT_FLOAT_OP_TYPES: tuple[str, ...] = ("Softmax", "LayerNormalization")
 
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How quantize_static stores the weights: ORT's QuantType name and reduce_range."""
+
+    quant_type: str
+    reduce_range: bool
+    describe: str
+    why: str
+
+
+# Activations are uint8 in both; the weight format decides which integer kernel ORT's
+# x86 CPU provider runs, and whether it computes what the graph says. Measured on CamVid
+# scratch:b0 at 512x512 (101 val images; label maps against the fp32 graph, which agrees
+# with PyTorch on 100.000%), 2-core AMD EPYC, AVX2 only (no VNNI), onnxruntime 1.32:
+#   uint8       99.713% pixels agree, model 182-187 ms (batch 1) / 660-688 ms (batch 4)
+#   int8-7bit   99.400%,              model 175-178 ms / 588-595 ms
+#   int8 8-bit  99.272% (saturating), model 171 ms / 591 ms (not offered)
+WEIGHT_FORMATS: dict[str, WeightFormat] = {
+    "uint8": WeightFormat(
+        "QUInt8",
+        False,
+        "uint8 (8 bits, zero point 128)",
+        "uint8 x uint8 kernels widen both operands to 16 bits before multiplying "
+        "(vpmaddwd), so no product pair can saturate on any x86 CPU, with or without "
+        "VNNI, and the weights keep all 8 bits: on CamVid b0 the label maps agreed with "
+        "PyTorch on 99.71% of the pixels, against 99.40% with 7-bit int8 weights, for "
+        "a model 2-16% slower than 7-bit int8 on an AVX2 CPU",
+    ),
+    "int8-7bit": WeightFormat(
+        "QInt8",
+        True,
+        "int8 in [-64, 64] (7-bit range)",
+        "uint8 x int8 kernels on a CPU without VNNI (AVX2 only) add the products in int16 "
+        "pairs (vpmaddubsw), which saturate with full 8-bit weights (255 x 127 x 2 > "
+        "32767: QLinearMatMul off by up to 49 output steps, pixel agreement 95.6% on an "
+        "AVX2 EPYC); 7-bit weights cannot (255 x 64 x 2 < 32767), at the cost of half a "
+        "weight step of precision",
+    ),
+}
+DEFAULT_WEIGHTS = "uint8"
+
+
+def weight_format_of(name: str) -> WeightFormat:
+    if name not in WEIGHT_FORMATS:
+        raise SegdeployError(
+            "weights", f"unknown weight format {name!r}; choose one of {', '.join(WEIGHT_FORMATS)}"
+        )
+    return WEIGHT_FORMATS[name]
+
+
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIBRATION_METHOD = "minmax"
 
@@ -116,7 +170,7 @@ def quantize_int8(
     calibration_batches: Iterable[np.ndarray],
     *,
     per_channel: bool = True,
-    reduce_range: bool = True,
+    weights: str = DEFAULT_WEIGHTS,
     exclude_op_types: Sequence[str] = DEFAULT_FLOAT_OP_TYPES,
     nodes_to_exclude: Sequence[str] | None = None,
     float_attention_scores: bool = True,
@@ -128,10 +182,9 @@ def quantize_int8(
     calibration_batches: float32 arrays [N, 3, h, w], preprocessed exactly as at
         inference (see `calibration_batches`); activation ranges come from them.
     per_channel: one weight scale per output channel (else one per tensor).
-    reduce_range: weights in 7 bits ([-64, 64]) instead of 8. Left on, the graph runs
-        exactly on every x86 CPU: without VNNI (AVX2 only, e.g. AMD Zen 2/3), ORT's
-        uint8 x int8 kernels add products in int16 pairs (vpmaddubsw) that saturate
-        with 8-bit weights; see `_quantize`.
+    weights: how weights are stored, a key of WEIGHT_FORMATS: "uint8" (the default,
+        8 bits, runs exactly on every x86 CPU) or "int8-7bit" (issue 22's format,
+        faster without VNNI but half a weight step coarser); see WEIGHT_FORMATS.
     exclude_op_types: op types the quantizer leaves in float (default
         DEFAULT_FLOAT_OP_TYPES). Note that ORT itself may still run an excluded
         Conv/MatMul whose input and output are both quantized as an integer kernel
@@ -154,6 +207,7 @@ def quantize_int8(
     t_start = time.perf_counter()
     onnx_path, output_path = Path(onnx_path), Path(output_path)
     method = calibration_method_of(calibration_method)
+    weight_format = weight_format_of(weights)
     source = load_graph(onnx_path, check=False, external_data=False)
     if output_path.resolve() == onnx_path.resolve():
         raise SegdeployError(output_path, "the int8 graph must not overwrite the fp32 graph")
@@ -171,7 +225,7 @@ def quantize_int8(
         op_types = [t for t in _quantizable_op_types() if t not in exclude_op_types]
         quantized, edits = _quantize(
             pre, output_path, source, input_name, batches, op_types, per_channel, method, plan,
-            reduce_range,
+            weight_format,
         )  # fmt: skip
         t_quant = time.perf_counter() - t0
 
@@ -184,9 +238,11 @@ def quantize_int8(
         "output": str(output_path),
         "format": "QDQ",
         "activations": "uint8, per tensor, asymmetric",
-        "weights": f"int8{' in [-64, 64] (7-bit range)' if reduce_range else ''}, "
+        "weights": f"{weight_format.describe}, "
         f"{'per channel' if per_channel else 'per tensor'}, symmetric",
-        "reduce_range": reduce_range,
+        "weight_format": weights,
+        "weight_format_why": weight_format.why,
+        "reduce_range": weight_format.reduce_range,
         "calibration_method": calibration_method.lower(),
         "skip_symbolic_shape": skip_symbolic_shape,
         "calibration_images": sum(int(b.shape[0]) for b in batches),
@@ -259,7 +315,7 @@ def _prepare(
 
 
 def _quantize(
-    pre, output_path, source, input_name, batches, op_types, per_channel, method, plan, reduce_range
+    pre, output_path, source, input_name, batches, op_types, per_channel, method, plan, weights
 ):
     """quantize_static in QDQ format, then the edits after it; (quantized model, edit counts)."""
     import onnx
@@ -274,24 +330,21 @@ def _quantize(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             per_channel=per_channel,
-            # uint8 activations x int8 weights: the pairing ORT's x86 int8 kernels
-            # are built for. On a CPU without VNNI (AVX2 only), those kernels sum
-            # u8 x s8 products in int16 pairs (vpmaddubsw), which saturate when both
-            # use their full range (255 x 127 x 2 > 32767): measured on an AVX2 EPYC,
-            # QLinearMatMul was off by up to 49 output steps and int8 SegFormer pixel
-            # agreement with fp32 fell from 97.4% (the same graph run unfused) to
-            # 95.6%. 7-bit weights (reduce_range) cannot saturate (255 x 64 x 2 <
-            # 32767), so the graph runs as quantized on any x86 CPU it is taken to;
-            # on VNNI CPUs it costs half a weight step of precision, per channel.
-            reduce_range=reduce_range,
+            # Weights as WEIGHT_FORMATS says (why: see there); activations uint8.
+            reduce_range=weights.reduce_range,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=getattr(QuantType, weights.quant_type),
             nodes_to_exclude=plan.excluded_nodes,
             calibrate_method=method,
             extra_options={
                 # One calibration batch at a time: ranges (or histograms) are merged
                 # batch by batch, so memory does not grow with the number of images.
                 "CalibStridedMinMax": 1,
+                # Symmetric weights for uint8 too (zero point 128): ORT's QLinearConv
+                # needs one zero point for all channels, and the products of a
+                # symmetric weight need no zero-point correction term. (Per channel,
+                # ORT makes them symmetric anyway; this covers per_channel=False.)
+                "WeightSymmetric": True,
             },
         )
         quantized = onnx.load(str(out))

@@ -149,7 +149,7 @@ def quantize_openvino_int8(
     if max_drop is None:
         quantized = nncf_quantize(model, batches)
     else:
-        held_images = held_out_images(model_dir, images, held_out)
+        held_images, _ = held_out_images(model_dir, images, held_out)
         if not held_images:
             raise SegdeployError(
                 model_dir, "--max-drop needs training images beyond the calibration images"
