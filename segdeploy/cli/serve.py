@@ -42,8 +42,8 @@ _D = ServeSettings()
     "--max-batch-size",
     type=click.IntRange(min=1),
     default=_D.max_batch_size,
-    show_default=True,
-    help="Most requests one model call takes (dynamic batching).",
+    help="Most requests one model call takes (dynamic batching)  [default: infer's: 4 on "
+    "CPU, where larger batches are no faster and take more memory; 16 on GPU].",
 )
 @click.option(
     "--batch-wait-ms",

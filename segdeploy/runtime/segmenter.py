@@ -190,6 +190,14 @@ class PendingMask:
         return upsample_argmax(out, self.size)
 
 
+def default_batch_size(provider: str) -> int:
+    """The largest batch a model runs when none is given: 16 on a GPU, 4 on a CPU, where a
+    larger batch is no faster per image and needs more memory (SegFormer b0 at 512 on a
+    2-core EPYC: 220-250 ms per image at batch 1 to 8; a serve replica's RSS 2.1 GB at
+    batch 4, 3.9 GB at batch 8)."""
+    return 4 if provider == "cpu" else 16
+
+
 def _external_data(graph: Path) -> list[Path]:
     """The external-data files beside a graph (`model.onnx_data`, `model.onnx.data`...)."""
     return sorted(p for p in graph.parent.glob(f"{graph.name}*data") if p.is_file())
@@ -242,7 +250,7 @@ class Segmenter:
         self.family = read_family(self.folder)
         self.preprocessor = model_processor(self.folder)
         if batch_size is None:
-            batch_size = 4 if choice.name == "cpu" else 16
+            batch_size = default_batch_size(choice.name)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.session = prov.create_session(

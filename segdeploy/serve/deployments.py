@@ -7,7 +7,7 @@
   (`model.ReplicaModel`), decoding, batching, upsampling and encoding the
   requests the front end hands it. The CPU work is here, so it spreads over the
   cluster's nodes with the replicas. Requests that arrive together share one
-  model call (`@serve.batch`); with a GPU provider each replica holds one GPU.
+  model call (`batching.Batcher`); with a GPU provider each replica holds one GPU.
 
 Imported only once the serve extra is known to be there (it imports Ray Serve).
 """
@@ -20,7 +20,8 @@ import ray
 from ray import serve
 
 from segdeploy.serve.app import build_app
-from segdeploy.serve.model import Job, Prepared, Refused, ReplicaModel, Segmented, ServiceInfo
+from segdeploy.serve.batching import Batcher
+from segdeploy.serve.model import Job, Refused, ReplicaModel, Segmented, ServiceInfo
 from segdeploy.serve.settings import ServeSettings
 
 
@@ -29,8 +30,9 @@ class ModelReplica:
 
     def __init__(self, model_kwargs: dict, max_batch_size: int, batch_wait_s: float):
         self.model = ReplicaModel(batch_size=max_batch_size, **model_kwargs)
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_s)
+        self.model.warm_up()  # before Serve counts the replica ready
+        # Requests that queue up while the model runs share its next call (`Batcher`).
+        self.batcher = Batcher(self.model.forward, max_batch_size, batch_wait_s)
         self.served_by = {
             "node": ray.get_runtime_context().get_node_id(),
             "replica": serve.get_replica_context().replica_id.unique_id,
@@ -42,16 +44,10 @@ class ModelReplica:
         prepared = await asyncio.to_thread(self.model.prepare, job)
         if isinstance(prepared, Refused):
             return prepared
-        passed = await self._batched(prepared)
+        passed = await self.batcher(prepared)
         result = await asyncio.to_thread(self.model.finish, job, prepared, passed)
         result.served_by = self.served_by
         return result
-
-    # The sizes here are replaced in __init__ by the settings' (--max-batch-size,
-    # --batch-wait-ms); one batch at a time, so requests queue up while the model runs.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _batched(self, items: list[Prepared]):
-        return await asyncio.to_thread(self.model.forward, items)
 
 
 class HandleBackend:

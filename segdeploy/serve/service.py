@@ -9,6 +9,7 @@ Serve and the private Ray it started, so no Ray process outlives it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import signal
@@ -158,6 +159,7 @@ def serving(settings: ServeSettings, *, verbose: bool = False) -> Iterator[Runni
         from segdeploy.serve.deployments import application
 
         threads, cpus, gpus = _resources(session, settings, the_plan.gpu)
+        settings = dataclasses.replace(settings, max_batch_size=settings.batch_size_on(gpus > 0))
         kwargs = {**the_plan.model_kwargs, "threads": threads or None}
         owned = not serve.status().proxies  # Serve was not running on this cluster before
         serve.start(

@@ -22,6 +22,8 @@ class ServeSettings:
     `replicas`: N, or MIN-MAX for Ray Serve's autoscaling between them. `max_queue`:
     segmentation requests in the service at once (waiting or running); one more is
     answered 503 with Retry-After, so memory stays bounded under any load.
+    `max_batch_size`: None is infer's default for the replicas' device
+    (`segmenter.default_batch_size`: 4 on CPU, 16 on GPU).
     `batch_wait_ms`: how long a batch waits for more requests once one arrived; 0
     batches what queued up while the model was busy, at no cost in latency.
     `threads`: ONNX Runtime threads per replica (and the CPUs it reserves); default:
@@ -33,7 +35,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: str = "1"
-    max_batch_size: int = 8
+    max_batch_size: int | None = None
     batch_wait_ms: float = 0.0
     provider: str = "auto"
     fallback: bool = False
@@ -44,6 +46,14 @@ class ServeSettings:
     max_pixels: int = MAX_PIXELS
     max_body_mb: float = 32.0
     max_queue: int = 64
+
+    def batch_size_on(self, gpu: bool) -> int:
+        """--max-batch-size, or infer's default on the replicas' device."""
+        from segdeploy.runtime.segmenter import default_batch_size
+
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return default_batch_size("cuda" if gpu else "cpu")
 
     @property
     def max_body_bytes(self) -> int:
@@ -69,7 +79,7 @@ class ServeSettings:
         self.replica_counts()
         positive = {
             "--port": self.port,
-            "--max-batch-size": self.max_batch_size,
+            "--max-batch-size": 1 if self.max_batch_size is None else self.max_batch_size,
             "--max-pixels": self.max_pixels,
             "--max-body-mb": self.max_body_mb,
             "--max-queue": self.max_queue,
