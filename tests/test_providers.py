@@ -80,6 +80,16 @@ def test_unknown_provider():
         prov.choose_provider("rocm", GPU_ALL)
 
 
+@pytest.mark.parametrize(
+    "provider, batch", [("cpu", 4), ("openvino", 4), ("cuda", 16), ("tensorrt", 16)]
+)
+def test_default_batch_follows_the_device_not_the_name(provider, batch):
+    # OpenVINO runs on the CPU: a GPU-sized batch there only costs memory.
+    from segdeploy.runtime.segmenter import default_batch_size
+
+    assert default_batch_size(provider) == batch
+
+
 def test_provider_lists():
     assert prov.provider_options("cpu") == ["CPUExecutionProvider"]
     assert prov.provider_options("cuda", device_id=1) == [

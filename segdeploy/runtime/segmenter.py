@@ -191,11 +191,11 @@ class PendingMask:
 
 
 def default_batch_size(provider: str) -> int:
-    """The largest batch a model runs when none is given: 16 on a GPU, 4 on a CPU, where a
-    larger batch is no faster per image and needs more memory (SegFormer b0 at 512 on a
-    2-core EPYC: 220-250 ms per image at batch 1 to 8; a serve replica's RSS 2.1 GB at
-    batch 4, 3.9 GB at batch 8)."""
-    return 4 if provider == "cpu" else 16
+    """The largest batch a model runs when none is given: 16 on a GPU, 4 on a CPU
+    (onnxruntime's or OpenVINO's), where a larger batch is no faster per image and needs
+    more memory (SegFormer b0 at 512 on a 2-core EPYC: 220-250 ms per image at batch 1 to
+    8; a serve replica's RSS 2.1 GB at batch 4, 3.9 GB at batch 8)."""
+    return 4 if prov.PROVIDERS_BY_NAME[provider].on_cpu else 16
 
 
 def _external_data(graph: Path) -> list[Path]:
