@@ -54,7 +54,7 @@ buffer (MMSegmentation, MONAI and pytorch-toolbelt all allocate it).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,26 +262,31 @@ class _Held:
         of this window by more than `tol` after resizing, else -1. Tried: the best class
         at the nearest corner of the pixel's source cell, then where that fails another
         corner's best class (one class's lead bound each, `lead`, not C values)."""
-        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v)
+        at = self._corners(u, v)
+        a, b, c, d, wx0, wx1, wy0, wy1 = at
         first = self.ranks[0].reshape(-1)
         corners = np.stack([first[a], first[b], first[c], first[d]]).astype(np.int64)
         left = wx0[:, 0] >= wx1[:, 0]
         near = np.where(wy0[:, 0] >= wy1[:, 0], np.where(left, 0, 1), np.where(left, 2, 3))
         k = np.take_along_axis(corners, near[None], 0)[0]
         with np.errstate(invalid="ignore"):  # inf - inf: NaN, never sure
-            out = np.where(self.lead(u, v, k) > tol, k, -1)
+            out = np.where(self._lead_at(at, k) > tol, k, -1)
             differ = (corners != k) & (out < 0)
             miss = np.flatnonzero(differ.any(0))
             if miss.size:
                 k2 = np.take_along_axis(corners[:, miss], differ[:, miss].argmax(0)[None], 0)[0]
-                out[miss] = np.where(self.lead(u[miss], v[miss], k2) > tol, k2, -1)
+                out[miss] = np.where(self._lead_at([x[miss] for x in at], k2) > tol, k2, -1)
         return out
 
     def lead(self, u: np.ndarray, v: np.ndarray, k: np.ndarray) -> np.ndarray:
         """A lower bound (up to float32 rounding) of how far class k [n] leads every other
         class at window pixels (u, v) after resizing: the blend of k's logit minus the
         best other logit at the four corners of each pixel's source cell."""
-        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v)
+        return self._lead_at(self._corners(u, v), k)
+
+    def _lead_at(self, corners: Sequence[np.ndarray], k: np.ndarray) -> np.ndarray:
+        """`lead` for pixels whose `_corners` are already known."""
+        a, b, c, d, wx0, wx1, wy0, wy1 = corners
         first = self.ranks[0].reshape(-1)
         best, second = self.ranked[0].reshape(-1), self.ranked[1].reshape(-1)
         at = k * (self.logits.shape[1] * self.logits.shape[2])
