@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from segdeploy.serve.batching import Batcher
@@ -124,6 +125,27 @@ def test_a_replica_warms_up_with_one_full_batch_at_the_processors_size(tiny_onnx
     model.warm_up()
     h, w = model.seg.preprocessor.size
     assert shapes == [(3, 3, h, w)]
+
+
+def test_a_replica_runs_without_memory_patterns_and_infer_keeps_them(tiny_onnx_dir):
+    # A replica's batch size varies with what queued up; onnxruntime's per-shape memory
+    # patterns fragmented its arena across batch sizes and the service's RSS grew 1.26x
+    # under the bench's load (benchmarks/results/serve_cpu.md). infer's fixed batches
+    # keep them.
+    from segdeploy.runtime.segmenter import Segmenter
+    from segdeploy.serve.model import ReplicaModel
+
+    replica = ReplicaModel(str(tiny_onnx_dir), provider="cpu", batch_size=2)
+    assert replica.seg.session.get_session_options().enable_mem_pattern is False
+    plain = Segmenter(tiny_onnx_dir, "cpu", threads=1)
+    assert plain.session.get_session_options().enable_mem_pattern is True
+    # ...and batches of every size still give the labels of one image at a time
+    x = np.random.default_rng(0).random((3, *replica.seg.preprocessor.size), np.float32)
+    size = (40, 50)
+    alone = plain.forward([x], [size])[0]()
+    for n in (2, 1):
+        for pending in replica.seg.forward([x] * n, [size] * n):
+            np.testing.assert_array_equal(pending(), alone)
 
 
 @pytest.mark.parametrize("given, gpu, used", [(None, False, 4), (None, True, 16), (2, False, 2)])

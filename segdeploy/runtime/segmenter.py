@@ -218,7 +218,9 @@ class Segmenter:
     `fp16`: TensorRT builds fp16 engines; on CUDA and CPU it selects the fp16
     graph (same as variant="fp16"). `batch_size` is the largest batch the model
     runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads;
-    `spin=False` lets them sleep when idle (other processes share the cores).
+    `spin=False` lets them sleep when idle (other processes share the cores);
+    `mem_pattern=False` when the batch size varies from call to call (a serve replica):
+    onnxruntime's memory patterns then grow its arena (`providers.session_options`).
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class Segmenter:
         max_pixels: int | None = MAX_PIXELS,
         spin: bool = True,
         ov_cache: str | os.PathLike | None = None,
+        mem_pattern: bool = True,
     ):
         if batch_size is not None and batch_size < 1:
             raise SegdeployError("--batch-size", f"must be at least 1, got {batch_size}")
@@ -266,6 +269,7 @@ class Segmenter:
             available=available,
             spin=spin,
             ov_cache=ov_cache,
+            mem_pattern=mem_pattern,
         )
         self.provider = prov.active_provider(self.session)
         self.device_id = device_id

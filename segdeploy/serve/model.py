@@ -116,6 +116,10 @@ class ReplicaModel:
     ):
         # spin=False: ONNX Runtime's threads sleep between calls, leaving the cores to the
         # threads decoding the next requests (as infer does beside its worker processes).
+        # mem_pattern=False: a replica's batches are whatever queued up (1 to batch_size),
+        # and ONNX Runtime's per-shape memory patterns fragmented its arena across them:
+        # the service's RSS grew 1.26x under the bench's load, all of it in this replica's
+        # first full batch after smaller ones (`providers.session_options`).
         self.seg = Segmenter(
             model_dir,
             provider,
@@ -125,14 +129,15 @@ class ReplicaModel:
             batch_size=batch_size,
             max_pixels=max_pixels,
             spin=False,
+            mem_pattern=False,
         )
         self.palette = palette_for(self.seg.num_labels)
 
     def warm_up(self) -> None:
         """One full batch of blank inputs at the processor's size, before the replica takes
         requests (Triton's model_warmup): ONNX Runtime grows its memory arena for the
-        largest call now, at start, not on the first full batch under load. (The service's
-        RSS still grew 1.26x under the benchmark's load with it: that growth is elsewhere.)
+        largest call now, at start, not on the first full batch under load (with
+        memory patterns off, see __init__, that bounds it: 1.06x under the bench's load).
         A processor that keeps each photo's size has no one size to warm up; its replica
         warms up on its first requests."""
         size = self.seg.preprocessor.size
