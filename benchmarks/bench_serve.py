@@ -581,6 +581,7 @@ def main(argv=None) -> int:
         "--output", type=Path, default=ROOT / "benchmarks" / "results" / "serve_cpu.json"
     )
     args = ap.parse_args(argv)
+    args.model_given = args.model
     args.model = args.model.resolve()  # infer runs in its work folder
     if args.variants is None:
         args.variants = [v for v in VARIANTS if (args.model / "onnx" / graph_name(v)).is_file()]
@@ -614,7 +615,7 @@ def main(argv=None) -> int:
         "benchmark": "serve_cpu",
         "command": "flock /tmp/segdeploy-cpu.lock .venv/bin/python benchmarks/bench_serve.py "
         + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "model": os.path.relpath(args.model, ROOT),
+        "model": os.path.relpath(args.model_given.absolute(), ROOT),
         "images": len(photos),
         "image_folder": shown_path(args.images),
         "serve_args": args.serve_args,
