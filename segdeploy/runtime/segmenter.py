@@ -198,8 +198,8 @@ def default_batch_size(provider: str, *, windows: bool = False) -> int:
 
     `windows`: the windows per call of a tiled image, the provider's `window_batch` where
     it has one: 1 on onnxruntime's CPU provider, where a tiled SegFormer b0 (150 classes,
-    512 px windows, 2-core AVX2 EPYC) ran 0.84x the windows/s at 4 per call and took
-    1.2 GB more memory (docs/tiles.md)."""
+    512 px windows, 2-core AVX2 EPYC) ran 0.89x the windows/s at 4 per call and peaked
+    1.2 GB higher (benchmarks/results/tiles_cpu.md; docs/tiles.md says why)."""
     entry = prov.PROVIDERS_BY_NAME[provider]
     if windows and entry.window_batch is not None:
         return entry.window_batch
