@@ -59,6 +59,38 @@ def test_cli_labels_equal_mmsegmentation_over_the_graphs_logits(
     assert summary["totals"]["images"] == 1 and summary["totals"]["stage_ms_per_image"]["model"] > 0
 
 
+@pytest.mark.parametrize("given, per_call", [(None, 1), (3, 3)])
+def test_tiled_runs_on_the_cpu_take_one_window_per_call_unless_told(
+    tiny_onnx_dir, tmp_path, monkeypatch, given, per_call
+):
+    calls = []
+    logits = Segmenter.logits
+
+    def counted(self, pixels):
+        calls.append(len(pixels))
+        return logits(self, pixels)
+
+    monkeypatch.setattr(Segmenter, "logits", counted)
+    image = photo(90, 133, seed=5, block=16)  # 24 windows of 32 px at stride 21
+    Image.fromarray(image).save(tmp_path / "a.png")
+    batch = [] if given is None else ["--batch-size", str(given)]
+    result = CliRunner().invoke(
+        cli,
+        ["infer", str(tmp_path / "a.png"), "--model", str(tiny_onnx_dir), "-o", str(tmp_path / "out"),
+         "--tile", "32", "--stride", "21", "--provider", "cpu", *batch],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert max(calls) == per_call and sum(calls) == 24
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["batch_size"] == per_call
+
+    api = Segmenter(tiny_onnx_dir, provider="cpu", threads=1, batch_size=given)
+    assert api.batch_size == (given or 4)  # whole images keep the CPU's batch
+    calls.clear()
+    api.predict(image, tile=32, stride=21)
+    assert max(calls) == per_call and sum(calls) == 24
+
+
 def test_predict_api_tiles_paths_arrays_and_images(seg, tmp_path):
     image = photo(70, 50, seed=2, block=16)
     ref = reference(seg, image, (64, 64), (43, 43))  # auto: the processor's 64x64

@@ -133,7 +133,8 @@ def video_options(func):
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Images per model call (and TensorRT's largest profile)  [default: 4 on CPU, 16 on GPU].",
+    help="Images (with --tile: windows) per model call, and TensorRT's largest profile  "
+    "[default: 4 on CPU, 16 on GPU; with --tile, 1 on onnxruntime's CPU provider].",
 )
 @click.option(
     "--trt-cache",

@@ -770,9 +770,12 @@ class _Records:
         self.path.unlink(missing_ok=True)
 
 
-def summary_header(seg, provider: str, interrupted: bool, stopped: str | None = None) -> dict:
+def summary_header(
+    seg, provider: str, interrupted: bool, stopped: str | None = None, *, tiled: bool = False
+) -> dict:
     """summary.json's header; every engine writes the same keys (`seg`: a Segmenter).
-    `written_by` comes first: a later run recognises its summary by it (`is_our_summary`)."""
+    `written_by` comes first: a later run recognises its summary by it (`is_our_summary`).
+    `tiled`: the batch size is the windows per call (`Segmenter.window_batch_size`)."""
     header = {
         "written_by": WRITTEN_BY,
         "version": __version__,
@@ -782,7 +785,7 @@ def summary_header(seg, provider: str, interrupted: bool, stopped: str | None = 
         "provider": provider,
         "num_labels": seg.num_labels,
         "id2label": {str(k): v for k, v in seg.id2label.items()},
-        "batch_size": seg.batch_size,
+        "batch_size": seg.window_batch_size if tiled else seg.batch_size,
         "interrupted": interrupted,
     }
     if stopped is not None:
@@ -1001,8 +1004,9 @@ class _Run:
                 if stopped is not None:
                     failure = f"{stopped.path}: {stopped.reason}"
                 self.header = summary_header(
-                    self.seg, self.seg.provider, outcome.interrupted, failure
-                )
+                    self.seg, self.seg.provider, outcome.interrupted, failure,
+                    tiled=self.tiling is not None,
+                )  # fmt: skip
                 self.totals = summary_totals(
                     self.records, self.counts["ignored"], time.perf_counter() - start,
                     outcome, self.clips.frames, self.counts,

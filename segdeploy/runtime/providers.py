@@ -97,6 +97,9 @@ class Provider:
     missing: Callable[[str, Sequence[str]], str]  # (name, available) -> how to get it
     graphs: tuple[str, ...] = (".onnx",)  # the graph files it runs, by suffix
     on_cpu: bool = False  # runs on the CPU (opens a graph to check it, on any machine)
+    #: Windows per model call of a tiled image when no batch size is given (None: the
+    #: provider's default batch, segmenter.default_batch_size).
+    window_batch: int | None = None
 
 
 def available_providers() -> list[str]:
@@ -558,7 +561,9 @@ def run_io_binding(
 PROVIDERS_BY_NAME: dict[str, Provider] = {
     "tensorrt": Provider(ORT_NAME["tensorrt"], "cuda", _open_ort, _missing_ort),
     "cuda": Provider(ORT_NAME["cuda"], "cpu", _open_ort, _missing_ort),
-    "cpu": Provider(ORT_NAME["cpu"], None, _open_ort, _missing_ort, on_cpu=True),
+    # One window per call: onnxruntime's CPU provider runs SegFormer's 512 px windows
+    # slower per window batched (docs/tiles.md: the decode head's 128x128 tensors).
+    "cpu": Provider(ORT_NAME["cpu"], None, _open_ort, _missing_ort, on_cpu=True, window_batch=1),
     OPENVINO: Provider(
         "OpenVINO", "cpu", _open_openvino_or_fail, _missing_openvino, (".onnx", ".xml"), True
     ),

@@ -190,12 +190,20 @@ class PendingMask:
         return upsample_argmax(out, self.size)
 
 
-def default_batch_size(provider: str) -> int:
+def default_batch_size(provider: str, *, windows: bool = False) -> int:
     """The largest batch a model runs when none is given: 16 on a GPU, 4 on a CPU
     (onnxruntime's or OpenVINO's), where a larger batch is no faster per image and needs
     more memory (SegFormer b0 at 512 on a 2-core EPYC: 220-250 ms per image at batch 1 to
-    8; a serve replica's RSS 2.1 GB at batch 4, 3.9 GB at batch 8)."""
-    return 4 if prov.PROVIDERS_BY_NAME[provider].on_cpu else 16
+    8; a serve replica's RSS 2.1 GB at batch 4, 3.9 GB at batch 8).
+
+    `windows`: the windows per call of a tiled image, the provider's `window_batch` where
+    it has one: 1 on onnxruntime's CPU provider, where a tiled SegFormer b0 (150 classes,
+    512 px windows, 2-core AVX2 EPYC) ran 0.89x the windows/s at 4 per call and peaked
+    1.2 GB higher (benchmarks/results/tiles_cpu.md; docs/tiles.md says why)."""
+    entry = prov.PROVIDERS_BY_NAME[provider]
+    if windows and entry.window_batch is not None:
+        return entry.window_batch
+    return 4 if entry.on_cpu else 16
 
 
 def _external_data(graph: Path) -> list[Path]:
@@ -217,7 +225,9 @@ class Segmenter:
     CPU, OpenVINO -> CPU).
     `fp16`: TensorRT builds fp16 engines; on CUDA and CPU it selects the fp16
     graph (same as variant="fp16"). `batch_size` is the largest batch the model
-    runs (and TensorRT's profile); `threads` are ONNX Runtime's intra-op threads;
+    runs (and TensorRT's profile), and the windows per call of a tiled image (when not
+    given, `window_batch_size` is the provider's own default for windows: 1 on
+    onnxruntime's CPU provider); `threads` are ONNX Runtime's intra-op threads;
     `spin=False` lets them sleep when idle (other processes share the cores);
     `mem_pattern=False` when the batch size varies from call to call (a serve replica):
     onnxruntime's memory patterns then grow its arena (`providers.session_options`).
@@ -252,6 +262,7 @@ class Segmenter:
         self.variant = variant
         self.family = read_family(self.folder)
         self.preprocessor = model_processor(self.folder)
+        given = batch_size
         if batch_size is None:
             batch_size = default_batch_size(choice.name)
         self.batch_size = batch_size
@@ -272,6 +283,9 @@ class Segmenter:
             mem_pattern=mem_pattern,
         )
         self.provider = prov.active_provider(self.session)
+        #: Windows per model call of a tiled image: `batch_size` when given, else the
+        #: default of the provider that runs (after any fallback).
+        self.window_batch_size = given or default_batch_size(self.provider, windows=True)
         self.device_id = device_id
         #: Where IO binding keeps outputs; None runs plainly (on CPU binding buys nothing).
         self.io_device: str | None = "cuda" if self.provider in ("cuda", "tensorrt") else None

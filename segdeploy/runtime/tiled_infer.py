@@ -249,7 +249,9 @@ def _segment(job, src, dest: Path, over: Path | None, how: _How, outcome) -> dic
     stages: dict[str, float] = {}
     counts = np.zeros(seg.num_labels, np.int64)
     model = _guarded(segmenter_model(seg))
-    bands = _counted(predict_bands(src, model, how.plan, seg.batch_size, stages), counts, how)
+    bands = _counted(
+        predict_bands(src, model, how.plan, seg.window_batch_size, stages), counts, how
+    )
     shape = (src.height, src.width)
     if dest.suffix == ".tif":
         large_image.write_tiff(dest, bands, shape, seg.label_dtype, src.tags, how.mark(dest, shape))

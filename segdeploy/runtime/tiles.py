@@ -399,6 +399,6 @@ def predict_tiled(seg, image, options: TileOptions | TilePlan) -> np.ndarray:
     plan = options if isinstance(options, TilePlan) else plan_for(seg, options)
     with open_source(image, max_pixels=seg.max_pixels, load=seg.load) as source:
         labels = np.empty((source.height, source.width), seg.label_dtype)
-        for y0, band in predict_bands(source, segmenter_model(seg), plan, seg.batch_size):
+        for y0, band in predict_bands(source, segmenter_model(seg), plan, seg.window_batch_size):
             labels[y0 : y0 + len(band)] = band
     return labels
