@@ -206,6 +206,23 @@ def test_a_bad_image_or_a_dying_worker_is_a_failure_row_and_the_run_goes_on(
     assert run.seen and not run.survivors()
 
 
+def _run_until_labels(model: Path, photos: Path, out: Path) -> tuple[Watched, Path]:
+    """`segdeploy infer` with two workers on `photos`, started in its own session and
+    returned once its first label map is written (its workers are running)."""
+    run = Watched(
+        _infer_cmd(model, photos, out, "--workers", "2", "--batch-size", "2"),
+        env=_env(),
+        start_new_session=True,
+    )
+    labels = out / photos.name
+    deadline = time.monotonic() + 60
+    while not (labels.is_dir() and any(labels.glob("*.png"))) and time.monotonic() < deadline:
+        run.look()
+        time.sleep(0.01)
+    run.look()
+    return run, labels
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interrupt_leaves_complete_files_a_summary_and_no_process(
     how, tiny_onnx_dir, many_photos, tmp_path
@@ -214,17 +231,7 @@ def test_interrupt_leaves_complete_files_a_summary_and_no_process(
     from segdeploy.runtime.infer import run_infer
 
     out = tmp_path / "out"
-    run = Watched(
-        _infer_cmd(tiny_onnx_dir, many_photos, out, "--workers", "2", "--batch-size", "2"),
-        env=_env(),
-        start_new_session=True,
-    )
-    labels = out / many_photos.name
-    deadline = time.monotonic() + 60
-    while not (labels.is_dir() and any(labels.glob("*.png"))) and time.monotonic() < deadline:
-        run.look()
-        time.sleep(0.01)
-    run.look()
+    run, labels = _run_until_labels(tiny_onnx_dir, many_photos, out)
     if how == "ctrl-c":
         os.killpg(run.proc.pid, signal.SIGINT)
     else:
@@ -256,6 +263,26 @@ def test_interrupt_leaves_complete_files_a_summary_and_no_process(
         assert _files(out) == _files(reference)
     else:
         assert len(list(labels.glob("*.png"))) == 500
+
+
+def test_a_killed_run_leaves_no_process(tiny_onnx_dir, many_photos, tmp_path):
+    """SIGKILL (or the OOM killer) gives the run no chance to stop its workers, whose
+    parent is the fork server: they end by themselves (runtime/lifeline.py), and with
+    them the fork server and the resource tracker. Before, all three ran on forever."""
+    from segdeploy.runtime.lifeline import GRACE_S
+
+    run, labels = _run_until_labels(tiny_onnx_dir, many_photos, tmp_path / "out")
+    try:
+        os.kill(run.proc.pid, signal.SIGKILL)
+        code, _, _ = run.wait()
+        assert code == -signal.SIGKILL
+        assert len(list(labels.glob("*.png"))) < 500, "killed after the end: make it longer"
+        assert len(run.seen) >= 3  # the fork server and two workers were there
+        assert not run.survivors(grace=GRACE_S + 5)
+    finally:  # a failure must not leave them running either
+        for pid in run.seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _can_mount_tmpfs(where: Path) -> str | None:
