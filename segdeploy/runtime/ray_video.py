@@ -27,6 +27,7 @@ import numpy as np
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime import pipeline
 from segdeploy.runtime.clips import VideoSettings, run_header, stream_name
+from segdeploy.runtime.share_plot import SharePlots
 from segdeploy.runtime.video import (
     ClipInfo,
     Frame,
@@ -36,7 +37,6 @@ from segdeploy.runtime.video import (
     is_video_name,
     read_frames,
 )
-from segdeploy.runtime.share_plot import SharePlots
 from segdeploy.runtime.video_out import FRAMES_DIR, OVERLAY_CODECS, ClipOutputs, frame_name
 
 __all__ = ["ClipRun", "is_video_name"]
