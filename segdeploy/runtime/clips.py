@@ -140,7 +140,6 @@ class Clips:
             yield {"input": source, "reason": f"{folder} leads outside the output folder"}
             return
         self._names.add(str(rel))
-        self.plots.start()  # matplotlib loads in its own process while frames are segmented
         out = ClipOutputs(
             folder, str(rel), source, mode=self.settings.labels, overlay=self.overlay,
             palette=self.palette, id2label=self.seg.id2label, header=self.header,
@@ -154,6 +153,7 @@ class Clips:
                 return
             done = out.resumable()
             done = done[: out.verified(done)]
+        self.plots.start()  # matplotlib loads in its own process while frames are segmented
         clip = _Clip(source, out)
         key = id(clip)
         self._open[key] = clip

@@ -12,7 +12,8 @@ included, so that it never meets the outputs of a photo or folder beside it):
   H.264 (or the codec `--overlay-codec` names), at the frames' own timestamps.
 - `summary.json`: the clip, the frames taken, skipped and dropped (and why), the
   per-class share of every frame over time and over the clip; `classes.png`
-  plots the shares over time.
+  plots the shares over time (drawn beside the run: segdeploy.runtime.share_plot;
+  summary.json is written once the plot is done, and says so if it failed).
 
 While the clip runs, each finished frame is appended (and flushed) to a hidden
 journal, `.frames.partial.jsonl`, and the label stream and overlay are written
