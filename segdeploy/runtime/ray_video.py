@@ -27,6 +27,7 @@ import numpy as np
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime import pipeline
 from segdeploy.runtime.clips import VideoSettings, run_header, stream_name
+from segdeploy.runtime.share_plot import SharePlots
 from segdeploy.runtime.video import (
     ClipInfo,
     Frame,
@@ -161,6 +162,7 @@ class ClipDriver:
     def __init__(self, clips: dict[str, ClipOutputs]):
         self.clips = clips
         self.frames = 0
+        self.plots = SharePlots()  # each clip's classes.png, drawn beside the run
 
     def take(self, row: dict[str, Any]) -> dict[str, Any] | None:
         out = self.clips[row["source"]]
@@ -169,7 +171,9 @@ class ClipDriver:
             if row["reason"] != "end":
                 out.abort()
                 return {"input": row["source"], "reason": row["reason"]}
-            return out.finish(counts)
+            record = out.finish(counts, self.plots)
+            self.plots.poll()  # summary.json of the clips whose plots are done
+            return record
         frame = Frame(int(row["index"]), float(row["time"]), None)
         if out.info is None:
             out.start(ClipInfo(**json.loads(row["info"])))
@@ -184,10 +188,14 @@ class ClipDriver:
         return None
 
     def close(self) -> None:
-        for out in self.clips.values():
-            if out.summary_path.exists():
-                continue
-            out.abort()
+        try:
+            self.plots.wait()  # then the finished clips' summary.json exist
+        finally:
+            self.plots.close()
+            for out in self.clips.values():
+                if out.summary_path.exists():
+                    continue
+                out.abort()
 
 
 def clip_dataset(ray, rows, *, cfg, choice: FrameChoice, model_stage, out: Path, fused, mode):
@@ -270,6 +278,7 @@ class ClipRun:
             record(rec)
         if not self.rows:
             return
+        self.driver.plots.start()  # matplotlib loads in its own process meanwhile
         cfg = pipeline.StageConfig.for_segmenter(self.probe, overlay=self.overlay, output=self.out)
         ds = clip_dataset(
             self.ray, self.rows, cfg=cfg, choice=self.video.choice(),

@@ -12,7 +12,8 @@ included, so that it never meets the outputs of a photo or folder beside it):
   H.264 (or the codec `--overlay-codec` names), at the frames' own timestamps.
 - `summary.json`: the clip, the frames taken, skipped and dropped (and why), the
   per-class share of every frame over time and over the clip; `classes.png`
-  plots the shares over time.
+  plots the shares over time (drawn beside the run: segdeploy.runtime.share_plot;
+  summary.json is written once the plot is done, and says so if it failed).
 
 While the clip runs, each finished frame is appended (and flushed) to a hidden
 journal, `.frames.partial.jsonl`, and the label stream and overlay are written
@@ -41,6 +42,7 @@ import numpy as np
 from segdeploy.atomic import atomic_path, write_json
 from segdeploy.errors import SegdeployError, first_line
 from segdeploy.runtime.overlay import render_overlay
+from segdeploy.runtime.share_plot import SharePlots, share_series
 from segdeploy.runtime.video import ClipInfo, Frame, FrameCounts, import_av
 
 SUMMARY = "summary.json"
@@ -332,9 +334,10 @@ class ClipOutputs:
     def drop(self, frame: Frame, reason: str) -> None:
         self.dropped.append({"index": frame.index, "time": round(frame.time, 4), "reason": reason})
 
-    def finish(self, counts: FrameCounts) -> dict[str, Any]:
-        """Close the streams, move them into place, write summary.json and the plot; the
-        clip's record for the run's summary.json."""
+    def finish(self, counts: FrameCounts, plots: SharePlots) -> dict[str, Any]:
+        """Close the streams and move them into place; the plot is drawn by `plots`, beside
+        the run, and summary.json written when it is done (`plots.poll` / `plots.wait`).
+        The clip's record for the run's summary.json."""
         self._close_encoders()
         outputs: dict[str, Any] = {}
         if self.mode == "ffv1" and self._labels is not None:
@@ -362,11 +365,17 @@ class ClipOutputs:
             "outputs": outputs,
             "classes": self.mean_shares(),
         }
+        series = None
         if self.frames:
-            plot_shares(self.folder / JOURNAL, self.folder / PLOT, self.id2label, self.rel)
-            summary["outputs"]["plot"] = PLOT
-        self._write_summary(summary, dropped)
-        (self.folder / JOURNAL).unlink(missing_ok=True)
+            series = share_series(self.folder / JOURNAL, self.id2label, self.rel)
+        if series is None:
+            self._conclude(summary, dropped, plotted=False)
+        else:
+            plots.draw(
+                series,
+                self.folder / PLOT,
+                lambda error: self._conclude(summary, dropped, plotted=error is None, error=error),
+            )
         record = {
             "input": self.source,
             "output": self.rel,
@@ -381,6 +390,22 @@ class ClipOutputs:
                 f" ({counts.ended})" if counts.ended else ""
             )
         return record
+
+    def _conclude(
+        self,
+        summary: dict[str, Any],
+        dropped: list[dict[str, Any]],
+        *,
+        plotted: bool,
+        error: str | None = None,
+    ) -> None:
+        """summary.json, once the plot is written (or failed: then the summary says why)."""
+        if plotted:
+            summary["outputs"]["plot"] = PLOT
+        if error is not None:
+            summary["plot_error"] = error
+        self._write_summary(summary, dropped)
+        (self.folder / JOURNAL).unlink(missing_ok=True)
 
     def mean_shares(self) -> list[dict[str, Any]]:
         n = max(self.frames, 1)
@@ -431,50 +456,6 @@ def _pad_even(rgb: np.ndarray, even: bool) -> np.ndarray:
     if not even or (h % 2 == 0 and w % 2 == 0):
         return np.ascontiguousarray(rgb)
     return np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-
-
-def plot_shares(journal: Path, dest: Path, id2label: dict[int, str], title: str, bins: int = 600):
-    """Stacked per-class shares over time (mean per time bin, so a long clip plots in
-    constant memory), the classes present anywhere in the clip."""
-    from matplotlib.figure import Figure
-
-    times, rows = [], []
-    with journal.open(encoding="utf-8") as f:
-        next(f, None)
-        for line in f:
-            x = json.loads(line)
-            times.append(x["time"])
-            rows.append(x["shares"])
-    if not times:
-        return
-    n = len(id2label)
-    edges = np.linspace(times[0], times[-1] + 1e-9, min(bins, len(times)) + 1)
-    which = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 2)
-    sums = np.zeros((len(edges) - 1, n))
-    hits = np.bincount(which, minlength=len(edges) - 1).astype(np.float64)
-    for b, shares in zip(which, rows, strict=True):
-        for k, v in shares.items():
-            sums[b, int(k)] += v
-    keep = hits > 0
-    mean = sums[keep] / hits[keep, None]
-    centres = ((edges[:-1] + edges[1:]) / 2)[keep]
-    present = [i for i in range(n) if mean[:, i].any()]
-    fig = Figure(figsize=(8, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    from segdeploy.runtime.palette import palette_for
-
-    colours = palette_for(n)[present] / 255.0
-    ax.stackplot(centres, mean[:, present].T, labels=[id2label.get(i, str(i)) for i in present],
-                 colors=colours)  # fmt: skip
-    ax.set_xlim(centres[0], centres[-1] if len(centres) > 1 else centres[0] + 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("share of pixels")
-    ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png")
 
 
 def write_failure_summary(folder: Path, source: str, header: dict, reason: str) -> None:
