@@ -194,7 +194,8 @@ def default_batch_size(provider: str, *, windows: bool = False) -> int:
     """The largest batch a model runs when none is given: 16 on a GPU, 4 on a CPU
     (onnxruntime's or OpenVINO's), where a larger batch is no faster per image and needs
     more memory (SegFormer b0 at 512 on a 2-core EPYC: 220-250 ms per image at batch 1 to
-    8; a serve replica's RSS 2.1 GB at batch 4, 3.9 GB at batch 8).
+    8; a serve replica's RSS 2.1 GB at batch 4, 3.9 GB at batch 8, both measured with
+    onnxruntime's memory patterns on, which serve replicas now run without).
 
     `windows`: the windows per call of a tiled image, the provider's `window_batch` where
     it has one: 1 on onnxruntime's CPU provider, where a tiled SegFormer b0 (150 classes,
