@@ -12,7 +12,8 @@ killed with SIGKILL left the server and both workers running).
 Neither multiprocessing (its `daemon` flag acts only when the parent exits
 cleanly) nor concurrent.futures has an option for this, and Linux's
 PR_SET_PDEATHSIG names the parent, which is the fork server. So each worker
-watches the run's process itself: `exit_with(pid)` in its initializer.
+watches the run's process itself: `exit_with(pid)`, which every pool made by
+`tied_pool` runs in its workers after their own initializer.
 """
 
 from __future__ import annotations
@@ -22,12 +23,33 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.context import BaseContext
 
 #: How long a worker told to stop (SIGTERM, so that a file being written is unwound
 #: and removed) may take before it is ended outright.
 GRACE_S = 10.0
 #: Where pidfds are missing (not Linux 5.3+): how often the run's process is looked at.
 POLL_S = 1.0
+
+
+def tied_pool(
+    workers: int, ctx: BaseContext, initializer: Callable, initargs: tuple = ()
+) -> ProcessPoolExecutor:
+    """A ProcessPoolExecutor of `workers` processes from `ctx` that run
+    `initializer(*initargs)`, then end with this process however it ends (`exit_with`)."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_init_tied,
+        initargs=(os.getpid(), initializer, initargs),
+    )
+
+
+def _init_tied(run_pid: int, initializer: Callable, initargs: tuple) -> None:
+    initializer(*initargs)  # first: its SIGTERM handler is what exit_with's SIGTERM meets
+    exit_with(run_pid)
 
 
 def exit_with(pid: int) -> None:

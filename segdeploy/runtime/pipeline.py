@@ -61,7 +61,7 @@ from PIL import Image
 from segdeploy.atomic import write_bytes
 from segdeploy.errors import SegdeployError, first_line
 from segdeploy.runtime.image_io import MAX_PIXELS, label_png, load_image
-from segdeploy.runtime.lifeline import exit_with
+from segdeploy.runtime.lifeline import tied_pool
 from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.processors import ImageProcessor
 from segdeploy.runtime.provenance import Mark, mark_jpeg, mark_png, rel_name
@@ -395,12 +395,11 @@ def _class_counts(labels: np.ndarray, n: int) -> np.ndarray:
 _WORKER: dict[str, Any] = {"cfg": None, "busy": False}
 
 
-def _init_worker(cfg: StageConfig, run_pid: int) -> None:
+def _init_worker(cfg: StageConfig) -> None:
     # Ctrl-C reaches the whole process group: the parent alone decides what finishes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     _WORKER["cfg"] = cfg
-    exit_with(run_pid)  # a killed run's workers would otherwise wait forever
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -547,13 +546,8 @@ class _Pool:
     def _start(self) -> ProcessPoolExecutor | None:
         if self.workers == 0:
             return None
-        ctx = start_forkserver()
-        return ProcessPoolExecutor(
-            self.workers,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(self.cfg, os.getpid()),
-        )
+        # tied: a killed run's workers would otherwise wait forever (runtime/lifeline.py)
+        return tied_pool(self.workers, start_forkserver(), _init_worker, (self.cfg,))
 
     def _restart(self) -> None:
         log.warning("a worker process died; starting new workers")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -30,7 +29,7 @@ import numpy as np
 
 from segdeploy.atomic import atomic_path
 from segdeploy.errors import first_line
-from segdeploy.runtime.lifeline import exit_with
+from segdeploy.runtime.lifeline import tied_pool
 from segdeploy.runtime.pipeline import start_forkserver
 
 log = logging.getLogger(__name__)
@@ -109,16 +108,15 @@ def draw_shares(series: ShareSeries, dest: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def _init_plotter(run_pid: int) -> None:
-    """The plot process: Ctrl-C is the run's to handle (it waits for the plot in flight),
-    a killed run ends it too (`exit_with`); matplotlib is imported and a first figure
+def _init_plotter() -> None:
+    """The plot process (a killed run ends it too: `tied_pool`): Ctrl-C is the run's to
+    handle (it waits for the plot in flight); matplotlib is imported and a first figure
     drawn (fonts, text layout) now, while the run segments frames, so that a clip's plot
     costs only its own drawing."""
     import io
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    exit_with(run_pid)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -146,10 +144,7 @@ class SharePlots:
     def start(self) -> None:
         """Start the plot process (once): it imports matplotlib while the run goes on."""
         if self._ex is None:
-            ctx = start_forkserver()
-            self._ex = ProcessPoolExecutor(
-                1, mp_context=ctx, initializer=_init_plotter, initargs=(os.getpid(),)
-            )
+            self._ex = tied_pool(1, start_forkserver(), _init_plotter)
             self._ex.submit(int)  # spawn it now, not at the first plot
 
     def draw(self, series: ShareSeries, dest: Path, then: Callable[[str | None], None]) -> None:
