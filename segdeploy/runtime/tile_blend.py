@@ -454,8 +454,7 @@ class TileBlender:
                 labels[todo[proven]] = found[proven]
                 todo = todo[~proven]
             if todo.size:
-                every = np.broadcast_to(np.arange(self.num_classes), (todo.size, self.num_classes))
-                labels[todo] = self._blend(y[todo], x[todo], cover, every, fused=True)[0]
+                labels[todo] = self._every(y[todo], x[todo], cover)
             out[start : start + BLOCK_PIXELS] = labels
         return out
 
@@ -488,6 +487,28 @@ class TileBlender:
                 won = np.flatnonzero(tried & (lead / count > tol))
             labels[won], proven[won] = k[won], True
         return labels, proven
+
+    def _every(self, y: np.ndarray, x: np.ndarray, cover) -> np.ndarray:
+        """Labels of pixels (y, x) from the blends of every class: plain float32 first (3x
+        faster than torch's fused operations: 2/3 of this step's time went to them over
+        all classes); then, where other classes come within rounding of the best, only
+        those again with torch's operations, whose ties decide. A class further below
+        cannot win (as in _candidates). Pixels with NaN or inf: every class, fused."""
+        inside = list(self._inside(y, x, cover))
+        every = np.broadcast_to(np.arange(self.num_classes), (y.size, self.num_classes))
+        total = self._totals(inside, every, fused=False)
+        best = total.max(1)
+        labels = np.where(total == best[:, None], every, self.num_classes).min(1)
+        tol = SURE_MARGIN * max(h.scale for h, *_ in inside)
+        with np.errstate(invalid="ignore"):
+            near = total >= best[:, None] - tol
+        near[~np.isfinite(best) | (not np.isfinite(tol))] = True
+        close = np.flatnonzero(near.sum(1) > 1)
+        if close.size:
+            classes = distinct(np.where(near[close], every[close], -1))
+            sub = list(self._inside(y[close], x[close], [(h, None, None) for h, *_ in inside]))
+            labels[close] = self._blend(y[close], x[close], sub, classes, fused=True)[0]
+        return labels
 
     def _inside(self, y: np.ndarray, x: np.ndarray, cover):
         """(held window, indices of the pixels inside it, their window coordinates u, v,
@@ -540,14 +561,21 @@ class TileBlender:
         _inside's tuples, or the cover to find them in)."""
         if inside and not isinstance(inside[0][1], np.ndarray):
             inside = list(self._inside(y, x, inside))
+        total = self._totals(inside, classes, fused=fused)
+        best = total.max(1)
+        labels = np.where(total == best[:, None], classes, self.num_classes).min(1)
+        runner_up = np.where(classes == labels[:, None], -np.inf, total).max(1)
+        return labels, best, runner_up
+
+    def _totals(self, inside, classes: np.ndarray, *, fused: bool) -> np.ndarray:
+        """[n, k] blends of the `classes` [n, k] of the pixels of `inside` (_inside's
+        tuples): added in grid order (MMSegmentation's), divided by their count or summed
+        weights."""
         total = np.zeros(classes.shape, F32)
-        count = np.zeros(y.size, F32)
+        count = np.zeros(len(classes), F32)
         for h, idx, u, v, weight in inside:
             value = h.values(u, v, classes[idx], fused=fused)
             total[idx] += value if weight is None else value * weight[:, None]
             count[idx] += F32(1) if weight is None else weight
         total /= count[:, None]
-        best = total.max(1)
-        labels = np.where(total == best[:, None], classes, self.num_classes).min(1)
-        runner_up = np.where(classes == labels[:, None], -np.inf, total).max(1)
-        return labels, best, runner_up
+        return total
