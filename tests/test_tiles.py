@@ -9,6 +9,9 @@ identity-like model: logits that are a fixed function of the window's pixels.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,7 @@ from segdeploy.errors import SegdeployError
 from segdeploy.runtime.large_image import ArraySource
 from segdeploy.runtime.tile_blend import Grid, TileBlender
 from segdeploy.runtime.tiles import (
+    HELPER_NICENESS,
     TileOptions,
     TilePlan,
     WindowModel,
@@ -113,6 +117,90 @@ def test_ties_and_near_ties_are_decided_as_torch_decides_them():
     ours = tiled(image, run, 6, plan)
     assert (ours == mmseg_slide(image, run, 6, (32, 32), (21, 21))).all()
     assert not (ours == 4).any()  # the copy of class 0 never beats class 0
+
+
+def test_many_near_tied_classes_are_decided_as_torch_decides_them():
+    """Three classes within a few units of the last place of each other lead everywhere:
+    the two best at each corner cannot bound the rest, so every class is blended, and the
+    near-tied ones again with torch's operations (TileBlender._every)."""
+    base = linear_model(4, 4)
+
+    def run(x):
+        out = base(x)
+        top = out.max(1, keepdims=True)
+        near = [top + np.float32(k * 1e-6) for k in (0, 1, 2)]
+        return np.concatenate([out, *near], 1) * np.float32(1000)
+
+    image = photo(90, 110, seed=4)
+    for blend in ("mean", "gaussian"):
+        weights = gaussian_weights if blend == "gaussian" else None
+        ours = tiled(image, run, 7, TilePlan((32, 32), (21, 21), blend))
+        assert (ours == mmseg_slide(image, run, 7, (32, 32), (21, 21), weights)).all()
+
+
+class _FullBlender(TileBlender):
+    """TileBlender with every class of the pixels that reach the last step blended with
+    torch's operations: what TileBlender._every's shortcut must equal."""
+
+    def _every(self, y, x, cover):
+        every = np.broadcast_to(np.arange(self.num_classes), (y.size, self.num_classes))
+        return self._blend(y, x, cover, every, fused=True)[0]
+
+
+def test_blending_every_class_in_float32_first_changes_no_label():
+    """Classes one unit of the last place apart, where plain float32 and torch's fused
+    operations can order them differently: the shortcut of TileBlender._every (float32 over
+    every class, torch's operations over the near-tied ones) gives the labels of torch's
+    operations over every class."""
+    base = linear_model(4, 4)
+
+    def run(x):
+        out = base(x)
+        top = out.max(1, keepdims=True)
+        up = np.nextafter(top, np.float32(np.inf))
+        return np.concatenate([out, top, up, np.nextafter(up, np.float32(np.inf))], 1)
+
+    image = photo(90, 110, seed=4)
+    for blend in ("mean", "gaussian"):
+        plan = TilePlan((32, 32), (21, 21), blend)
+        labels = {}
+        for name, blender in (("shortcut", TileBlender), ("full", _FullBlender)):
+            grid = plan.grid(*image.shape[:2])
+            blend_ = blender(grid, 7, plan.weights())
+            out = np.empty(image.shape[:2], np.int64)
+            for win in grid.windows():
+                crop = image[win.y1 : win.y2, win.x1 : win.x2]
+                blend_.add(win, run(prepare(crop)[None])[0], win.size)
+                for y0, band in blend_.finished():
+                    out[y0 : y0 + len(band)] = band
+            labels[name] = out
+        assert (labels["shortcut"] == labels["full"]).all()
+        assert len(np.unique(labels["full"])) >= 3
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread priorities")
+def test_windows_are_cut_and_blended_below_the_models_priority():
+    """The helper thread (cutting, blending) yields the cores to the model's threads; the
+    model's thread keeps the caller's priority."""
+    seen = {}
+    linear = linear_model(3, 4)
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def prep(pixels):
+        seen["helper"] = priority()
+        return prepare(pixels)
+
+    def run(x):
+        seen["model"] = priority()
+        return linear(x)
+
+    caller = priority()
+    model = WindowModel(prep, run, 3)
+    list(predict_bands(ArraySource(photo(40, 40)), model, TilePlan((32, 32), (21, 21)), 1))
+    assert seen["model"] == caller == priority()
+    assert seen["helper"] == min(caller + HELPER_NICENESS, 19) > caller
 
 
 def test_constant_logits_give_class_zero():
