@@ -9,9 +9,6 @@ identity-like model: logits that are a fixed function of the window's pixels.
 
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -22,7 +19,6 @@ from segdeploy.errors import SegdeployError
 from segdeploy.runtime.large_image import ArraySource
 from segdeploy.runtime.tile_blend import Grid, TileBlender
 from segdeploy.runtime.tiles import (
-    HELPER_NICENESS,
     TileOptions,
     TilePlan,
     WindowModel,
@@ -176,31 +172,6 @@ def test_blending_every_class_in_float32_first_changes_no_label():
             labels[name] = out
         assert (labels["shortcut"] == labels["full"]).all()
         assert len(np.unique(labels["full"])) >= 3
-
-
-@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no per-thread priorities")
-def test_windows_are_cut_and_blended_below_the_models_priority():
-    """The helper thread (cutting, blending) yields the cores to the model's threads; the
-    model's thread keeps the caller's priority."""
-    seen = {}
-    linear = linear_model(3, 4)
-
-    def priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def prep(pixels):
-        seen["helper"] = priority()
-        return prepare(pixels)
-
-    def run(x):
-        seen["model"] = priority()
-        return linear(x)
-
-    caller = priority()
-    model = WindowModel(prep, run, 3)
-    list(predict_bands(ArraySource(photo(40, 40)), model, TilePlan((32, 32), (21, 21)), 1))
-    assert seen["model"] == caller == priority()
-    assert seen["helper"] == min(caller + HELPER_NICENESS, 19) > caller
 
 
 def test_constant_logits_give_class_zero():

@@ -27,11 +27,8 @@ image.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,14 +50,6 @@ DEFAULT_OVERLAP = 1 / 3
 GAUSSIAN_SIGMA_SCALE = 0.125
 #: MONAI's floor of the importance map (a weight of 0 would leave pixels uncounted).
 GAUSSIAN_MIN_WEIGHT = 1e-3
-#: How much lower (Linux nice) the helper thread that cuts and blends windows runs than
-#: the model's threads. Where they share the cores (onnxruntime's CPU provider takes
-#: them all), the model is the run's critical path: a blending thread preempting one of
-#: its threads stalls the others at the next barrier. At a lower priority it blends in
-#: the model's gaps and while the model's caller waits for it. Measured (2-core EPYC,
-#: SegFormer b0, 150 classes, 36 windows, interleaved pairs): +4% windows/s at one
-#: window per call (7 pairs, median 1.04), none at 4 per call (3 pairs, 1.004).
-HELPER_NICENESS = 10
 
 
 def parse_size(text: str | int | tuple, option: str) -> int | tuple[int, int]:
@@ -358,8 +347,8 @@ def predict_bands(
     The calling thread only runs the model. A second thread cuts the next batch of
     windows and blends the last batch's logits while the model runs (numpy and ONNX
     Runtime release the GIL): on a CPU that work fills the gaps ONNX Runtime's threads
-    leave between operators instead of holding the model up (it runs at a lower
-    priority: HELPER_NICENESS), on a GPU it keeps the device fed."""
+    leave between operators instead of holding the model up, on a GPU it keeps the
+    device fed."""
     clock, helper_clock = _Clock(stages), _Clock(stages)
     grid = plan.grid(source.height, source.width)
     blender = TileBlender(grid, model.num_classes, plan.weights())
@@ -377,9 +366,7 @@ def predict_bands(
         clock.add("blend", time.perf_counter() - start)
         return bands
 
-    with ThreadPoolExecutor(
-        1, thread_name_prefix="segdeploy-tiles", initializer=_below_the_model
-    ) as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="segdeploy-tiles") as pool:
         pending = None
         upcoming = pool.submit(cut)
         while (item := upcoming.result()) is not None:
@@ -403,15 +390,6 @@ def predict_bands(
             bands = pending.result()
             clock.lap("wait")
             yield from bands
-
-
-def _below_the_model() -> None:
-    """Lower this thread's priority (predict_bands' helper) HELPER_NICENESS below the
-    caller's, where the OS has per-thread priorities (Linux); elsewhere nothing."""
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(now + HELPER_NICENESS, 19))
 
 
 def predict_tiled(seg, image, options: TileOptions | TilePlan) -> np.ndarray:
