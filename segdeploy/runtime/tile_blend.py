@@ -489,11 +489,12 @@ class TileBlender:
         return labels, proven
 
     def _every(self, y: np.ndarray, x: np.ndarray, cover) -> np.ndarray:
-        """Labels of pixels (y, x) from the blends of every class: plain float32 first (3x
-        faster than torch's fused operations: 2/3 of this step's time went to them over
-        all classes); then, where other classes come within rounding of the best, only
-        those again with torch's operations, whose ties decide. A class further below
-        cannot win (as in _candidates). Pixels with NaN or inf: every class, fused."""
+        """Labels of pixels (y, x) from the blends of every class: plain float32 first
+        (1.5x faster over 150 classes than torch's fused operations, which took 11.7 of
+        the ~55 ms of blending per window of SegFormer b0 with random weights); then,
+        where other classes come within rounding of the best, only those again with
+        torch's operations, whose ties decide. A class further below cannot win (as in
+        _candidates). Pixels with NaN or inf: every class, fused."""
         inside = list(self._inside(y, x, cover))
         every = np.broadcast_to(np.arange(self.num_classes), (y.size, self.num_classes))
         total = self._totals(inside, every, fused=False)
