@@ -16,8 +16,9 @@ machine's CPU. Every step is the project's own command, run as a user would:
 4. `benchmarks/bench_pipeline.py`: how `segdeploy infer`'s host pipeline scales
    with cores (tiny model, CamVid train + val), to
    benchmarks/results/pipeline_cpu.{json,md};
-5. `benchmarks/bench_video.py`: infer on a clip against the same frames as JPEGs,
-   lossless clips against PNG frames, memory over clip length, to
+5. `benchmarks/bench_video.py`: infer on a clip against the same frames as JPEGs
+   (also twice over, for the rate per frame), lossless clips against PNG frames,
+   memory over clip length (10 s, 100 s, 10 minutes), to
    benchmarks/results/video_cpu.{json,md};
 6. `benchmarks/bench_tiles.py`: `segdeploy infer --tile` on generated 1k to 16k
    TIFFs with a 150-class SegFormer b0 (megapixels/s, peak RSS, batched windows
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     scripts = {
         "bench_pipeline.py": [],
-        "bench_video.py": [],
+        "bench_video.py": ["--twice"],
         "bench_tiles.py": [],
         "bench_serve.py": ["--model", rel(model)]
         + ([] if args.data == CAMVID else ["--images", rel(args.data / "images" / "val")]),
