@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from mmseg_reference import linear_model, mmseg_slide, photo, prepare
 
 from segdeploy.errors import SegdeployError
+from segdeploy.runtime import tile_blend
 from segdeploy.runtime.large_image import ArraySource
-from segdeploy.runtime.tile_blend import Grid, TileBlender
+from segdeploy.runtime.tile_blend import Grid, TileBlender, _Held, argmax0, ranked
 from segdeploy.runtime.tiles import (
     TileOptions,
     TilePlan,
@@ -172,6 +173,102 @@ def test_blending_every_class_in_float32_first_changes_no_label():
             labels[name] = out
         assert (labels["shortcut"] == labels["full"]).all()
         assert len(np.unique(labels["full"])) >= 3
+
+
+@pytest.mark.parametrize("classes", [1, 3, 150, 256, 257, 300])
+def test_argmax0_is_numpys_first_maximum(classes):
+    """argmax0 counts class ids down in uint8 up to 256 classes, int16 above: ties (coarse
+    integer logits) go to the lower id and NaN columns to numpy's answer, at both sizes."""
+    rng = np.random.default_rng(classes)
+    values = rng.integers(-3, 4, (classes, 17, 19)).astype(np.float32)
+    values[-1, 0, :5] = 9  # the last class leads a few pixels: id 255 in uint8 at 256
+    values[rng.integers(classes), 2, 3] = np.nan
+    best = values.max(0)
+    assert (argmax0(values, best) == np.argmax(values, 0)).all()
+
+
+def test_lead_bound_is_k_minus_the_best_other_class_at_each_corner():
+    """_Held.lead (the best's gap where k holds or ties the best logit, else k's logit minus
+    the best) equals the blend, in the same float32 steps, of k's logit minus the largest
+    logit of any other class at the four corners, for every k, ties included."""
+    rng = np.random.default_rng(5)
+    logits = rng.integers(-2, 3, (6, 8, 8)).astype(np.float32)  # many ties
+    logits[:, 0, 0] = [1, 1, 1, 0, -1, np.inf]  # an infinite logit: NaN or -inf
+    held = _Held(Grid.over(32, 32, (32, 32), (32, 32)).window(0, 0), logits, (32, 32), None)
+    u, v = (a.reshape(-1) for a in np.mgrid[:32, :32])
+    i0, i1, wy0, wy1 = (a[u] for a in held.ry)
+    j0, j1, wx0, wx1 = (a[v] for a in held.rx)
+    for k in range(6):
+        others = np.delete(logits, k, 0).max(0)
+        lead = logits[k] - others
+        with np.errstate(invalid="ignore"):
+            top = lead[i0, j0] * wx0 + lead[i0, j1] * wx1
+            want = top * wy0 + (lead[i1, j0] * wx0 + lead[i1, j1] * wx1) * wy1
+            got = held.lead(u, v, np.full(u.size, k))
+        assert np.array_equal(got, want, equal_nan=True), k
+
+
+def test_every_class_values_equal_the_indexed_ones():
+    """_Held.values over every class (classes=None: one pass per class plane, what
+    TileBlender._every uses) equals the same classes given as indices, bit for bit, in
+    plain float32 and with torch's fused operations."""
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(7, 9, 11)).astype(np.float32)
+    held = _Held(Grid.over(36, 44, (36, 44), (36, 44)).window(0, 0), logits, (36, 44), None)
+    u, v = rng.integers(0, 36, 200), rng.integers(0, 44, 200)
+    every = np.broadcast_to(np.arange(7), (200, 7))
+    for fused in (False, True):
+        got = held.values(u, v, None, fused=fused)
+        assert got.shape == (200, 7)
+        assert np.array_equal(got, held.values(u, v, every, fused=fused))
+    want = F.interpolate(torch.from_numpy(logits)[None], (36, 44), mode="bilinear")[0]
+    assert np.allclose(held.values(u, v, None, fused=False), want.numpy()[:, u, v].T, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_ranked_in_blocks_of_pixels_is_a_stable_sort(monkeypatch, block):
+    """ranked, block by block of pixels (uneven last block) or whole: the best classes
+    and values of a stable descending sort over the classes (ties: the lower id first)."""
+    monkeypatch.setattr(tile_blend, "RANK_PIXELS", block)
+    rng = np.random.default_rng(7)
+    logits = rng.integers(-3, 4, (9, 13, 11)).astype(np.float32)  # many ties
+    order = np.argsort(-logits, axis=0, kind="stable")
+    classes, values = ranked(logits, 2)
+    assert (classes == order[:2]).all()
+    assert (values == np.take_along_axis(logits, order[:3], 0)).all()
+
+
+@pytest.mark.parametrize("shape", [(6, 9, 11), (4, 1, 7)])
+def test_pure_labels_of_mixed_cells_follow_the_per_pixel_rule(shape):
+    """_Held's pure labels, whose mixed cells share their corners' leads among their
+    pixels: equal to the rule applied pixel by pixel with _Held.lead: the best class at
+    the nearest corner of the pixel's cell if its lead passes the margin, else the first
+    corner's class that differs if that one's does, else -1."""
+    rng = np.random.default_rng(8)
+    logits = rng.integers(-4, 5, shape).astype(np.float32)
+    logits[0] += 3 * (np.arange(shape[2]) < shape[2] // 2)  # some pure cells too
+    h, w = shape[1] * 4, shape[2] * 4
+    held = _Held(Grid.over(h, w, (h, w), (h, w)).window(0, 0), logits, (h, w), None)
+    u, v = (a.reshape(-1) for a in np.mgrid[:h, :w])
+    i0, i1, wy0, wy1 = (a[u] for a in held.ry)
+    j0, j1, wx0, wx1 = (a[v] for a in held.rx)
+    first = held.ranks[0]
+    corners = np.stack([first[i0, j0], first[i0, j1], first[i1, j0], first[i1, j1]])
+    near = np.where(wy0 >= wy1, np.where(wx0 >= wx1, 0, 1), np.where(wx0 >= wx1, 2, 3))
+    tol = tile_blend.SURE_MARGIN * held.scale
+    k = corners[near, np.arange(u.size)]
+    want = np.where(held.lead(u, v, k) > tol, k, -1)
+    differ = (corners != k) & (want < 0)
+    k2 = corners[differ.argmax(0), np.arange(u.size)]
+    retry = differ.any(0)
+    want[retry] = np.where(held.lead(u, v, k2)[retry] > tol, k2[retry], -1)
+    gap = held.ranked[0] - held.ranked[1]
+    sure = np.where(gap > tol, first, -1)
+    sure = np.stack([sure[i0, j0], sure[i0, j1], sure[i1, j0], sure[i1, j1]])
+    pure = (sure == sure[:1]).all(0) & (sure[0] >= 0)  # cells of one sure class
+    got = held.pure.reshape(-1)
+    assert (got == np.where(pure, sure[0], want)).all()
+    assert pure.any() and (~pure & (want >= 0)).any() and (want < 0).any()
 
 
 def test_constant_logits_give_class_zero():
