@@ -279,6 +279,37 @@ def run_line(run: dict) -> str:
     return run["date"]
 
 
+def judge(sizes: list[dict], batch: dict) -> list[dict]:
+    """Issue 25's targets. The overhead is judged at each batch measured: one window per
+    call is what `infer --tile` sends on onnxruntime's CPU provider, four what it sends
+    where batching pays (and what --batch-size 4 asks)."""
+    biggest = max(sizes, key=lambda s: s["side"])
+    targets = [
+        {
+            "name": f"peak RSS at {biggest['side']}^2 <= 3 GB",
+            "value": f"{biggest['peak_rss_mb']} MB",
+            "met": biggest["peak_rss_mb"] <= 3072,
+        }
+    ]
+    for n in (1, 4):
+        ratio = batch[f"tiled_vs_model_b{n}"]
+        targets.append(
+            {
+                "name": f"tiled / model-only windows/s at batch {n} >= 0.85",
+                "value": ratio,
+                "met": ratio >= 0.85,
+            }
+        )
+    targets.append(
+        {
+            "name": "batch 4 / batch 1 windows/s >= 1",
+            "value": batch["tiled_b4_vs_b1"],
+            "met": batch["tiled_b4_vs_b1"] >= 1.0,
+        }
+    )
+    return targets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384")
@@ -309,24 +340,7 @@ def main(argv=None) -> int:
                 "results_commit": git_output("log", "-1", "--format=%h", "--", RESULTS_JSON),
             }
         batch = batching(onnx, work, args.batching_side, args.rounds)
-    biggest = max(sizes, key=lambda s: s["side"])
-    targets = [
-        {
-            "name": f"peak RSS at {biggest['side']}^2 <= 3 GB",
-            "value": f"{biggest['peak_rss_mb']} MB",
-            "met": biggest["peak_rss_mb"] <= 3072,
-        },
-        {
-            "name": "tiled / model-only windows/s at batch 4 >= 0.85",
-            "value": batch["tiled_vs_model_b4"],
-            "met": batch["tiled_vs_model_b4"] >= 0.85,
-        },
-        {
-            "name": "batch 4 / batch 1 windows/s >= 1",
-            "value": batch["tiled_b4_vs_b1"],
-            "met": batch["tiled_b4_vs_b1"] >= 1.0,
-        },
-    ]
+    targets = judge(sizes, batch)
     from segdeploy.bench.report import machine_info, package_versions
 
     machine = machine_info()
