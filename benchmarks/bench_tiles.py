@@ -281,8 +281,8 @@ def run_line(run: dict) -> str:
 
 def judge(sizes: list[dict], batch: dict) -> list[dict]:
     """Issue 25's targets. The overhead is judged at each batch measured: one window per
-    call is what `infer --tile` sends on onnxruntime's CPU provider, four what it sends
-    where batching pays (and what --batch-size 4 asks)."""
+    call is what `infer --tile` sends on onnxruntime's CPU provider, four what
+    `--batch-size 4` sends (and OpenVINO's default)."""
     biggest = max(sizes, key=lambda s: s["side"])
     targets = [
         {
