@@ -228,9 +228,7 @@ class Clips:
             self._open.pop(id(clip), None)
             if out.info is None and clip.reader.info:  # every frame was left out
                 out.start(clip.reader.info[0])
-            record = out.finish(clip.reader.counts, self.plots)
-            self.plots.poll()  # summary.json of the clips whose plots are done
-            return record
+            return out.finish(clip.reader.counts, self.plots)
         if "reason" in rec:
             out.drop(frame, rec["reason"])
             return None

@@ -171,9 +171,7 @@ class ClipDriver:
             if row["reason"] != "end":
                 out.abort()
                 return {"input": row["source"], "reason": row["reason"]}
-            record = out.finish(counts, self.plots)
-            self.plots.poll()  # summary.json of the clips whose plots are done
-            return record
+            return out.finish(counts, self.plots)
         frame = Frame(int(row["index"]), float(row["time"]), None)
         if out.info is None:
             out.start(ClipInfo(**json.loads(row["info"])))

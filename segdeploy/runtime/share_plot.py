@@ -86,13 +86,20 @@ def share_series(
 
 
 def draw_shares(series: ShareSeries, dest: Path) -> None:
-    """The stacked shares as a PNG at `dest`, written atomically (matplotlib's object API
-    on an Agg canvas: no pyplot state; segdeploy.train.plots does the same, but importing
-    it imports the training package, torch included)."""
+    """The stacked shares as a PNG at `dest`, written atomically."""
+    fig = _figure(series)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _figure(series: ShareSeries, size: tuple[float, float] = (8, 3.5), dpi: int = 100):
+    """The stacked shares on a matplotlib Figure (the object API on an Agg canvas: no
+    pyplot state; segdeploy.train.plots does the same, but importing it imports the
+    training package, torch included)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3.5), dpi=100)
+    fig = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     c = series.centres
@@ -104,8 +111,17 @@ def draw_shares(series: ShareSeries, dest: Path) -> None:
     ax.set_title(series.title)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png")
+    return fig
+
+
+#: A one-class series the plot process draws at start (`_init_plotter`).
+_WARM_UP = ShareSeries(
+    centres=np.array([0.0, 1.0]),
+    means=np.array([[0.5], [0.5]]),
+    labels=["warm-up"],
+    colours=np.array([[0.5, 0.5, 0.5]]),
+    title="warm-up",
+)
 
 
 def _init_plotter() -> None:
@@ -117,17 +133,7 @@ def _init_plotter() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2, 1), dpi=50)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.stackplot([0.0, 1.0], [[0.5, 0.5]], labels=["warm-up"])
-    ax.set_title("warm-up")
-    ax.legend(loc="center left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(io.BytesIO(), format="png")
+    _figure(_WARM_UP, size=(2, 1), dpi=50).savefig(io.BytesIO(), format="png")
 
 
 class SharePlots:

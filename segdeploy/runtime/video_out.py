@@ -336,7 +336,8 @@ class ClipOutputs:
 
     def finish(self, counts: FrameCounts, plots: SharePlots) -> dict[str, Any]:
         """Close the streams and move them into place; the plot is drawn by `plots`, beside
-        the run, and summary.json written when it is done (`plots.poll` / `plots.wait`).
+        the run, and summary.json written when it is done (here, for this clip and the
+        earlier ones whose plots are done: `plots.poll`; the rest at `plots.wait`).
         The clip's record for the run's summary.json."""
         self._close_encoders()
         outputs: dict[str, Any] = {}
@@ -389,6 +390,7 @@ class ClipOutputs:
             record["reason"] = "no frame was segmented" + (
                 f" ({counts.ended})" if counts.ended else ""
             )
+        plots.poll()
         return record
 
     def _conclude(
