@@ -24,12 +24,12 @@ demo: install
 	$(BIN)/segdeploy demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -X faulthandler -m pytest
 
 # Real-data tests (CamVid; skipped when it is absent, see tests/conftest.py) and the
 # slower end-to-end tests (every command of README.md and docs/getting-started).
 test-slow: install
-	$(BIN)/python -m pytest -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]  # 5: none collected
+	$(BIN)/python -X faulthandler -m pytest -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]  # 5: none collected
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
