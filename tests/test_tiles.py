@@ -175,6 +175,33 @@ def test_blending_every_class_in_float32_first_changes_no_label():
         assert len(np.unique(labels["full"])) >= 3
 
 
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_later_candidate_rounds_reuse_the_earlier_blends(monkeypatch, blend):
+    """Round t of TileBlender._candidates blends only the t-th best classes that rounds
+    before it lacked and reuses their blends of the others: the labels still equal
+    MMSegmentation's where windows disagree and the pixels need a second round, which
+    proves some pixels with the reused blends."""
+    proven = {}
+    real = TileBlender._candidates
+
+    def spy(self, y, x, cover, t, tried=None):
+        labels, won, out = real(self, y, x, cover, t, tried)
+        proven[t] = proven.get(t, 0) + int(won.sum())
+        if t > 1:  # the earlier classes come first, their blends unchanged
+            old, old_total = tried
+            assert (out[0][:, : old.shape[1]] == old).all()
+            assert np.array_equal(out[1][:, : old.shape[1]], old_total)
+        return labels, won, out
+
+    monkeypatch.setattr(TileBlender, "_candidates", spy)
+    image = photo(131, 157, seed=5, block=5)
+    run = context_model(12, 4)
+    ours = tiled(image, run, 12, TilePlan((32, 32), (21, 21), blend))
+    weights = gaussian_weights if blend == "gaussian" else None
+    assert (ours == mmseg_slide(image, run, 12, (32, 32), (21, 21), weights)).all()
+    assert proven.get(2, 0) > 0
+
+
 @pytest.mark.parametrize("classes", [1, 3, 150, 256, 257, 300])
 def test_argmax0_is_numpys_first_maximum(classes):
     """argmax0 counts class ids down in uint8 up to 256 classes, int16 above: ties (coarse

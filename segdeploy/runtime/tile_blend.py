@@ -356,13 +356,13 @@ class _Held:
         return out
 
     def values(
-        self, u: np.ndarray, v: np.ndarray, classes: np.ndarray | None, *, fused: bool
+        self, u: np.ndarray, v: np.ndarray, classes: np.ndarray | None, *, fused: bool, at=None
     ) -> np.ndarray:
         """[n, k] resized logits of the `classes` [n, k] (None: every class, k = C) at
         window pixels (u, v), along x then y. `fused`: with torch's float32 operations
         exactly (each step fma(first, w0, second * w1)); else plain float32, within a few
-        units of the last place, and 3x faster."""
-        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v)
+        units of the last place, and 3x faster. `at`: the pixels' `_corners`, if known."""
+        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v) if at is None else at
         if classes is None:  # each class plane's corners in one pass: no [n, C] indices
             planes = self.logits.reshape(len(self.logits), -1)
             ta, tb, tc, td = (planes.take(k, axis=1).T for k in (a, b, c, d))
@@ -386,14 +386,15 @@ class _Held:
         ta += tc
         return ta
 
-    def candidates(self, u: np.ndarray, v: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """For window pixels (u, v): the `t` best classes at each corner of their source
-        cell [n, 4t], and a bound on the blend of every other class [n]: at each corner
-        such a class is at most the (t+1)-th best logit, so it blends to at most the blend
-        of those (plus rounding)."""
-        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v)
-        ranks = self.ranks[:t].reshape(t, -1)
-        classes = np.concatenate([ranks[:, k].T for k in (a, b, c, d)], 1).astype(np.int64)
+    def candidates(self, u: np.ndarray, v: np.ndarray, t: int, at=None) -> tuple[np.ndarray, ...]:
+        """For window pixels (u, v): the `t`-th best class at each corner of their source
+        cell [n, 4] (the better ones are the earlier rounds' candidates), and a bound on the
+        blend of every class not among the `t` best at a corner [n]: at each corner such a
+        class is at most the (t+1)-th best logit, so it blends to at most the blend of
+        those (plus rounding). `at`: the pixels' `_corners`, if known."""
+        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v) if at is None else at
+        rank = self.ranks[t - 1].reshape(-1)
+        classes = np.stack([rank[k] for k in (a, b, c, d)], 1).astype(np.int64)
         other = self.ranked[t].reshape(-1)
         with np.errstate(invalid="ignore"):
             t0 = other[a] * wx0[:, 0] + other[b] * wx1[:, 0]
@@ -506,13 +507,13 @@ class TileBlender:
         for start in range(0, ys.size, BLOCK_PIXELS):
             y, x = ys[start : start + BLOCK_PIXELS], xs[start : start + BLOCK_PIXELS]
             labels, proven = self._leaders(y, x, cover)
-            todo = np.flatnonzero(~proven)
+            todo, tried = np.flatnonzero(~proven), None
             for t in range(1, RANKS + 1):
                 if not todo.size:
                     break
-                found, proven = self._candidates(y[todo], x[todo], cover, t)
+                found, proven, tried = self._candidates(y[todo], x[todo], cover, t, tried)
                 labels[todo[proven]] = found[proven]
-                todo = todo[~proven]
+                todo, tried = todo[~proven], tuple(a[~proven] for a in tried)
             if todo.size:
                 labels[todo] = self._every(y[todo], x[todo], cover)
             out[start : start + BLOCK_PIXELS] = labels
@@ -582,30 +583,46 @@ class TileBlender:
                 yield h, idx, u, v, None if h.weights is None else h.weights[u, v]
 
     def _candidates(
-        self, y: np.ndarray, x: np.ndarray, cover, t: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, proven) for pixels (y, x) from the blends of their candidate classes
-        only: the `t` best at each corner of their cell in each covering window. Any other
-        class blends at most to `rest` (_Held.candidates); where the winner leads that by
-        more than rounding could change, it is the label. Plain float32 first; where two
-        candidates are that close, again with torch's operations, whose ties decide."""
+        self, y: np.ndarray, x: np.ndarray, cover, t: int, tried=None
+    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(labels, proven, (classes, blends)) for pixels (y, x) from the blends of their
+        candidate classes only: the `t` best at each corner of their cell in each covering
+        window. Any other class blends at most to `rest` (_Held.candidates); where the
+        winner leads that by more than rounding could change, it is the label. Plain
+        float32 first; where two candidates are that close, again with torch's operations,
+        whose ties decide. `tried`: the classes [n, k] and plain float32 blends of rounds
+        t - 1 and before for these pixels, which are not blended again (each class's blend
+        is computed alone: the same values bit for bit); only the `t`-th best at each
+        corner that they lack are blended."""
         inside = list(self._inside(y, x, cover))
+        at = [h._corners(u, v) for h, _, u, v, _ in inside]  # shared by both blends below
         seen = np.zeros(y.size, np.int64)
         for _, idx, _, _, _ in inside:
             seen[idx] += 1
-        width = 4 * t
-        classes = np.full((y.size, int(seen.max()) * width), -1, np.int64)
+        fresh = np.full((y.size, int(seen.max()) * 4), -1, np.int64)
         seen[:] = 0
         rest = np.zeros(y.size, F32)
         count = np.zeros(y.size, F32)
-        for h, idx, u, v, weight in inside:
-            found, other = h.candidates(u, v, t)
-            classes[idx[:, None], seen[idx, None] * width + np.arange(width)] = found
+        for (h, idx, u, v, weight), corners in zip(inside, at, strict=True):
+            found, other = h.candidates(u, v, t, corners)
+            fresh[idx[:, None], seen[idx, None] * 4 + np.arange(4)] = found
             seen[idx] += 1
             rest[idx] += other if weight is None else other * weight
             count[idx] += F32(1) if weight is None else weight
-        classes = distinct(classes)
-        labels, best, runner_up = self._blend(y, x, inside, classes, fused=False)
+        if tried is None:
+            classes = distinct(fresh)
+            total = self._totals(inside, classes, fused=False, at=at)
+        else:
+            old, old_total = tried
+            known = np.zeros((y.size, self.num_classes + 1), bool)  # last column: -1
+            rows = np.arange(y.size)[:, None]
+            known[rows, old] = True
+            fresh[known[rows, fresh]] = -1
+            fresh[:, 0] = np.where((fresh < 0).all(1), old[:, 0], fresh[:, 0])  # none new
+            fresh = distinct(fresh)
+            classes = np.concatenate([old, fresh], 1)
+            total = np.concatenate([old_total, self._totals(inside, fresh, fused=False, at=at)], 1)
+        labels, best, runner_up = self._pick(total, classes)
         tol = SURE_MARGIN * max(h.scale for h, *_ in inside)
         with np.errstate(invalid="ignore"):  # -inf rest (no other class): proven
             proven = best - rest / count > tol
@@ -613,7 +630,7 @@ class TileBlender:
         if close.size:  # candidates within rounding of each other: torch's ties decide
             sub = list(self._inside(y[close], x[close], [(h, None, None) for h, *_ in inside]))
             labels[close] = self._blend(y[close], x[close], sub, classes[close], fused=True)[0]
-        return labels, proven
+        return labels, proven, (classes, total)
 
     def _blend(self, y, x, inside, classes: np.ndarray, *, fused: bool):
         """(labels, best score, best score of another class) of pixels (y, x) over the
@@ -622,20 +639,28 @@ class TileBlender:
         _inside's tuples, or the cover to find them in)."""
         if inside and not isinstance(inside[0][1], np.ndarray):
             inside = list(self._inside(y, x, inside))
-        total = self._totals(inside, classes, fused=fused)
+        return self._pick(self._totals(inside, classes, fused=fused), classes)
+
+    def _pick(self, total: np.ndarray, classes: np.ndarray):
+        """(labels, best score, best score of another class) from the blends `total` [n, k]
+        of the `classes` [n, k]: the first maximum (the lowest id among equal blends)."""
         best = total.max(1)
         labels = np.where(total == best[:, None], classes, self.num_classes).min(1)
         runner_up = np.where(classes == labels[:, None], -np.inf, total).max(1)
         return labels, best, runner_up
 
-    def _totals(self, inside, classes: np.ndarray, *, fused: bool, every=False) -> np.ndarray:
+    def _totals(
+        self, inside, classes: np.ndarray, *, fused: bool, every=False, at=None
+    ) -> np.ndarray:
         """[n, k] blends of the `classes` [n, k] of the pixels of `inside` (_inside's
         tuples): added in grid order (MMSegmentation's), divided by their count or summed
-        weights. `every`: the classes are every class in order (_Held.values' fast path)."""
+        weights. `every`: the classes are every class in order (_Held.values' fast path).
+        `at`: each window's `_Held._corners` of its pixels, if known."""
         total = np.zeros(classes.shape, F32)
         count = np.zeros(len(classes), F32)
-        for h, idx, u, v, weight in inside:
-            value = h.values(u, v, None if every else classes[idx], fused=fused)
+        for i, (h, idx, u, v, weight) in enumerate(inside):
+            corners = None if at is None else at[i]
+            value = h.values(u, v, None if every else classes[idx], fused=fused, at=corners)
             total[idx] += value if weight is None else value * weight[:, None]
             count[idx] += F32(1) if weight is None else weight
         total /= count[:, None]
