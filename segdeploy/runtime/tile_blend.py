@@ -599,16 +599,17 @@ class TileBlender:
         seen = np.zeros(y.size, np.int64)
         for _, idx, _, _, _ in inside:
             seen[idx] += 1
-        fresh = np.full((y.size, int(seen.max()) * 4), -1, np.int64)
+        fresh = np.full((y.size, int(seen.max()), 4), -1, np.int64)  # [pixel, window, corner]
         seen[:] = 0
         rest = np.zeros(y.size, F32)
         count = np.zeros(y.size, F32)
         for (h, idx, u, v, weight), corners in zip(inside, at, strict=True):
             found, other = h.candidates(u, v, t, corners)
-            fresh[idx[:, None], seen[idx, None] * 4 + np.arange(4)] = found
+            fresh[idx, seen[idx]] = found
             seen[idx] += 1
             rest[idx] += other if weight is None else other * weight
             count[idx] += F32(1) if weight is None else weight
+        fresh = fresh.reshape(y.size, -1)
         if tried is None:
             classes = distinct(fresh)
             total = self._totals(inside, classes, fused=False, at=at)
