@@ -77,6 +77,20 @@ def processes_under(marker: str) -> list[str]:
     return found
 
 
+def environments_of(name: str) -> list[dict[str, str]]:
+    """The environments of live processes whose command line names `name`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if name.encode() not in (proc / "cmdline").read_bytes():
+                continue
+            pairs = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        found.append(dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p))
+    return found
+
+
 def wait_gone(marker: str, timeout_s: float = 20.0) -> list[str]:
     """Processes naming `marker` still alive after up to `timeout_s` (none, hopefully)."""
     deadline = time.monotonic() + timeout_s
