@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def _exit_without_teardown() -> None:
     if not _EXIT_STATUS:  # pytest did not finish a session: the usual exit
         return
+    logging.shutdown()  # registered before this handler (imported by pytest): would run after
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
