@@ -155,6 +155,13 @@ def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return (a.astype(F64) * b.astype(F64) + c.astype(F64)).astype(F32)
 
 
+def _bilinear(a, b, c, d, wx0, wx1, wy0, wy1) -> np.ndarray:
+    """Plain float32 blend of values at a cell's four corners (top-left, top-right,
+    bottom-left, bottom-right) along x then y: the bounds' arithmetic (lead bounds, the
+    bound on classes not ranked), one place so that every bound rounds alike."""
+    return (a * wx0 + b * wx1) * wy0 + (c * wx0 + d * wx1) * wy1
+
+
 def argmax0(values: np.ndarray, best: np.ndarray) -> np.ndarray:
     """argmax over axis 0 of [C, ...] given best = values.max(0): the first class that
     reaches it, as np.argmax (which copies the array to reduce a leading axis: 19 ms for
@@ -309,10 +316,7 @@ class _Held:
 
         def lead(q: np.ndarray, at: np.ndarray, w: tuple[np.ndarray, ...]) -> np.ndarray:
             """The blend (as _lead_at) of the corner leads of cells `at`'s class q."""
-            ga, gb, gc, gd = (flat[(q * 4 + i) * mixed.size + at] for i in range(4))
-            x0, x1, y0, y1 = w
-            top = ga * x0 + gb * x1
-            return top * y0 + (gc * x0 + gd * x1) * y1
+            return _bilinear(*(flat[(q * 4 + i) * mixed.size + at] for i in range(4)), *w)
 
         k = classes[near, pos]
         with np.errstate(invalid="ignore"):
@@ -335,11 +339,9 @@ class _Held:
 
     def _lead_at(self, corners: Sequence[np.ndarray], k: np.ndarray) -> np.ndarray:
         """`lead` for pixels whose `_corners` are already known."""
-        a, b, c, d, wx0, wx1, wy0, wy1 = corners
         with np.errstate(invalid="ignore"):
-            ga, gb, gc, gd = self._corner_leads((a, b, c, d), k)
-            top = ga * wx0[:, 0] + gb * wx1[:, 0]
-            return top * wy0[:, 0] + (gc * wx0[:, 0] + gd * wx1[:, 0]) * wy1[:, 0]
+            leads = self._corner_leads(corners[:4], k)
+            return _bilinear(*leads, *(w[:, 0] for w in corners[4:]))
 
     def _corner_leads(self, corners: Sequence[np.ndarray], k: np.ndarray) -> list[np.ndarray]:
         """k's logit minus the best logit of any other class, at each of `corners` (flat
@@ -392,14 +394,14 @@ class _Held:
         blend of every class not among the `t` best at a corner [n]: at each corner such a
         class is at most the (t+1)-th best logit, so it blends to at most the blend of
         those (plus rounding). `at`: the pixels' `_corners`, if known."""
-        a, b, c, d, wx0, wx1, wy0, wy1 = self._corners(u, v) if at is None else at
+        at = self._corners(u, v) if at is None else at
+        a, b, c, d = at[:4]
         rank = self.ranks[t - 1].reshape(-1)
         classes = np.stack([rank[k] for k in (a, b, c, d)], 1).astype(np.int64)
         other = self.ranked[t].reshape(-1)
         with np.errstate(invalid="ignore"):
-            t0 = other[a] * wx0[:, 0] + other[b] * wx1[:, 0]
-            t1 = other[c] * wx0[:, 0] + other[d] * wx1[:, 0]
-            return classes, t0 * wy0[:, 0] + t1 * wy1[:, 0]
+            rest = _bilinear(*(other[i] for i in (a, b, c, d)), *(w[:, 0] for w in at[4:]))
+            return classes, rest
 
 
 class TileBlender:
@@ -568,8 +570,7 @@ class TileBlender:
         close = np.flatnonzero(near.sum(1) > 1)
         if close.size:
             classes = distinct(np.where(near[close], every[close], -1))
-            sub = list(self._inside(y[close], x[close], [(h, None, None) for h, *_ in inside]))
-            labels[close] = self._blend(y[close], x[close], sub, classes, fused=True)[0]
+            labels[close] = self._blend(y[close], x[close], cover, classes, fused=True)[0]
         return labels
 
     def _inside(self, y: np.ndarray, x: np.ndarray, cover):
@@ -629,17 +630,14 @@ class TileBlender:
             proven = best - rest / count > tol
         close = np.flatnonzero(proven & ~(best - runner_up > tol))
         if close.size:  # candidates within rounding of each other: torch's ties decide
-            sub = list(self._inside(y[close], x[close], [(h, None, None) for h, *_ in inside]))
-            labels[close] = self._blend(y[close], x[close], sub, classes[close], fused=True)[0]
+            labels[close] = self._blend(y[close], x[close], cover, classes[close], fused=True)[0]
         return labels, proven, (classes, total)
 
-    def _blend(self, y, x, inside, classes: np.ndarray, *, fused: bool):
+    def _blend(self, y, x, cover, classes: np.ndarray, *, fused: bool):
         """(labels, best score, best score of another class) of pixels (y, x) over the
         `classes` [n, k] of each: the covering windows' resized logits, added in grid
-        order (MMSegmentation's), divided by their count or summed weights (`inside`:
-        _inside's tuples, or the cover to find them in)."""
-        if inside and not isinstance(inside[0][1], np.ndarray):
-            inside = list(self._inside(y, x, inside))
+        order (MMSegmentation's), divided by their count or summed weights."""
+        inside = list(self._inside(y, x, cover))
         return self._pick(self._totals(inside, classes, fused=fused), classes)
 
     def _pick(self, total: np.ndarray, classes: np.ndarray):
