@@ -64,6 +64,35 @@ def test_export_refuses_any_folder_of_the_model_but_onnx(tiny_model_dir, tmp_pat
     assert _export(model, "--output", model / "onnx", "--no-validate").exit_code == 0
 
 
+OPENVINO_EXPORT = {  # what `--quantize int8 --int8-engine openvino` adds to an export
+    "model_openvino_int8.xml": b"<net/>",
+    "model_openvino_int8.bin": b"weights",
+    "quantization_openvino_int8.json": b"{}",
+    "validation_openvino_int8.json": b"{}",
+}
+
+
+def test_export_again_over_an_openvino_int8_export(tiny_model_dir, tmp_path):
+    """The OpenVINO IR's weights (.bin) and its quantization report are export's own
+    files: exporting into that folder again keeps them (same fp32 graph), it does not
+    refuse the folder as someone else's."""
+    out = tmp_path / "onnx"
+    assert _export(tiny_model_dir, "--output", out, "--no-validate").exit_code == 0
+    for name, data in OPENVINO_EXPORT.items():
+        (out / name).write_bytes(data)
+    result = _export(tiny_model_dir, "--output", out, "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert {name: (out / name).read_bytes() for name in OPENVINO_EXPORT} == OPENVINO_EXPORT
+    assert "kept from the earlier export" in result.output
+
+
+def test_readding_a_dropped_openvino_graph_names_its_options():
+    from segdeploy.export.folder import readd_options
+
+    dropped = ["model_openvino_int8.bin", "model_openvino_int8.xml", "model_fp16.onnx"]
+    assert readd_options(dropped) == "--quantize int8 --int8-engine openvino --fp16"
+
+
 def test_export_to_the_working_folder_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep.txt").write_text("mine")

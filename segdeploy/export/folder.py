@@ -26,6 +26,7 @@ from segdeploy.errors import SegdeployError
 from segdeploy.folders import (
     COPIED_FILES,
     ONNX_SUBDIR,
+    OPENVINO_QUANTIZATION_REPORT,
     QUANTIZATION_REPORT,
     VARIANT_FILES,
     validation_report_name,
@@ -42,19 +43,23 @@ VARIANT_OPTIONS = {
     "int8": "--quantize int8",
     "fused": "--fuse-argmax",
     "fp16_fused": "--fp16 --fuse-argmax",
+    "openvino_int8": "--quantize int8 --int8-engine openvino",
 }
 
 
 def _graph_files() -> set[str]:
     graphs = set(VARIANT_FILES.values())
     external = {g + "_data" for g in graphs} | {g + ".data" for g in graphs}
-    return graphs | external
+    # An OpenVINO IR graph (.xml) keeps its weights beside it, in a .bin of the same stem.
+    weights = {str(Path(g).with_suffix(".bin")) for g in graphs if g.endswith(".xml")}
+    return graphs | external | weights
 
 
 def export_file_names() -> set[str]:
     """Every file name an export (or bench's cache, inside it) writes in its folder."""
     reports = {validation_report_name(g) for g in VARIANT_FILES.values()}
-    return _graph_files() | reports | set(COPIED_FILES) | {QUANTIZATION_REPORT}
+    quantization = {QUANTIZATION_REPORT, OPENVINO_QUANTIZATION_REPORT}
+    return _graph_files() | reports | set(COPIED_FILES) | quantization
 
 
 def foreign_entries(folder: Path) -> list[str]:
