@@ -32,7 +32,7 @@ DYNAMO_OPSET = 18
 AUTO_CLASS = "AutoModelForSemanticSegmentation"
 #: The exporter routes (segdeploy.export.routes), and what each is, as reports say it.
 ROUTES = {
-    "optimum": "Optimum's ONNX exporter (main_export) with the family's task",
+    "optimum": "Optimum's ONNX exporter (onnx_export_from_model) with the family's task",
     "optimum-custom": "Optimum's extension point: a custom OnnxConfig (optimum.exporters.onnx.export)",
     "torch-dynamo": "torch.onnx.export(dynamo=True): Optimum and TorchScript cannot export the family",
 }

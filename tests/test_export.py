@@ -138,7 +138,7 @@ def test_failed_export_keeps_the_previous_folder(tiny_model_dir, tmp_path, monke
     out.mkdir()
     (out / "model.onnx").write_bytes(b"previous export")
 
-    def half_export(model_dir, out_dir, *, opset):
+    def half_export(model_dir, out_dir, *, opset, rewrite):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 

@@ -220,12 +220,13 @@ def test_validation_fails_a_dynamic_graph_that_is_wrong_at_another_size(tmp_path
     why the registry exports MobileViT with fixed axes."""
     from dataclasses import replace
 
-    from segdeploy.export.routes import export_optimum
+    from segdeploy.export.routes import export_optimum, load_for_export
     from segdeploy.validate import validate_onnx
 
     model_dir = save_model_folder(tmp_path / "model", "mobilevit", "tiny")
     dynamic = replace(FAMILIES["mobilevit"], route="optimum", dynamic_spatial=True)
-    onnx_path = export_optimum(model_dir, tmp_path / "onnx", dynamic, 17, (SIDE, SIDE))
+    model = load_for_export(model_dir)
+    onnx_path = export_optimum(model, model_dir, tmp_path / "onnx", dynamic, 17, (SIDE, SIDE))
     report = validate_onnx(onnx_path, model_dir, random_inputs=2, write=False)
     assert report["failed_rules"] == ["second_size"], report["reason"]
     assert "at 100x132 (dynamic axes)" in report["rules"]["second_size"]["reason"]

@@ -96,6 +96,17 @@ _DEFAULTS = ExportSettings()  # segdeploy.export imports torch and optimum only 
     "in quantization_openvino_int8.json. Needs pip install 'segdeploy[openvino]'.",
 )
 @click.option(
+    "--rewrite/--no-rewrite",
+    default=_DEFAULTS.rewrite,
+    show_default=True,
+    help="Export after the family's exact rewrites: the same logits with less work in every "
+    "graph made (SegFormer: the decode head's 1x1 fuse convolution and batch norm folded "
+    "into each stage's projection before its upsampling, about 1.7x the images/s on CPU). "
+    "Validation compares the graphs with the unmodified PyTorch model either way; the "
+    "rewrites applied are named in validation.json. --no-rewrite: the model as "
+    "transformers defines it.",
+)
+@click.option(
     "--validate/--no-validate",
     default=_DEFAULTS.validate,
     show_default=True,
@@ -123,6 +134,7 @@ def export(
     calibration_images: int,
     max_drop: float | None,
     int8_engines: tuple[str, ...],
+    rewrite: bool,
     validate: bool,
     triton_repo: Path | None,
     **opts,
@@ -166,6 +178,7 @@ def export(
         calibration_images=calibration_images,
         max_drop=max_drop,
         int8_engines=tuple(dict.fromkeys(int8_engines)),
+        rewrite=rewrite,
         validate=validate,
         validation=settings_from(ValidationSettings, opts),
     )

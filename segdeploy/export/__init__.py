@@ -34,6 +34,7 @@ from segdeploy.export.checks import (
     check_quantize,
 )
 from segdeploy.export.folder import carry_over
+from segdeploy.export.rewrites import rewrites_for
 from segdeploy.export.routes import export_fp32, resolve_opset
 from segdeploy.export.variants import convert_fp16, optimize_graph
 from segdeploy.families import ROUTES, Family, family_of
@@ -82,6 +83,9 @@ class ExportSettings:
     #: Which int8 graphs: "onnxruntime" (model_int8.onnx, QDQ for onnxruntime) and/or
     #: "openvino" (model_openvino_int8.xml, NNCF's int8 as OpenVINO IR).
     int8_engines: tuple[str, ...] = ("onnxruntime",)
+    #: Export after the family's exact rewrites (segdeploy.export.rewrites: SegFormer's
+    #: decode head folded); False: the model as transformers defines it.
+    rewrite: bool = True
     #: Compare every graph written with the PyTorch model.
     validate: bool = True
     validation: ValidationSettings = field(default_factory=ValidationSettings)
@@ -145,14 +149,16 @@ def check_export(
     return model, settings
 
 
-def exporter_record(family: Family) -> dict[str, Any]:
-    """How the fp32 graph was made, for the reports: the family's route and its axes."""
+def exporter_record(family: Family, rewrite: bool = True) -> dict[str, Any]:
+    """How the fp32 graph was made, for the reports: the family's route, its axes and the
+    rewrites applied to the model before it was exported."""
     return {
         "family": family.name,
         "route": family.route,
         "route_means": ROUTES[family.route],
         "dynamic_spatial": family.dynamic_spatial,
         "fixed_size_why": family.fixed_size_why,
+        "rewrites": {r.name: r.what for r in rewrites_for(family.model_type)} if rewrite else {},
     }
 
 
@@ -229,7 +235,7 @@ def _export(
                 onnx_dir_name=output,
                 skip_unrunnable=("fp16",),
                 progress=progress,
-                extra={"exporter": exporter_record(family)},
+                extra={"exporter": exporter_record(family, settings.rewrite)},
             )
             result.reports = {variant: reports[path.name] for variant, path in built.items()}
             result.validation_seconds = time.perf_counter() - start
@@ -272,7 +278,7 @@ def _build(
     model: ModelFolder, family: Family, tmp: Path, output: Path, settings: ExportSettings
 ) -> dict[str, Path]:
     """Every graph the settings ask for, written in `tmp`; {variant: graph}."""
-    built = {"fp32": export_fp32(model.path, tmp, opset=settings.opset)}
+    built = {"fp32": export_fp32(model.path, tmp, opset=settings.opset, rewrite=settings.rewrite)}
     if settings.fp16:
         built["fp16"] = convert_fp16(built["fp32"], tmp / VARIANT_FILES["fp16"])
     if settings.optimize:

@@ -5,7 +5,9 @@ float32 and one output `logits` [batch, num_labels, h, w]; the batch axis is
 always dynamic, the spatial axes only where `Family.dynamic_spatial` says the
 graph is right at every size (otherwise they are fixed at `export_size()`).
 
-- "optimum": Optimum's `main_export` with the family's task, the supported path.
+- "optimum": Optimum's `onnx_export_from_model` with the family's task, the supported
+  path (what `main_export` calls once it has loaded the model; the model is loaded
+  here so that its rewrites apply).
 - "optimum-custom": Optimum's own extension point, a custom OnnxConfig passed as
   `custom_onnx_configs`. `main_export` cannot be used for it when Optimum knows the
   model type but not its segmentation task (mobilenet_v2: it refuses the task
@@ -14,6 +16,9 @@ graph is right at every size (otherwise they are fixed at `export_size()`).
 - "torch-dynamo": torch.onnx.export(dynamo=True) of a wrapper returning logits
   only, for families whose graph TorchScript cannot trace (BEiT/Data2VecVision
   and UPerNet: adaptive_avg_pool2d with a size that is not a divisor).
+
+Every route exports the model after its family's exact rewrites
+(segdeploy.export.rewrites) unless `rewrite=False`.
 """
 
 from __future__ import annotations
@@ -124,9 +129,11 @@ def export_fp32(
     *,
     opset: int | None = None,
     size: tuple[int, int] | None = None,
+    rewrite: bool = True,
 ) -> Path:
     """Write `out_dir/model.onnx` (plus config.json and preprocessor_config.json) by the
-    family's route; returns the graph's path. `size` overrides the traced size."""
+    family's route; returns the graph's path. `size` overrides the traced size;
+    `rewrite=False` exports the model without its family's rewrites."""
     from transformers import AutoConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -136,8 +143,9 @@ def export_fp32(
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _quiet_exporter():
+        model = load_for_export(model_dir, rewrite)
         path = ROUTES[family.route](
-            model_dir, out_dir, family, opset, size or export_size(config, model_dir)
+            model, model_dir, out_dir, family, opset, size or export_size(config, model_dir)
         )
     for name in COPIED_FILES:
         if not (out_dir / name).is_file() and (model_dir / name).is_file():
@@ -145,24 +153,38 @@ def export_fp32(
     return path
 
 
+def load_for_export(model_dir: str | os.PathLike, rewrite: bool = True):
+    """The saved model in eval mode, with its family's rewrites unless `rewrite` is False."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    from segdeploy.export.rewrites import apply_rewrites
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True)
+    model.eval()
+    if rewrite:
+        apply_rewrites(model)
+    return model
+
+
 def export_optimum(
-    model_dir: Path, out_dir: Path, family: Family, opset: int, size: tuple[int, int]
+    model, model_dir: Path, out_dir: Path, family: Family, opset: int, size: tuple[int, int]
 ) -> Path:
-    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.utils.save_utils import maybe_load_preprocessors
 
     if (
         not family.dynamic_spatial
-    ):  # no registered family needs it: main_export would fix the batch too
+    ):  # no registered family needs it: the exporter would fix the batch too
         raise ValueError(f"{family.name}: the optimum route writes dynamic spatial axes only")
     # do_validation=False: segdeploy validates on real images after the export.
-    main_export(
-        str(model_dir),
+    onnx_export_from_model(
+        model,
         output=out_dir,
         task=family.optimum_task,
         opset=opset,
         do_validation=False,
-        local_files_only=True,
         no_dynamic_axes=False,
+        preprocessors=maybe_load_preprocessors(str(model_dir)),
         height=size[0],
         width=size[1],
     )
@@ -190,17 +212,14 @@ def _segmentation_onnx_config(family: Family, dynamic_spatial: bool):
 
 
 def export_optimum_custom(
-    model_dir: Path, out_dir: Path, family: Family, opset: int, size: tuple[int, int]
+    model, model_dir: Path, out_dir: Path, family: Family, opset: int, size: tuple[int, int]
 ) -> Path:
     # optimum.exporters.onnx.export with our OnnxConfig, not onnx_export_from_model: for a
     # model type Optimum registers without this task (mobilenet_v2), both main_export and
     # onnx_export_from_model refuse the task ("doesn't support task semantic-segmentation
     # for the onnx backend") even when custom_onnx_configs is given.
     from optimum.exporters.onnx import export
-    from transformers import AutoModelForSemanticSegmentation
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True)
-    model.eval()
     onnx_config = _segmentation_onnx_config(family, family.dynamic_spatial)(
         model.config, task=family.optimum_task
     )
@@ -216,13 +235,11 @@ def export_optimum_custom(
 
 
 def export_torch_dynamo(
-    model_dir: Path, out_dir: Path, family: Family, opset: int, size: tuple[int, int]
+    model, model_dir: Path, out_dir: Path, family: Family, opset: int, size: tuple[int, int]
 ) -> Path:
     import torch
-    from transformers import AutoModelForSemanticSegmentation
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(model_dir, local_files_only=True)
-    wrapper = _logits_only(model.eval())
+    wrapper = _logits_only(model)
     # Batch 2, not 1: the exporter would specialise a traced dimension of 1.
     example = torch.randn(2, 3, *size)
     dims = {0: torch.export.Dim("batch_size", min=1, max=1024)}
@@ -270,7 +287,8 @@ def _graph(out_dir: Path) -> Path:
     return path
 
 
-ROUTES: dict[str, Callable[[Path, Path, Family, int, tuple[int, int]], Path]] = {
+#: route -> f(model, model_dir, out_dir, family, opset, size): the graph's path.
+ROUTES: dict[str, Callable[[object, Path, Path, Family, int, tuple[int, int]], Path]] = {
     "optimum": export_optimum,
     "optimum-custom": export_optimum_custom,
     "torch-dynamo": export_torch_dynamo,
