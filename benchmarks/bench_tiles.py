@@ -1,7 +1,7 @@
 """Sliding-window inference on large images (issue 25): speed, peak memory, batching.
 
 A random-init SegFormer b0 with 150 classes (ADE20K's count) at 512x512,
-exported by Optimum: the weights do not change the time, and random weights make
+exported as `segdeploy export` does: the weights do not change the time, and random weights make
 the most class borders, the blending's slow case. Large images are generated as
 tiled, zlib-compressed RGB TIFFs (smooth random colour fields with noise, written
 tile by tile), so `segdeploy infer --tile` reads them by window.

@@ -1,5 +1,7 @@
-"""A random-init SegFormer model folder exported by Optimum: the benchmarks' model when
-speed, not accuracy, is measured (the weights do not change the time)."""
+"""A random-init SegFormer model folder exported as `segdeploy export` exports it (Optimum,
+after segdeploy's exact rewrites): the benchmarks' model when speed, not accuracy, is
+measured (the weights do not change the time). Results committed before 2026-12-07
+17:10 UTC were measured on Optimum's graph without the rewrite (the decode head unfolded)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ def random_segformer(
     """`scratch:<size>` with seed-0 weights saved in `model_dir`, its processor at
     `image_size`, exported at opset 17 into `onnx_dir` (returned)."""
     import torch
-    from optimum.exporters.onnx import main_export
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
+    from segdeploy.export.routes import export_fp32
     from segdeploy.train.models import scratch_config
 
     torch.manual_seed(0)
@@ -23,5 +25,5 @@ def random_segformer(
     SegformerImageProcessor(
         size={"height": image_size, "width": image_size}, do_reduce_labels=False
     ).save_pretrained(model_dir)
-    main_export(str(model_dir), output=onnx_dir, task="semantic-segmentation", opset=17)
+    export_fp32(model_dir, onnx_dir, opset=17)
     return onnx_dir
