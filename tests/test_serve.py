@@ -377,6 +377,14 @@ def test_the_serve_controller_runs_with_segdeploys_settings(url):
         assert env.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
 
 
+def test_one_replica_serves_http_and_the_model_in_one_deployment(url):
+    """No front end hop with one replica: Serve's proxy reaches the model's process."""
+    from ray import serve
+
+    (app,) = serve.status().applications.values()
+    assert set(app.deployments) == {"service"}
+
+
 def test_the_callers_environment_wins_over_the_controllers_defaults(monkeypatch):
     name = next(iter(CONTROLLER_ENV))
     monkeypatch.delenv(name, raising=False)

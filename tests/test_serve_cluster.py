@@ -22,6 +22,7 @@ from segdeploy.serve.settings import ServeSettings  # noqa: E402
 def test_replicas_on_both_nodes_answer(tiny_onnx_dir):
     os.environ.update(LOOPBACK_ENV)  # before Ray is imported in this process
     import ray
+    from ray import serve
     from ray.cluster_utils import Cluster
 
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
@@ -44,6 +45,9 @@ def test_replicas_on_both_nodes_answer(tiny_onnx_dir):
                 assert len(nodes) == 2
                 assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
                 seen = _nodes_answering(running.url, rounds=10)
+                # More than one replica: the front end keeps the service's metrics and queue.
+                (app,) = serve.status().applications.values()
+                assert set(app.deployments) == {"frontend", "model"}
             assert seen == nodes
         finally:
             cluster.shutdown()

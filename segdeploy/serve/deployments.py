@@ -1,13 +1,19 @@
-"""The two Ray Serve deployments of `segdeploy serve`.
+"""The Ray Serve deployments of `segdeploy serve`, in one of two shapes.
 
-- `Frontend` (one replica, no CPU reserved): the HTTP API (`app.build_app`), its
-  metrics and the bounded queue. One replica sees every request, so its counters
-  are the service's and `--max-queue` bounds the whole service.
-- `ModelReplica` (`--replicas N` or MIN-MAX, autoscaled): one Segmenter each
-  (`model.ReplicaModel`), decoding, batching, upsampling and encoding the
-  requests the front end hands it. The CPU work is here, so it spreads over the
-  cluster's nodes with the replicas. Requests that arrive together share one
-  model call (`batching.Batcher`); with a GPU provider each replica holds one GPU.
+- One replica (`--replicas 1`, the default): `Standalone`, the HTTP API
+  (`app.build_app`), its metrics, the bounded queue and the model in one replica.
+  A request goes from Serve's HTTP proxy straight to the process that segments it.
+- More (`--replicas N` or MIN-MAX, autoscaled): `Frontend` (one replica, no CPU
+  reserved) holds the HTTP API, its metrics and the bounded queue, so that its
+  counters are the service's and `--max-queue` bounds the whole service; it hands
+  each request to a `ModelReplica` through a deployment handle.
+
+`ModelReplica` is one Segmenter each (`model.ReplicaModel`), decoding, batching,
+upsampling and encoding the requests. Requests that arrive together share one
+model call (`batching.Batcher`); with a GPU provider each replica holds one GPU.
+The handle's hop costs every request a round trip between two processes and the
+front end's CPU: on 2 cores (AVX2 EPYC, CamVid b0 int8) ... (measured in
+benchmarks/results/serve_cpu.md), which is why one replica is served without it.
 
 Imported only once the serve extra is known to be there (it imports Ray Serve).
 """
@@ -26,7 +32,7 @@ from segdeploy.serve.settings import ServeSettings
 
 
 class ModelReplica:
-    """One Segmenter behind Ray Serve."""
+    """One Segmenter behind Ray Serve; also `app.Backend` itself, for `Standalone`."""
 
     def __init__(self, model_kwargs: dict, max_batch_size: int, batch_wait_s: float):
         self.model = ReplicaModel(batch_size=max_batch_size, **model_kwargs)
@@ -60,12 +66,10 @@ class HandleBackend:
         return await self.handle.segment.remote(job)
 
 
-@serve.ingress()
-class Frontend:
-    """The HTTP API, in one replica."""
+class _HttpApi:
+    """What the service's driver asks of the replica that holds the HTTP API."""
 
-    def __init__(self, model, info: ServiceInfo, settings: ServeSettings):
-        self._app = build_app(HandleBackend(model), info, settings)
+    _app = None
 
     def __serve_build_asgi_app__(self):
         return self._app
@@ -79,6 +83,32 @@ class Frontend:
         return await self._app.state.service.gate.drain(timeout_s)
 
 
+@serve.ingress()
+class Frontend(_HttpApi):
+    """The HTTP API, in one replica, over the model replicas' deployment."""
+
+    def __init__(self, model, info: ServiceInfo, settings: ServeSettings):
+        self._app = build_app(HandleBackend(model), info, settings)
+
+
+@serve.ingress()
+class Standalone(_HttpApi):
+    """The HTTP API and the model in one replica: no hop between them."""
+
+    def __init__(self, model_kwargs: dict, info: ServiceInfo, settings: ServeSettings):
+        replica = ModelReplica(model_kwargs, settings.max_batch_size, settings.batch_wait_ms / 1e3)
+        self._app = build_app(replica, info, settings)
+
+
+def _api_options(settings: ServeSettings) -> dict:
+    # Room for every request --max-queue lets in, and for /metrics and health probes
+    # beside them; the proxy's own queue is bounded too, past that.
+    return {
+        "max_ongoing_requests": settings.max_queue + 16,
+        "max_queued_requests": settings.max_queue,
+    }
+
+
 def application(
     settings: ServeSettings,
     info: ServiceInfo,
@@ -88,7 +118,20 @@ def application(
     num_cpus: float,
     num_gpus: float,
 ):
-    """The bound Ray Serve application: the front end over the model replicas."""
+    """The bound Ray Serve application: `Standalone` for one replica, else the front end
+    over the model replicas."""
+    resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if replicas == (1, 1):
+        return (
+            serve.deployment(Standalone)
+            .options(
+                name="service",
+                num_replicas=1,
+                ray_actor_options=resources,
+                **_api_options(settings),
+            )
+            .bind(model_kwargs, info, settings)
+        )
     lo, hi = replicas
     scaling = (
         {"num_replicas": lo}
@@ -104,7 +147,7 @@ def application(
     )
     model = serve.deployment(ModelReplica).options(
         name="model",
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        ray_actor_options=resources,
         # Every request the front end lets into the service (--max-queue, which bounds
         # memory): the Batcher queues them. A smaller bound makes the replica reject
         # requests that Ray's router then retries with backoff: with 2x the batch (8),
@@ -114,13 +157,7 @@ def application(
         **scaling,
     )
     front = serve.deployment(Frontend).options(
-        name="frontend",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
-        # Room for every request --max-queue lets in, and for /metrics and health probes
-        # beside them; the proxy's own queue is bounded too, past that.
-        max_ongoing_requests=settings.max_queue + 16,
-        max_queued_requests=settings.max_queue,
+        name="frontend", num_replicas=1, ray_actor_options={"num_cpus": 0}, **_api_options(settings)
     )
     batch_wait_s = settings.batch_wait_ms / 1e3
     return front.bind(
