@@ -8,7 +8,8 @@ and Ray Data (runtime/ray_engine.py):
   the same as `segdeploy infer`'s;
 - `protocol`: the Open Inference Protocol (KServe v2) codec;
 - `app`: the HTTP API (FastAPI), `metrics` (Prometheus), `page` (GET /);
-- `deployments`: the Ray Serve deployments (front end, model replicas);
+- `deployments`: the Ray Serve deployments (one replica: the API and the model in it;
+  more: a front end over the model replicas);
 - `service`: start, run, drain and stop.
 
 Imports neither torch nor transformers; Ray, FastAPI and prometheus_client come with

@@ -1,4 +1,4 @@
-"""The service's HTTP API (FastAPI): what the front end replica answers.
+"""The service's HTTP API (FastAPI): what the replica that holds the API answers.
 
 - `POST /v1/segment`: an image file (raw body, or multipart `file=`) -> its label PNG;
   `Accept: application/json` -> the mask and class shares as JSON; `?overlay=1` ->
@@ -86,7 +86,7 @@ class ApiError(Exception):
 class Gate:
     """Bounds the segmentation requests in the service (`--max-queue`) and drains them.
 
-    Every handler runs on the front end's one event loop, so a plain counter is exact.
+    Every handler runs on one event loop (the API replica's), so a plain counter is exact.
     """
 
     def __init__(self, limit: int, metrics: ServiceMetrics):
@@ -281,7 +281,7 @@ class Service:
 
 
 def build_app(backend: Backend, info: ServiceInfo, settings: ServeSettings):
-    """The FastAPI app of one front end replica."""
+    """The FastAPI app of the replica that holds the API (`deployments`)."""
     service = Service(backend, info, settings)
     app = FastAPI(
         title=f"segdeploy serve: {info.name}",

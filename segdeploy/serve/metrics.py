@@ -1,4 +1,4 @@
-"""The service's Prometheus metrics, kept by the front end (one replica sees every request).
+"""The service's Prometheus metrics, kept by the replica that holds the API (it sees every request).
 
 A registry of its own, not prometheus_client's process-wide default: two services
 in one process (tests) must not share counters.

@@ -204,7 +204,7 @@ def serving(settings: ServeSettings, *, verbose: bool = False) -> Iterator[Runni
 
 
 def _stop(serve, app_name: str, owned: bool) -> None:
-    """Drain the front end, then remove the app (and Serve itself when we started it)."""
+    """Drain the API replica, then remove the app (and Serve itself when we started it)."""
     with contextlib.suppress(Exception):
         handle = serve.get_app_handle(app_name)
         left = handle.drain.remote(DRAIN_TIMEOUT_S).result(timeout_s=DRAIN_TIMEOUT_S + 10)
