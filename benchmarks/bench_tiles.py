@@ -350,7 +350,7 @@ def main(argv=None) -> int:
         "machine_info": machine,
         "versions": package_versions(),
         "command": "python benchmarks/bench_tiles.py " + " ".join(argv or sys.argv[1:]),
-        "model": f"SegFormer b0, random init, {CLASSES} classes, {TILE}x{TILE}, ONNX fp32 (Optimum, opset 17)",
+        "model": f"SegFormer b0, random init, {CLASSES} classes, {TILE}x{TILE}, ONNX fp32 as segdeploy export writes it (opset 17; exports before 535f9bd: without the decode-head fold)",
         "tile": TILE,
         "stride": STRIDE,
         "runs": {"sizes": sizes_run, "batching": today},
