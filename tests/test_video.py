@@ -203,6 +203,34 @@ def test_rgb_coded_frames_are_passed_unconverted(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(got, source, strict=True)), name
 
 
+def test_a_clips_frames_share_one_swscale_context_and_convert_as_to_ndarray(tmp_path):
+    """read_frames keeps one VideoReformatter for a clip (its swscale context is made once,
+    not per frame), and it converts each frame as PyAV's own to_ndarray("rgb24") does,
+    also when it meets frames of other sizes, formats, matrices and ranges."""
+    from segdeploy.runtime.video import upright_rgb
+
+    clip = write_clip(tmp_path / "drive.mp4", scenes(4, (36, 50)))
+    frames = list(read_frames(str(clip), FrameChoice(), convert=False))
+    assert len({id(f.decoded[2]) for f in frames}) == 1
+    converter = frames[0].decoded[2]
+    assert [f.convert().rgb.tolist() for f in frames] == [x.tolist() for x in decoded_frames(clip)]
+    rng = np.random.default_rng(0)
+    for (h, w), fmt, space, full in [
+        ((36, 48), "yuv420p", "ITU709", False),
+        ((35, 49), "yuv444p", "ITU601", True),
+        ((20, 30), "yuv420p", None, True),
+    ]:
+        frame = av.VideoFrame(w, h, fmt)
+        for plane in frame.planes:
+            plane.update(rng.integers(0, 256, plane.buffer_size, dtype=np.uint8).tobytes())
+        if space:
+            frame.colorspace = getattr(av.video.reformatter.Colorspace, space)
+        if full:
+            frame.color_range = av.video.reformatter.ColorRange.JPEG
+        want = frame.to_ndarray(format="rgb24")
+        assert np.array_equal(upright_rgb(frame, 0, converter), want), (h, w, fmt, space)
+
+
 # -- which frames ---------------------------------------------------------------------------
 
 
