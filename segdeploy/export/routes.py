@@ -134,19 +134,15 @@ def export_fp32(
     """Write `out_dir/model.onnx` (plus config.json and preprocessor_config.json) by the
     family's route; returns the graph's path. `size` overrides the traced size;
     `rewrite=False` exports the model without its family's rewrites."""
-    from transformers import AutoConfig
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     family = family_of(model_dir)  # before transformers: a one-line refusal, not a traceback
     opset = resolve_opset(family, opset)
     check_opset(family, opset)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _quiet_exporter():
         model = load_for_export(model_dir, rewrite)
-        path = ROUTES[family.route](
-            model, model_dir, out_dir, family, opset, size or export_size(config, model_dir)
-        )
+        size = size or export_size(model.config, model_dir)
+        path = ROUTES[family.route](model, model_dir, out_dir, family, opset, size)
     for name in COPIED_FILES:
         if not (out_dir / name).is_file() and (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)

@@ -162,21 +162,16 @@ def _rotation(frame) -> int:
     return int(round(angle / 90.0)) * 90 % 360
 
 
-def upright_rgb(frame, rotation: int, reformatter=None) -> np.ndarray:
+def upright_rgb(frame, rotation: int, reformatter) -> np.ndarray:
     """The frame as H x W x 3 uint8 RGB (PIXEL_CONVERSION), turned upright.
 
     `reformatter`: a PyAV VideoReformatter kept for all the frames of a clip (`read_frames`
-    makes one), so that its libswscale context is made once, not per frame; None makes a
-    new one, as `frame.to_ndarray(format="rgb24")` does. The same call as that one (same
-    matrix, range and interpolation: the pixels are equal), on one swscale thread: by
-    default swscale starts a thread per core for each new context, so every frame of a
-    clip started and stopped threads beside the conversion thread (3-8 context switches a
-    frame); measured on CamVid's 480x360 H.264 frames, 0.11 ms a frame against 0.19-0.22,
-    and no context switch (2-core AVX2 EPYC)."""
-    if reformatter is None:
-        from av.video.reformatter import VideoReformatter
-
-        reformatter = VideoReformatter()
+    makes one), so that its libswscale context is made once, not per frame. The same call
+    as `frame.to_ndarray(format="rgb24")` (same matrix, range and interpolation: the
+    pixels are equal), on one swscale thread: by default swscale starts a thread per core
+    for each new context, so every frame of a clip started and stopped threads beside the
+    conversion thread (3-8 context switches a frame); measured on CamVid's 480x360 H.264
+    frames, 0.11 ms a frame against 0.19-0.22, and no context switch (2-core AVX2 EPYC)."""
     rgb = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
     if rotation:
         # FFmpeg's angle is counterclockwise, as np.rot90's k is.
