@@ -235,6 +235,33 @@ def test_lead_bound_is_k_minus_the_best_other_class_at_each_corner():
         assert np.array_equal(got, want, equal_nan=True), k
 
 
+def test_rest_bound_is_the_best_class_outside_the_candidates_at_each_corner():
+    """_Held.rest with two candidate classes a pixel (any two: `known` 0) walks down each
+    corner's ranks past the classes taken, so with RANKS >= 2 it reaches the best class
+    outside them at every corner: the bound equals, in the same float32 steps, the blend
+    of those corners' best logits outside the pair, whether the pair holds the corner's
+    best, its second, both or neither."""
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(6, 8, 8)).astype(np.float32)
+    held = _Held(Grid.over(32, 32, (32, 32), (32, 32)).window(0, 0), logits, (32, 32), None)
+    u, v = (a.reshape(-1) for a in np.mgrid[:32, :32])
+    i0, i1, wy0, wy1 = (a[u] for a in held.ry)
+    j0, j1, wx0, wx1 = (a[v] for a in held.rx)
+    first, second = held.ranks[0][i0, j0], held.ranks[1][i0, j0]
+    pick = np.arange(u.size) % 4  # the top-left corner's best, second, both, neither
+    pair = np.stack([np.where(pick % 2 == 0, first, (first + 1) % 6), second], 1)
+    pair[pick == 3] = np.stack([(second + 1) % 6, (second + 2) % 6], 1)[pick == 3]
+    outside = np.ones((u.size, 6), bool)
+    outside[np.arange(u.size)[:, None], pair] = False
+    corner = [logits[:, i, j].T for i, j in ((i0, j0), (i0, j1), (i1, j0), (i1, j1))]
+    best = [np.where(outside, c, -np.inf).max(1) for c in corner]
+    want = (best[0] * wx0 + best[1] * wx1) * wy0 + (best[2] * wx0 + best[3] * wx1) * wy1
+    got = held.rest(held._corners(u, v), 0, pair)
+    assert np.array_equal(got, want)
+    taken = [(pair == held.ranks[r][i0, j0][:, None]).any(1) for r in (0, 1)]
+    assert all((t0 & t1).any() and (t0 & ~t1).any() and (~t0 & t1).any() for t0, t1 in [taken])
+
+
 def test_every_class_values_equal_the_indexed_ones():
     """_Held.values over every class (classes=None: one pass per class plane, what
     TileBlender._every uses) equals the same classes given as indices, bit for bit, in
