@@ -18,7 +18,7 @@ from mmseg_reference import linear_model, mmseg_slide, photo, prepare
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime import tile_blend
 from segdeploy.runtime.large_image import ArraySource
-from segdeploy.runtime.tile_blend import Grid, TileBlender, _Held, argmax0, ranked
+from segdeploy.runtime.tile_blend import RANKS, Grid, TileBlender, _Held, argmax0, ranked
 from segdeploy.runtime.tiles import (
     TileOptions,
     TilePlan,
@@ -180,7 +180,7 @@ def test_later_candidate_rounds_reuse_the_earlier_blends(monkeypatch, blend):
     """Round t of TileBlender._candidates blends only the t-th best classes that rounds
     before it lacked and reuses their blends of the others: the labels still equal
     MMSegmentation's where windows disagree and the pixels need a second round, which
-    proves some pixels with the reused blends."""
+    proves some pixels with the reused blends, and so does the last (RANKS-th)."""
     proven = {}
     real = TileBlender._candidates
 
@@ -199,7 +199,7 @@ def test_later_candidate_rounds_reuse_the_earlier_blends(monkeypatch, blend):
     ours = tiled(image, run, 12, TilePlan((32, 32), (21, 21), blend))
     weights = gaussian_weights if blend == "gaussian" else None
     assert (ours == mmseg_slide(image, run, 12, (32, 32), (21, 21), weights)).all()
-    assert proven.get(2, 0) > 0
+    assert proven.get(2, 0) > 0 and proven.get(RANKS, 0) > 0, proven
 
 
 @pytest.mark.parametrize("classes", [1, 3, 150, 256, 257, 300])

@@ -69,8 +69,10 @@ SURE_MARGIN = 2.0**-12
 #: Pixels blended at once where windows or classes meet (bounds the temporaries).
 BLOCK_PIXELS = 1 << 14
 #: Classes ranked per source pixel: the candidates tried before every class
-#: (TileBlender._exact).
-RANKS = 2
+#: (TileBlender._exact). 3, not 2: 7,010 pixels reach every class instead of 30,119 in
+#: the 2048^2 replay (150 classes, random weights), blending 0.94x the CPU (median of 8
+#: in-process interleaved pairs) though each window ranks one class more.
+RANKS = 3
 #: Pixels ranked at once (ranked): 150 classes of 8192 pixels are 4.9 MB, measured
 #: 1.3x faster than a whole 128 x 128 window's logits (2-core AVX2 EPYC).
 RANK_PIXELS = 8192
