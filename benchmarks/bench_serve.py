@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import datetime
 import json
 import os
@@ -49,7 +48,7 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+from tree_memory import TreeMemory, tree_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,40 +97,6 @@ def shown_path(path: Path) -> str:
     return "/".join(parts[parts.index("data") :]) if "data" in parts else str(path)
 
 
-def tree_rss_mib(pid: int) -> float:
-    """RSS of a process and all its descendants (a Ray's raylet, workers...), MiB."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total / 2**20
-
-
-class PeakRss:
-    """Samples a process tree's RSS every 0.25 s while in the block."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.25):
-            self.peak = max(self.peak, tree_rss_mib(self.pid))
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def replica_segmenter(model: Path, variant: str, threads: int):
     """A Segmenter opened as a serve replica opens its own (serve.model.ReplicaModel)."""
     from segdeploy.runtime.segmenter import Segmenter
@@ -161,11 +126,11 @@ def run_infer(model: Path, variant: str, folder: Path, out: Path) -> tuple[float
     cmd = [sys.executable, "-m", "segdeploy", "-q", "infer", "--model", str(model)]
     cmd += ["--variant", variant]
     proc = subprocess.Popen([*cmd, str(folder), "-o", str(out)], cwd=out.parent)
-    with PeakRss(proc.pid) as rss:
+    with TreeMemory(proc.pid, interval=0.25) as rss:
         if proc.wait() != 0:
             raise SystemExit("segdeploy infer failed")
     summary = json.loads((out / "summary.json").read_text())
-    return summary["totals"]["images_per_s"], rss.peak
+    return summary["totals"]["images_per_s"], rss.peak_mib
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
@@ -263,7 +228,7 @@ def bench_serve(args, photos: list[bytes], variant: str) -> dict:
         load(f"{base}/v1/segment", photos, 4, 16)  # warm-up: sessions, threads, connections
         warm = tree_rss_mib(proc.pid)
         rows = []
-        with PeakRss(proc.pid) as peak:
+        with TreeMemory(proc.pid, interval=0.25) as peak:
             for c in CLIENTS:
                 if c == 1:
                     in_process.append(in_process_ms(seg, args.files))
@@ -294,7 +259,7 @@ def bench_serve(args, photos: list[bytes], variant: str) -> dict:
         "replica_timings_ms": timings,
         "rss_mib": {
             "after_warm_up": round(warm, 1),
-            "peak": round(peak.peak, 1),
+            "peak": round(peak.peak_mib, 1),
             "after_load": round(after_load, 1),
         },
     }
@@ -337,7 +302,7 @@ def bench_handwritten(args, photos: list[bytes]) -> dict:
         wait_ready(proc, f"{base}/health")
         load(f"{base}/segment", photos, 4, 8)  # warm-up
         rows = []
-        with PeakRss(proc.pid) as peak:
+        with TreeMemory(proc.pid, interval=0.25) as peak:
             for c in CLIENTS:
                 row = load(f"{base}/segment", photos, c, max(c * 2, REQUESTS[c] // 3))
                 del row["latencies_ms"]
@@ -345,7 +310,7 @@ def bench_handwritten(args, photos: list[bytes]) -> dict:
                 print(f"  hand-written {row}", flush=True)
     finally:
         stop(proc)
-    return {"loads": rows, "rss_mib": {"peak": round(peak.peak, 1)}}
+    return {"loads": rows, "rss_mib": {"peak": round(peak.peak_mib, 1)}}
 
 
 def one_round(args, photos: list[bytes], folder: Path, work: Path, r: int) -> dict:

@@ -38,7 +38,6 @@ Writes benchmarks/results/video_cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -49,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tree_memory import SAMPLE_S, TreeMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
@@ -129,62 +130,6 @@ _RSS = (
     "print('RSS_KB', next(int(x.split()[1]) for x in open('/proc/self/status') "
     "if x.startswith('VmHWM')))"
 )
-#: Seconds between two looks at the run's process tree (see TreeMemory).
-SAMPLE_S = 0.05
-
-
-class TreeMemory:
-    """Peak memory of a process and all its descendants (the pipeline's fork server and
-    workers, the plot process, the resource tracker), read from /proc every SAMPLE_S:
-    the largest sum of their RSS seen at one look, and the sum of each process's own
-    peak (VmHWM, kept by the kernel, so no peak falls between two looks; an upper
-    bound, the processes' peaks need not coincide). RSS counts the pages a forked
-    process shares with its parent in both: both figures over-count, alike for a short
-    and a long clip."""
-
-    def __init__(self, pid: int):
-        import threading
-
-        self.pid, self.peak_kb, self.hwm_kb = pid, 0, {}
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _tree(self) -> list[int]:
-        pids, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            pids.append(pid)
-            for task in Path(f"/proc/{pid}/task").glob("*/children"):
-                with contextlib.suppress(OSError):  # the thread or process ended meanwhile
-                    todo += [int(c) for c in task.read_text().split()]
-        return pids
-
-    def _look(self) -> None:
-        now = 0
-        for pid in self._tree():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text().splitlines()
-            except OSError:
-                continue
-            kb = {k: int(v.split()[0]) for k, _, v in (x.partition(":") for x in status)
-                  if k in ("VmRSS", "VmHWM")}  # fmt: skip
-            now += kb.get("VmRSS", 0)
-            self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), kb.get("VmHWM", 0))
-        self.peak_kb = max(self.peak_kb, now)
-
-    def _watch(self) -> None:
-        while not self._done.wait(SAMPLE_S):
-            self._look()
-
-    def stop(self) -> dict:
-        self._done.set()
-        self._thread.join()
-        return {
-            "tree_peak_kb": self.peak_kb,
-            "tree_hwm_sum_kb": sum(self.hwm_kb.values()),
-            "processes": len(self.hwm_kb),
-        }
 
 
 def infer(model: Path, src: Path, out: Path, *extra: str, tree: bool = False) -> dict:
