@@ -256,7 +256,7 @@ def test_rest_bound_is_the_best_class_outside_the_candidates_at_each_corner():
     corner = [logits[:, i, j].T for i, j in ((i0, j0), (i0, j1), (i1, j0), (i1, j1))]
     best = [np.where(outside, c, -np.inf).max(1) for c in corner]
     want = (best[0] * wx0 + best[1] * wx1) * wy0 + (best[2] * wx0 + best[3] * wx1) * wy1
-    got = held.rest(held._corners(u, v), 0, pair)
+    got = held.rest(held._corners(u, v), 0, ~outside.reshape(-1), np.arange(u.size) * 6)
     assert np.array_equal(got, want)
     taken = [(pair == held.ranks[r][i0, j0][:, None]).any(1) for r in (0, 1)]
     assert all((t0 & t1).any() and (t0 & ~t1).any() and (~t0 & t1).any() for t0, t1 in [taken])

@@ -396,25 +396,25 @@ class _Held:
         rank = self.ranks[t - 1].reshape(-1)
         return np.stack([rank[k] for k in at[:4]], 1).astype(np.int64)
 
-    def rest(self, at: Sequence[np.ndarray], known: int, classes: np.ndarray) -> np.ndarray:
-        """A bound on the blend of every class not among the `classes` [n, k] of pixels whose
-        `_corners` are `at`, where those hold the `known` best at each corner (0: maybe
-        none): at each corner such a class is at most the best logit of a class outside
-        them, which is the (known+1)-th best, or the next where that class is among them
-        too (and so on, as far as the ranks go); so it blends to at most the blend of those
-        (plus rounding). Walking past the classes taken matters: where windows disagree,
-        the two leaders are mostly each other's runner-up, and bounding by the class below
-        it let the first candidate round prove 262,000 pixels instead of 192,000 (2048^2
-        replay, 150 classes, random weights): half as many reached the second round."""
-        columns = classes.T.astype(self.ranks.dtype)  # few: compared one at a time (_pick)
+    def rest(
+        self, at: Sequence[np.ndarray], known: int, taken: np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        """A bound on the blend of every class outside the pixels' candidates, for pixels
+        whose `_corners` are `at` and whose candidates hold the `known` best at each corner
+        (0: maybe none). `taken` (bool, flat) marks each pixel's candidates: class c of
+        pixel i at rows[i] + c (a table of the block's pixels, shared by its windows). At each
+        corner such a class is at most the best logit of a class outside them, which is
+        the (known+1)-th best, or the next where that class is taken too (and so on, as
+        far as the ranks go); so it blends to at most the blend of those (plus rounding).
+        Walking past the classes taken matters: where windows disagree, the two leaders
+        are mostly each other's runner-up, and bounding by the class below it let the
+        first candidate round prove 262,000 pixels instead of 192,000 (2048^2 replay, 150
+        classes, random weights): half as many reached the second round."""
         bound = []
         for i in at[:4]:
             value, walking = self.ranked[known].reshape(-1)[i], np.ones(len(i), bool)
             for j in range(known, RANKS):
-                at_corner, taken = self.ranks[j].reshape(-1)[i], np.zeros(len(i), bool)
-                for column in columns:
-                    taken |= at_corner == column
-                walking &= taken
+                walking &= taken[rows + self.ranks[j].reshape(-1)[i]]
                 value = np.where(walking, self.ranked[j + 1].reshape(-1)[i], value)
             bound.append(value)
         with np.errstate(invalid="ignore"):
@@ -638,9 +638,11 @@ class TileBlender:
             fresh = distinct(fresh)
             classes = np.concatenate([old, fresh], 1)
             total = np.concatenate([old_total, self._totals(inside, fresh, fused=False, at=at)], 1)
+        taken = np.zeros((y.size, self.num_classes), bool)
+        taken[np.arange(y.size)[:, None], classes] = True
         rest = np.zeros(y.size, F32)
         for (h, idx, _, _, weight), corners in zip(inside, at, strict=True):
-            other = h.rest(corners, t, classes[idx])
+            other = h.rest(corners, t, taken.reshape(-1), idx * self.num_classes)
             rest[idx] += other if weight is None else other * weight
         labels, best, runner_up = self._pick(total, classes)
         tol = SURE_MARGIN * max(h.scale for h, *_ in inside)
