@@ -452,3 +452,33 @@ def test_padded_windows_equal_the_model_on_the_padded_tile():
     x[0, :, :20, :27] = prepare(image)
     logits = F.interpolate(torch.from_numpy(run(x)), (32, 32), mode="bilinear", align_corners=False)
     assert (ours == logits[0, :, :20, :27].argmax(0).numpy()).all()
+
+
+def test_stage_times_are_the_helpers_cpu_and_the_models_wall_time():
+    """predict_bands' stages: reading, preparing and blending on the helper thread count
+    its CPU time (a source that waits 50 ms per window row adds no CPU), the model and
+    the wait for the helper count wall time (a model that sleeps 40 ms per call: all of
+    it), as the run's stage table says ("model: wall time, others: CPU time")."""
+    import time
+
+    class SlowSource(ArraySource):
+        def rows(self, y0, y1):
+            time.sleep(0.05)
+            return super().rows(y0, y1)
+
+    run = linear_model(4, 4)
+
+    def sleepy(x):
+        time.sleep(0.04)
+        return run(x)
+
+    image = photo(80, 96, seed=6)
+    plan = TilePlan((32, 32), (16, 16), "mean")
+    stages = {}
+    model = WindowModel(prepare, sleepy, 4)
+    bands = list(predict_bands(SlowSource(image), model, plan, 1, stages))
+    calls, rows = len(plan.grid(80, 96)), len(plan.grid(80, 96).ys)
+    assert sum(len(b) for _, b in bands) == 80
+    assert stages["model"] >= 0.04 * calls
+    assert stages["decode"] < 0.05 * rows / 2  # slept through, not spent
+    assert {"preprocess", "blend", "wait"} <= stages.keys()

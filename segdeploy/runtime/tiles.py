@@ -268,21 +268,22 @@ def segmenter_model(seg) -> WindowModel:
 
 
 class _Clock:
-    """Seconds per stage, added up (`stages` None: not timed)."""
+    """Seconds per stage, added up (`stages` None: not timed), of `timer`: wall time
+    (perf_counter) or the calling thread's CPU time (thread_time)."""
 
-    def __init__(self, stages: dict[str, float] | None):
-        self.stages = stages
-        self._t = time.perf_counter()
+    def __init__(self, stages: dict[str, float] | None, timer=time.perf_counter):
+        self.stages, self.timer = stages, timer
+        self._t = timer()
 
     def lap(self, stage: str) -> None:
         """Add the time since the last lap (of this thread's clock) to `stage`."""
-        now = time.perf_counter()
+        now = self.timer()
         self.add(stage, now - self._t)
         self._t = now
 
     def mark(self) -> None:
         """Start the next lap now."""
-        self._t = time.perf_counter()
+        self._t = self.timer()
 
     def add(self, stage: str, seconds: float) -> None:
         if self.stages is not None:
@@ -340,16 +341,18 @@ def predict_bands(
     stages: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, labels [rows, width]) of the label map of `source`, top to bottom, each
-    band as soon as no later window touches it. `stages` (if given) adds up the seconds
-    spent reading (decode), preparing windows (preprocess) and blending (on the helper
-    thread), in the model, and waiting for the helper (wait).
+    band as soon as no later window touches it. `stages` (if given) adds up the helper
+    thread's CPU seconds reading (decode), preparing windows (preprocess) and blending,
+    and the wall seconds in the model and waiting for the helper (wait): the helper
+    shares the cores with the model, so its wall time says how long it was held up, its
+    CPU time what it costs.
 
     The calling thread only runs the model. A second thread cuts the next batch of
     windows and blends the last batch's logits while the model runs (numpy and ONNX
     Runtime release the GIL): on a CPU that work fills the gaps ONNX Runtime's threads
     leave between operators instead of holding the model up, on a GPU it keeps the
     device fed."""
-    clock, helper_clock = _Clock(stages), _Clock(stages)
+    clock, helper_clock = _Clock(stages), _Clock(stages, time.thread_time)
     grid = plan.grid(source.height, source.width)
     blender = TileBlender(grid, model.num_classes, plan.weights())
     batches = window_batches(source, plan, model.prepare, batch_size, helper_clock)
@@ -359,11 +362,11 @@ def predict_bands(
         return next(batches, None)
 
     def blend(windows: list[Window], logits: np.ndarray, size) -> list:
-        start = time.perf_counter()
+        helper_clock.mark()
         for win, one in zip(windows, logits, strict=True):
             blender.add(win, one, size)
         bands = list(blender.finished())
-        clock.add("blend", time.perf_counter() - start)
+        helper_clock.lap("blend")
         return bands
 
     with ThreadPoolExecutor(1, thread_name_prefix="segdeploy-tiles") as pool:
