@@ -409,7 +409,7 @@ class _Held:
         far as the ranks go); so it blends to at most the blend of those (plus rounding).
         Walking past the classes taken matters: where windows disagree, the two leaders
         are mostly each other's runner-up, and bounding by the class below it let the
-        first candidate round prove 262,000 pixels instead of 192,000 (2048^2 replay, 150
+        first candidate round prove 261,000 pixels instead of 191,000 (2048^2 replay, 150
         classes, random weights): half as many reached the second round."""
         bound = []
         for i in at[:4]:
