@@ -349,9 +349,9 @@ def predict_bands(
 
     The calling thread only runs the model. A second thread cuts the next batch of
     windows and blends the last batch's logits while the model runs (numpy and ONNX
-    Runtime release the GIL): on a CPU that work fills the gaps ONNX Runtime's threads
-    leave between operators instead of holding the model up, on a GPU it keeps the
-    device fed."""
+    Runtime release the GIL): on a GPU it keeps the device fed; on a CPU whose cores the
+    model keeps busy it shares them (a 2-core EPYC: the helper's CPU per window made the
+    model's calls about half as much slower, docs/tiles.md)."""
     clock, helper_clock = _Clock(stages), _Clock(stages, time.thread_time)
     grid = plan.grid(source.height, source.width)
     blender = TileBlender(grid, model.num_classes, plan.weights())
