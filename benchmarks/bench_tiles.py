@@ -188,6 +188,8 @@ def mosaic(photos: Path, path: Path, side: int) -> Path:
     from PIL import Image
 
     files = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise SystemExit(f"{photos}: no .jpg or .png photos for the mosaic")
     image = np.zeros((side, side, 3), np.uint8)
     y = k = 0
     while y < side:
@@ -406,8 +408,8 @@ def main(argv=None) -> int:
             image = mosaic(args.photos, work / f"photos-{side}.tif", side)
             trained = batching(args.trained_model, work, image, side, args.rounds)
             trained["model"] = os.path.relpath(args.trained_model, ROOT)
-            trained["classes"] = json.loads((args.trained_model / "config.json").read_text())
-            trained["classes"] = len(trained["classes"]["id2label"])
+            config = json.loads((args.trained_model / "config.json").read_text())
+            trained["classes"] = len(config["id2label"])
         else:
             print(f"part 3 skipped: no {args.trained_model} or {args.photos}", flush=True)
     targets = judge(sizes, batch)
