@@ -258,8 +258,9 @@ def test_rest_bound_is_the_best_class_outside_the_candidates_at_each_corner():
     want = (best[0] * wx0 + best[1] * wx1) * wy0 + (best[2] * wx0 + best[3] * wx1) * wy1
     got = held.rest(held._corners(u, v), 0, ~outside.reshape(-1), np.arange(u.size) * 6)
     assert np.array_equal(got, want)
-    taken = [(pair == held.ranks[r][i0, j0][:, None]).any(1) for r in (0, 1)]
-    assert all((t0 & t1).any() and (t0 & ~t1).any() and (~t0 & t1).any() for t0, t1 in [taken])
+    # the cases all occur at the top-left corner: best and second taken, best alone, second alone
+    t0, t1 = ((pair == held.ranks[r][i0, j0][:, None]).any(1) for r in (0, 1))
+    assert (t0 & t1).any() and (t0 & ~t1).any() and (~t0 & t1).any()
 
 
 def test_every_class_values_equal_the_indexed_ones():
