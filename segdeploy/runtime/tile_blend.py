@@ -626,24 +626,25 @@ class TileBlender:
             seen[idx] += 1
             count[idx] += F32(1) if weight is None else weight
         fresh = fresh.reshape(y.size, -1)
+        # Each pixel's classes blended so far (last column: -1): what round t adds to
+        # them, and what _Held.rest walks past.
+        taken = np.zeros((y.size, self.num_classes + 1), bool)
+        rows = np.arange(y.size)[:, None]
         if tried is None:
             classes = distinct(fresh)
             total = self._totals(inside, classes, fused=False, at=at)
         else:
             old, old_total = tried
-            known = np.zeros((y.size, self.num_classes + 1), bool)  # last column: -1
-            rows = np.arange(y.size)[:, None]
-            known[rows, old] = True
-            fresh[known[rows, fresh]] = -1
+            taken[rows, old] = True
+            fresh[taken[rows, fresh]] = -1
             fresh[:, 0] = np.where((fresh < 0).all(1), old[:, 0], fresh[:, 0])  # none new
             fresh = distinct(fresh)
             classes = np.concatenate([old, fresh], 1)
             total = np.concatenate([old_total, self._totals(inside, fresh, fused=False, at=at)], 1)
-        taken = np.zeros((y.size, self.num_classes), bool)
-        taken[np.arange(y.size)[:, None], classes] = True
+        taken[rows, classes] = True
         rest = np.zeros(y.size, F32)
         for (h, idx, _, _, weight), corners in zip(inside, at, strict=True):
-            other = h.rest(corners, t, taken.reshape(-1), idx * self.num_classes)
+            other = h.rest(corners, t, taken.reshape(-1), idx * taken.shape[1])
             rest[idx] += other if weight is None else other * weight
         labels, best, runner_up = self._pick(total, classes)
         tol = SURE_MARGIN * max(h.scale for h, *_ in inside)
