@@ -1,11 +1,10 @@
-"""A clip's classes.png, drawn by a plot process beside the run (segdeploy.runtime.share_plot):
-it is there and a PNG, its summary.json names it, a failed plot is one clear line,
-and a run without clips never starts matplotlib."""
+"""A clip's classes.png (segdeploy.runtime.share_plot): it is there and a PNG, its
+summary.json names it, it shows each class's share, a failed plot is one clear line, and
+a run never imports matplotlib."""
 
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,15 @@ from video_clips import scenes, write_clip
 
 from segdeploy.cli import main
 from segdeploy.data.synthetic import ID2LABEL
-from segdeploy.runtime import clips as clips_module
-from segdeploy.runtime.share_plot import SharePlots, share_series
+from segdeploy.runtime.share_plot import (
+    FINE,
+    ShareSeries,
+    _legend,
+    _time_ticks,
+    chart,
+    draw_shares,
+    share_series,
+)
 
 
 def _infer(model: Path, *args: str):
@@ -64,25 +70,64 @@ def test_the_series_plotted_is_each_frames_shares(tiny_onnx_dir, clip, tmp_path)
     assert len(series.centres) == 12 and series.title == "drive.mp4"
 
 
-def test_a_plot_that_fails_is_one_line_and_the_summary_says_so(tmp_path, caplog):
+def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):
     journal = tmp_path / "journal.jsonl"
     journal.write_text('{"run": {}}\n{"index": 0, "time": 0.0, "shares": {"1": 1.0}}\n')
     series = share_series(journal, {0: "a", 1: "b"}, "t")
     dest = tmp_path / "classes.png"
     dest.mkdir()  # a folder holds the plot's name: it cannot be replaced
-    errors: list = []
-    plots = SharePlots()
-    try:
-        plots.draw(series, dest, errors.append)
-        with caplog.at_level(logging.ERROR):
-            plots.wait()
-    finally:
-        plots.close()
-    assert len(errors) == 1 and errors[0].startswith("cannot draw the class-share plot: ")
-    assert "Error" in errors[0] and "\n" not in errors[0]
-    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert record.getMessage().startswith(f"{dest}: cannot draw the class-share plot: ")
-    assert "\n" not in record.getMessage()
+    error = draw_shares(series, dest)
+    assert error.startswith("cannot draw the class-share plot: ") and "Error" in error
+    assert "\n" not in error
+    assert dest.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.png", "journal.jsonl"]
+
+
+def _constant(shares: list[float], colours: list[tuple[int, int, int]], seconds: float = 10.0):
+    return ShareSeries(
+        centres=np.linspace(0.0, seconds, 50),
+        means=np.tile(shares, (50, 1)),
+        labels=[f"class {i}" for i in range(len(shares))],
+        colours=np.array(colours) / 255.0,
+        title="t",
+    )
+
+
+def test_each_class_is_drawn_as_tall_as_its_share_in_id_order_from_the_bottom():
+    """Down the chart's middle column: each class's colour over its share of the stack's
+    height (the stack is what the three colours cover), the first id at the bottom."""
+    colours = [(230, 20, 20), (20, 200, 20), (20, 20, 230)]
+    image = np.asarray(chart(_constant([0.2, 0.5, 0.3], colours)))
+    column = image[:, image.shape[1] // 3]
+    rows = [np.flatnonzero((column == c).all(axis=1)) for c in colours]
+    heights = np.array([len(r) for r in rows], dtype=float)
+    assert np.allclose(heights / heights.sum(), [0.2, 0.5, 0.3], atol=0.02)
+    assert rows[0].min() > rows[1].max() and rows[1].min() > rows[2].max()  # y grows down
+
+
+def test_time_ticks_are_round_steps_inside_the_clip():
+    assert [t for t, _ in _time_ticks(0.0, 15.57)] == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert [text for _, text in _time_ticks(0.0, 600.0)][-1] == "600"
+    assert [text for _, text in _time_ticks(0.02, 0.37)] == [
+        "0.05", "0.10", "0.15", "0.20", "0.25", "0.30", "0.35",
+    ]  # fmt: skip
+    assert _time_ticks(3.2, 3.2) == [(3.2, "3.2")]
+    for c0, c1 in [(0.0, 15.57), (1.5, 7000.0), (0.0, 0.01), (12.0, 13.0)]:
+        ticks = [t for t, _ in _time_ticks(c0, c1)]
+        assert 2 <= len(ticks) <= 8 and c0 - 1e-9 <= ticks[0] and ticks[-1] <= c1 + 1e-9
+
+
+def test_the_legend_keeps_the_largest_classes_when_they_do_not_fit():
+    shares = np.full(60, 0.5 / 59)
+    shares[37] = 0.5
+    colours = [(i * 4, 100, 100) for i in range(60)]
+    rows = _legend(_constant(list(shares), colours), top=0, bottom=200 * FINE)
+    assert len(rows) == 200 // 16 and rows[-1] == (f"+ {60 - len(rows) + 1} more", None)
+    assert ("class 37", colours[37]) in rows
+    names = [int(text.split()[1]) for text, c in rows[:-1]]
+    assert names == sorted(names)  # in id order
+    every = _legend(_constant([0.5, 0.5], colours[:2]), top=0, bottom=200 * FINE)
+    assert every == [("class 0", colours[0]), ("class 1", colours[1])]
 
 
 def test_a_failed_plot_in_a_run_leaves_a_summary_without_it(tiny_onnx_dir, clip, tmp_path):
@@ -99,27 +144,9 @@ def test_a_failed_plot_in_a_run_leaves_a_summary_without_it(tiny_onnx_dir, clip,
     assert (out / "drive.mp4" / "classes.png").is_dir()  # what was there is untouched
 
 
-def test_only_a_run_with_a_clip_starts_the_plot_process(tiny_onnx_dir, clip, tmp_path, monkeypatch):
-    started = []
-    real = clips_module.SharePlots.start
-
-    def start(self):
-        started.append(self)
-        real(self)
-
-    monkeypatch.setattr(clips_module.SharePlots, "start", start)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, frame in enumerate(scenes(3, (72, 96))):
-        Image.fromarray(frame).save(photos / f"{i}.png")
-    assert _infer(tiny_onnx_dir, str(photos), "-o", str(tmp_path / "a")).exit_code == 0
-    assert started == []
-    assert _infer(tiny_onnx_dir, str(clip), "-o", str(tmp_path / "b")).exit_code == 0
-    assert len(started) >= 1 and (tmp_path / "b" / "drive.mp4" / "classes.png").is_file()
-
-
 def test_the_run_itself_never_imports_matplotlib(tiny_onnx_dir, clip, tmp_path):
-    """The plot process does: the process running the model stays free of it."""
+    """The plot is Pillow's (segdeploy.runtime.share_plot): matplotlib's import and first
+    figure cost a run about 1 s of CPU."""
     out = tmp_path / "out"
     code = (
         "import sys\nfrom segdeploy.cli import main\n"

@@ -28,7 +28,6 @@ from typing import Any
 
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime.pipeline import Job, Keep, class_shares, prepare_image
-from segdeploy.runtime.share_plot import SharePlots
 from segdeploy.runtime.video import Frame, FrameChoice, FrameReader, import_av
 from segdeploy.runtime.video_out import (
     LABEL_MODES,
@@ -117,7 +116,6 @@ class Clips:
         self._open: dict[int, _Clip] = {}
         self._names: set[str] = set()
         self.header = run_header(seg, settings, overlay)
-        self.plots = SharePlots()  # each clip's classes.png, drawn beside the run
 
     # -- entries -------------------------------------------------------------------------
     def file_entries(self, path: Path, rel: PurePath) -> Iterator[Job | dict]:
@@ -153,7 +151,6 @@ class Clips:
                 return
             done = out.resumable()
             done = done[: out.verified(done)]
-        self.plots.start()  # matplotlib loads in its own process while frames are segmented
         clip = _Clip(source, out)
         key = id(clip)
         self._open[key] = clip
@@ -228,7 +225,7 @@ class Clips:
             self._open.pop(id(clip), None)
             if out.info is None and clip.reader.info:  # every frame was left out
                 out.start(clip.reader.info[0])
-            return out.finish(clip.reader.counts, self.plots)
+            return out.finish(clip.reader.counts)
         if "reason" in rec:
             out.drop(frame, rec["reason"])
             return None
@@ -245,17 +242,12 @@ class Clips:
         return None
 
     def close(self) -> None:
-        """After the run: the plots of the clips finished are waited for (then their
-        summary.json written); clips still open (an interrupted run) keep what resumes them."""
-        try:
-            self.plots.wait()
-        finally:
-            self.plots.close()
-            for clip in self._open.values():
-                if clip.reader is not None:
-                    clip.reader.close()
-                clip.out.abort()
-            self._open.clear()
+        """After the run: clips still open (an interrupted run) keep what resumes them."""
+        for clip in self._open.values():
+            if clip.reader is not None:
+                clip.reader.close()
+            clip.out.abort()
+        self._open.clear()
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -27,7 +27,6 @@ import numpy as np
 from segdeploy.errors import SegdeployError
 from segdeploy.runtime import pipeline
 from segdeploy.runtime.clips import VideoSettings, run_header, stream_name
-from segdeploy.runtime.share_plot import SharePlots
 from segdeploy.runtime.video import (
     ClipInfo,
     Frame,
@@ -162,7 +161,6 @@ class ClipDriver:
     def __init__(self, clips: dict[str, ClipOutputs]):
         self.clips = clips
         self.frames = 0
-        self.plots = SharePlots()  # each clip's classes.png, drawn beside the run
 
     def take(self, row: dict[str, Any]) -> dict[str, Any] | None:
         out = self.clips[row["source"]]
@@ -171,7 +169,7 @@ class ClipDriver:
             if row["reason"] != "end":
                 out.abort()
                 return {"input": row["source"], "reason": row["reason"]}
-            return out.finish(counts, self.plots)
+            return out.finish(counts)
         frame = Frame(int(row["index"]), float(row["time"]), None)
         if out.info is None:
             out.start(ClipInfo(**json.loads(row["info"])))
@@ -186,13 +184,8 @@ class ClipDriver:
         return None
 
     def close(self) -> None:
-        try:
-            self.plots.wait()  # then the finished clips' summary.json exist
-        finally:
-            self.plots.close()
-            for out in self.clips.values():
-                if out.summary_path.exists():
-                    continue
+        for out in self.clips.values():
+            if not out.summary_path.exists():
                 out.abort()
 
 
@@ -276,7 +269,6 @@ class ClipRun:
             record(rec)
         if not self.rows:
             return
-        self.driver.plots.start()  # matplotlib loads in its own process meanwhile
         cfg = pipeline.StageConfig.for_segmenter(self.probe, overlay=self.overlay, output=self.out)
         ds = clip_dataset(
             self.ray, self.rows, cfg=cfg, choice=self.video.choice(),

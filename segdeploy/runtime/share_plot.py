@@ -1,41 +1,38 @@
-"""A clip's `classes.png` (its class shares over time, stacked), drawn beside the run.
+"""A clip's `classes.png`: its class shares over time, stacked, drawn with Pillow.
 
-matplotlib's import (0.69 s on the 2-core AVX2 EPYC) and its first figure
-(0.29 s) cost a clip of CamVid's 480x360 frames as much as ~150 frames of the
-tiny model, and they were paid in the process that runs the model, after the
-clip's last frame. `SharePlots` moves them off that path: one process (from
-the pipeline's fork server) started when a run meets its first clip imports
-matplotlib and draws a first figure while frames are segmented, then draws
-each clip's plot when the clip's shares are complete. The run waits for the
-plots (`wait`) before it writes their clips' summary.json and reports; a run
-without clips never starts it, so it never imports matplotlib.
+Drawn by hand, not with matplotlib (which draws segdeploy's training curves and
+the bench charts), for what matplotlib costs a run: about 1 s of CPU for its
+import, its first figure and this chart on the 2-core AVX2 EPYC, paid by every
+run with a clip whatever its length. With a cheap model that set a short clip's
+rate (docs/video.md has the measurements). The chart is one polygon per class,
+two labelled axes and a legend: Pillow, which the run has loaded already, draws
+it in milliseconds, in the run's own process, once the clip's shares are
+complete.
 
-What is sent is small: the shares binned over time (`share_series`, at most
-`BINS` rows however long the clip), computed from the clip's journal in the
-caller.
+What is drawn is small: the shares binned over time (`share_series`, at most
+`BINS` rows however long the clip), computed from the clip's journal.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import signal
-from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from segdeploy.atomic import atomic_path
 from segdeploy.errors import first_line
-from segdeploy.runtime.lifeline import tied_pool
-from segdeploy.runtime.pipeline import start_forkserver
-
-log = logging.getLogger(__name__)
 
 #: Time bins of a plot: a long clip plots the mean share per bin, in constant memory.
 BINS = 600
+#: The chart's size in pixels.
+SIZE = (800, 350)
+#: Drawn this many times larger, then reduced: Pillow does not antialias polygons or
+#: lines; the reduction does.
+FINE = 2
 
 
 @dataclass(frozen=True)
@@ -85,102 +82,106 @@ def share_series(
     )
 
 
-def draw_shares(series: ShareSeries, dest: Path) -> None:
-    """The stacked shares as a PNG at `dest`, written atomically."""
-    fig = _figure(series)
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png")
+def draw_shares(series: ShareSeries, dest: Path) -> str | None:
+    """The stacked shares as a PNG at `dest`, written atomically; None, or why it could
+    not be written (one line: the clip's summary.json says it instead of naming a plot)."""
+    try:
+        with atomic_path(dest) as tmp:
+            chart(series).save(tmp, format="PNG")
+    except OSError as err:  # the name taken by a folder, a full disk...
+        return f"cannot draw the class-share plot: {type(err).__name__}: {first_line(err)}"
+    return None
 
 
-def _figure(series: ShareSeries, size: tuple[float, float] = (8, 3.5), dpi: int = 100):
-    """The stacked shares on a matplotlib Figure (the object API on an Agg canvas: no
-    pyplot state; segdeploy.train.plots does the same, but importing it imports the
-    training package, torch included)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def chart(series: ShareSeries) -> Image.Image:
+    """The chart at SIZE: the stack in a frame with time (s) below and share of pixels
+    (0-1) on the left, the title above, the legend on the right."""
+    w, h = SIZE[0] * FINE, SIZE[1] * FINE
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=11 * FINE)
+    legend = _legend(series, top=30 * FINE, bottom=h - 10 * FINE)
+    width = max((draw.textlength(text, font=font) for text, _ in legend), default=0)
+    box = (62 * FINE, 30 * FINE, w - int(width) - 40 * FINE, h - 45 * FINE)
+    _stack(draw, series, box)
+    _axes(draw, image, series, box, font)
+    x = box[2] + 12 * FINE
+    for row, (text, colour) in enumerate(legend):
+        y = box[1] + row * 16 * FINE
+        if colour is not None:
+            draw.rectangle((x, y + 2 * FINE, x + 10 * FINE, y + 12 * FINE), fill=colour)
+        draw.text((x + 15 * FINE, y), text, fill="black", font=font)
+    return image.resize(SIZE, Image.Resampling.BOX)
 
-    fig = Figure(figsize=size, dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+
+def _stack(draw: ImageDraw.ImageDraw, series: ShareSeries, box: tuple[int, int, int, int]):
+    """One polygon per class between the running sums below and above it."""
+    left, top, right, bottom = box
     c = series.centres
-    ax.stackplot(c, series.means.T, labels=series.labels, colors=series.colours)
-    ax.set_xlim(c[0], c[-1] if len(c) > 1 else c[0] + 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("share of pixels")
-    ax.set_title(series.title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    return fig
+    span = c[-1] - c[0]
+    xs = left + (c - c[0]) / span * (right - left) if span > 0 else np.array([left, right])
+    means = series.means if span > 0 else np.repeat(series.means[:1], 2, axis=0)
+    upper = np.cumsum(means, axis=1)
+    lower = upper - means
+    for k, colour in enumerate(_rgb(series.colours)):
+        ys_up = bottom - upper[:, k] * (bottom - top)
+        ys_down = bottom - lower[:, k] * (bottom - top)
+        points = list(zip(xs, ys_up, strict=True)) + list(zip(xs[::-1], ys_down[::-1], strict=True))
+        draw.polygon([(float(x), float(y)) for x, y in points], fill=colour)
 
 
-#: A one-class series the plot process draws at start (`_init_plotter`).
-_WARM_UP = ShareSeries(
-    centres=np.array([0.0, 1.0]),
-    means=np.array([[0.5], [0.5]]),
-    labels=["warm-up"],
-    colours=np.array([[0.5, 0.5, 0.5]]),
-    title="warm-up",
-)
+def _axes(draw, image: Image.Image, series: ShareSeries, box, font) -> None:
+    """The frame, ticks every 0.25 of the shares and at round seconds, axis names, title."""
+    left, top, right, bottom = box
+    tick = 4 * FINE
+    draw.rectangle(box, outline="black", width=FINE)
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = bottom - share * (bottom - top)
+        draw.line((left - tick, y, left, y), fill="black", width=FINE)
+        draw.text((left - tick - 2 * FINE, y), f"{share:g}", fill="black", font=font, anchor="rm")
+    c0, c1 = float(series.centres[0]), float(series.centres[-1])
+    span = c1 - c0
+    for t, text in _time_ticks(c0, c1):
+        x = left + (t - c0) / span * (right - left) if span > 0 else (left + right) / 2
+        draw.line((x, bottom, x, bottom + tick), fill="black", width=FINE)
+        draw.text((x, bottom + tick + FINE), text, fill="black", font=font, anchor="mt")
+    middle = (left + right) / 2
+    draw.text((middle, image.height - 4 * FINE), "time (s)", fill="black", font=font, anchor="md")
+    draw.text((middle, top / 2), series.title, fill="black", font=font, anchor="mm")
+    name = "share of pixels"
+    label = Image.new("L", (int(draw.textlength(name, font=font)) + 2, 16 * FINE), 255)
+    ImageDraw.Draw(label).text((1, 0), name, fill=0, font=font)
+    label = label.rotate(90, expand=True)
+    image.paste(
+        "black", (4 * FINE, (top + bottom - label.height) // 2), label.point(lambda v: 255 - v)
+    )
 
 
-def _init_plotter() -> None:
-    """The plot process (a killed run ends it too: `tied_pool`): Ctrl-C is the run's to
-    handle (it waits for the plot in flight); matplotlib is imported and a first figure
-    drawn (fonts, text layout) now, while the run segments frames, so that a clip's plot
-    costs only its own drawing."""
-    import io
+def _time_ticks(c0: float, c1: float, most: int = 8) -> list[tuple[float, str]]:
+    """Ticks at a round step (1, 2 or 5 times a power of ten) between c0 and c1: at most
+    `most`; one at c0 when c0 == c1."""
+    span = c1 - c0
+    if span <= 0:
+        return [(c0, f"{c0:g}")]
+    raw = span / most
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    decimals = max(0, -math.floor(math.log10(step)))
+    first = math.ceil(c0 / step - 1e-9)
+    ticks = [k * step for k in range(first, math.floor(c1 / step + 1e-9) + 1)]
+    return [(t, f"{t:.{decimals}f}") for t in ticks]
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _figure(_WARM_UP, size=(2, 1), dpi=50).savefig(io.BytesIO(), format="png")
+
+def _legend(series: ShareSeries, top: int, bottom: int) -> list[tuple[str, tuple | None]]:
+    """(text, colour) rows: every class present, in id order, or when they do not fit the
+    chart's height the largest by mean share and a last row saying how many are left."""
+    fit = max(1, (bottom - top) // (16 * FINE))
+    rows = list(zip(series.labels, _rgb(series.colours), strict=True))
+    if len(rows) <= fit:
+        return rows
+    order = np.argsort(-series.means.mean(axis=0), kind="stable")[: fit - 1]
+    return [rows[i] for i in sorted(order)] + [(f"+ {len(rows) - fit + 1} more", None)]
 
 
-class SharePlots:
-    """The plot process of one run and the plots in flight (see the module's docstring).
-
-    `draw` returns at once; `then(error)` runs in the caller's thread, from `poll` or
-    `wait`, when the plot is written (error None) or failed (error: one line, already
-    logged as `PATH: cannot draw the class-share plot: ...`)."""
-
-    def __init__(self):
-        self._ex: ProcessPoolExecutor | None = None
-        self._pending: list[tuple[Future, Path, Callable[[str | None], None]]] = []
-
-    def start(self) -> None:
-        """Start the plot process (once): it imports matplotlib while the run goes on."""
-        if self._ex is None:
-            self._ex = tied_pool(1, start_forkserver(), _init_plotter)
-            self._ex.submit(int)  # spawn it now, not at the first plot
-
-    def draw(self, series: ShareSeries, dest: Path, then: Callable[[str | None], None]) -> None:
-        self.start()
-        self._pending.append((self._ex.submit(draw_shares, series, dest), dest, then))
-
-    def poll(self) -> None:
-        """Hand on the plots finished so far (in the order they were asked for)."""
-        while self._pending and self._pending[0][0].done():
-            self._settle(*self._pending.pop(0))
-
-    def wait(self) -> None:
-        """Every plot asked for, written or failed; then its `then`."""
-        while self._pending:
-            self._settle(*self._pending.pop(0))
-
-    def _settle(self, fut: Future, dest: Path, then: Callable[[str | None], None]) -> None:
-        try:
-            fut.result()
-            error = None
-        except Exception as err:  # matplotlib's, an OS error, or the process dying
-            error = f"cannot draw the class-share plot: {type(err).__name__}: {first_line(err)}"
-            log.error("%s: %s", dest, error)
-        then(error)
-
-    def close(self) -> None:
-        """Stop the plot process; plots not waited for are left undone (an interrupted run)."""
-        for fut, _, _ in self._pending:
-            fut.cancel()
-        self._pending.clear()
-        if self._ex is not None:
-            self._ex.shutdown(wait=True, cancel_futures=True)
-            self._ex = None
+def _rgb(colours: np.ndarray) -> list[tuple[int, int, int]]:
+    return [tuple(int(round(v * 255)) for v in c) for c in colours]

@@ -12,8 +12,8 @@ included, so that it never meets the outputs of a photo or folder beside it):
   H.264 (or the codec `--overlay-codec` names), at the frames' own timestamps.
 - `summary.json`: the clip, the frames taken, skipped and dropped (and why), the
   per-class share of every frame over time and over the clip; `classes.png`
-  plots the shares over time (drawn beside the run: segdeploy.runtime.share_plot;
-  summary.json is written once the plot is done, and says so if it failed).
+  plots the shares over time (segdeploy.runtime.share_plot; if it cannot be
+  written, summary.json says why).
 
 While the clip runs, each finished frame is appended (and flushed) to a hidden
 journal, `.frames.partial.jsonl`, and the label stream and overlay are written
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import zlib
 from collections.abc import Iterator
@@ -42,8 +43,10 @@ import numpy as np
 from segdeploy.atomic import atomic_path, write_json
 from segdeploy.errors import SegdeployError, first_line
 from segdeploy.runtime.overlay import render_overlay
-from segdeploy.runtime.share_plot import SharePlots, share_series
+from segdeploy.runtime.share_plot import draw_shares, share_series
 from segdeploy.runtime.video import ClipInfo, Frame, FrameCounts, import_av
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 PLOT = "classes.png"
@@ -334,10 +337,8 @@ class ClipOutputs:
     def drop(self, frame: Frame, reason: str) -> None:
         self.dropped.append({"index": frame.index, "time": round(frame.time, 4), "reason": reason})
 
-    def finish(self, counts: FrameCounts, plots: SharePlots) -> dict[str, Any]:
-        """Close the streams and move them into place; the plot is drawn by `plots`, beside
-        the run, and summary.json written when it is done (here, for this clip and the
-        earlier ones whose plots are done: `plots.poll`; the rest at `plots.wait`).
+    def finish(self, counts: FrameCounts) -> dict[str, Any]:
+        """Close the streams and move them into place, draw the plot, write summary.json.
         The clip's record for the run's summary.json."""
         self._close_encoders()
         outputs: dict[str, Any] = {}
@@ -369,14 +370,15 @@ class ClipOutputs:
         series = None
         if self.frames:
             series = share_series(self.folder / JOURNAL, self.id2label, self.rel)
-        if series is None:
-            self._conclude(summary, dropped, plotted=False)
-        else:
-            plots.draw(
-                series,
-                self.folder / PLOT,
-                lambda error: self._conclude(summary, dropped, plotted=error is None, error=error),
-            )
+        if series is not None:
+            error = draw_shares(series, self.folder / PLOT)
+            if error is None:
+                outputs["plot"] = PLOT
+            else:
+                log.error("%s: %s", self.folder / PLOT, error)
+                summary["plot_error"] = error
+        self._write_summary(summary, dropped)
+        (self.folder / JOURNAL).unlink(missing_ok=True)
         record = {
             "input": self.source,
             "output": self.rel,
@@ -390,24 +392,7 @@ class ClipOutputs:
             record["reason"] = "no frame was segmented" + (
                 f" ({counts.ended})" if counts.ended else ""
             )
-        plots.poll()
         return record
-
-    def _conclude(
-        self,
-        summary: dict[str, Any],
-        dropped: list[dict[str, Any]],
-        *,
-        plotted: bool,
-        error: str | None = None,
-    ) -> None:
-        """summary.json, once the plot is written (or failed: then the summary says why)."""
-        if plotted:
-            summary["outputs"]["plot"] = PLOT
-        if error is not None:
-            summary["plot_error"] = error
-        self._write_summary(summary, dropped)
-        (self.folder / JOURNAL).unlink(missing_ok=True)
 
     def mean_shares(self) -> list[dict[str, Any]]:
         n = max(self.frames, 1)
