@@ -444,6 +444,13 @@ def test_without_pyav_a_clip_exits_2_with_the_install_line(
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert "drive.mp4" in line and "pip install 'segdeploy[video]'" in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    # A clip found in a folder: the same line, when the run meets it.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "drive.mp4").write_bytes(clip.read_bytes())
+    result = _infer(tiny_onnx_dir, str(tmp_path / "in"), "-o", str(tmp_path / "out2"))
+    assert result.exit_code == 2, result.output
+    assert "pip install 'segdeploy[video]'" in result.output.strip().splitlines()[-1]
 
 
 def test_no_frame_memory_grows_with_the_clip(tiny_onnx_dir, tmp_path):

@@ -69,7 +69,7 @@ from segdeploy.runtime.clips import Clips, VideoSettings
 from segdeploy.runtime.image_io import MAX_PIXELS, file_kind, image_size, is_image_name
 from segdeploy.runtime.pipeline import class_shares, save_labels  # noqa: F401 (public here too)
 from segdeploy.runtime.provenance import foreign_files, occupant, owned, rel_name
-from segdeploy.runtime.video import is_video_name
+from segdeploy.runtime.video import import_av, is_video_name
 
 log = logging.getLogger(__name__)
 
@@ -873,6 +873,11 @@ def run_infer(
     if tiled:
         tiled_infer.check_run(video)
         workers = 0  # a tiled image's windows are its batch: in-process
+    else:
+        # A clip named as an input needs PyAV: its install line comes before the model
+        # loads and anything is written, and its import (0.06-0.1 s) is not the run's.
+        for clip in (p for p in inputs if is_video_name(p) and os.path.isfile(p)):
+            import_av(clip)
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
