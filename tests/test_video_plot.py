@@ -19,6 +19,7 @@ from segdeploy.cli import main
 from segdeploy.data.synthetic import ID2LABEL
 from segdeploy.runtime.share_plot import (
     FINE,
+    LEGEND_CHARS,
     ShareSeries,
     _legend,
     _time_ticks,
@@ -128,6 +129,12 @@ def test_the_legend_keeps_the_largest_classes_when_they_do_not_fit():
     assert names == sorted(names)  # in id order
     every = _legend(_constant([0.5, 0.5], colours[:2]), top=0, bottom=200 * FINE)
     assert every == [("class 0", colours[0]), ("class 1", colours[1])]
+    long = ShareSeries(
+        centres=np.array([0.0, 1.0]), means=np.array([[1.0], [1.0]]), colours=np.zeros((1, 3)),
+        labels=["person, individual, someone, somebody, mortal, soul"], title="t",
+    )  # fmt: skip
+    [(text, _)] = _legend(long, top=0, bottom=200 * FINE)
+    assert text == "person, individual, someo..." and len(text) == LEGEND_CHARS
 
 
 def test_a_failed_plot_in_a_run_leaves_a_summary_without_it(tiny_onnx_dir, clip, tmp_path):

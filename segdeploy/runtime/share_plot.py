@@ -30,6 +30,8 @@ from segdeploy.errors import first_line
 BINS = 600
 #: The chart's size in pixels.
 SIZE = (800, 350)
+#: A class name longer than this is cut in the legend (ADE20K's run to 50 characters).
+LEGEND_CHARS = 28
 #: Drawn this many times larger, then reduced: Pillow does not antialias polygons or
 #: lines; the reduction does.
 FINE = 2
@@ -103,7 +105,7 @@ def chart(series: ShareSeries) -> Image.Image:
     legend = _legend(series, top=30 * FINE, bottom=h - 10 * FINE)
     width = max((draw.textlength(text, font=font) for text, _ in legend), default=0)
     box = (62 * FINE, 30 * FINE, w - int(width) - 40 * FINE, h - 45 * FINE)
-    _stack(draw, series, box)
+    image.paste(_stack(series, (box[2] - box[0], box[3] - box[1])), box[:2])
     _axes(draw, image, series, box, font)
     x = box[2] + 12 * FINE
     for row, (text, colour) in enumerate(legend):
@@ -114,20 +116,23 @@ def chart(series: ShareSeries) -> Image.Image:
     return image.resize(SIZE, Image.Resampling.BOX)
 
 
-def _stack(draw: ImageDraw.ImageDraw, series: ShareSeries, box: tuple[int, int, int, int]):
-    """One polygon per class between the running sums below and above it."""
-    left, top, right, bottom = box
+def _stack(series: ShareSeries, size: tuple[int, int]) -> Image.Image:
+    """The plot area: one polygon per class between the running sums below and above it,
+    on an image of its own, so that no polygon's edge pixel lands outside the frame."""
+    width, height = size
+    stack = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(stack)
     c = series.centres
     span = c[-1] - c[0]
-    xs = left + (c - c[0]) / span * (right - left) if span > 0 else np.array([left, right])
+    xs = (c - c[0]) / span * width if span > 0 else np.array([0.0, width])
     means = series.means if span > 0 else np.repeat(series.means[:1], 2, axis=0)
     upper = np.cumsum(means, axis=1)
     lower = upper - means
     for k, colour in enumerate(_rgb(series.colours)):
-        ys_up = bottom - upper[:, k] * (bottom - top)
-        ys_down = bottom - lower[:, k] * (bottom - top)
-        points = list(zip(xs, ys_up, strict=True)) + list(zip(xs[::-1], ys_down[::-1], strict=True))
-        draw.polygon([(float(x), float(y)) for x, y in points], fill=colour)
+        top = list(zip(xs, height - upper[:, k] * height, strict=True))
+        floor = list(zip(xs[::-1], height - lower[::-1, k] * height, strict=True))
+        draw.polygon([(float(x), float(y)) for x, y in top + floor], fill=colour)
+    return stack
 
 
 def _axes(draw, image: Image.Image, series: ShareSeries, box, font) -> None:
@@ -176,7 +181,8 @@ def _legend(series: ShareSeries, top: int, bottom: int) -> list[tuple[str, tuple
     """(text, colour) rows: every class present, in id order, or when they do not fit the
     chart's height the largest by mean share and a last row saying how many are left."""
     fit = max(1, (bottom - top) // (16 * FINE))
-    rows = list(zip(series.labels, _rgb(series.colours), strict=True))
+    names = [n if len(n) <= LEGEND_CHARS else n[: LEGEND_CHARS - 3] + "..." for n in series.labels]
+    rows = list(zip(names, _rgb(series.colours), strict=True))
     if len(rows) <= fit:
         return rows
     order = np.argsort(-series.means.mean(axis=0), kind="stable")[: fit - 1]
