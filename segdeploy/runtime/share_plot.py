@@ -90,7 +90,8 @@ def draw_shares(series: ShareSeries, dest: Path) -> str | None:
     try:
         with atomic_path(dest) as tmp:
             chart(series).save(tmp, format="PNG")
-    except OSError as err:  # the name taken by a folder, a full disk...
+    except Exception as err:  # the name taken by a folder, a full disk, a bug here: the
+        # clip's labels are written, so the run goes on and its summary says why
         return f"cannot draw the class-share plot: {type(err).__name__}: {first_line(err)}"
     return None
 
