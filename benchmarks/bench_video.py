@@ -7,10 +7,10 @@ libx264 OUT.mp4` writes, 10.8 kB a frame here. The tiny model also runs on the
 frames at crf 18 ("visually lossless", 19.5 kB a frame), an extra row: H.264's
 decoding costs more the more bits a frame has (one thread: 2.34 ms a frame at
 crf 18, 1.39 at crf 23, 0.90 at crf 28; a JPEG of quality 95, 1.27 ms), so
-that row measures the decoder at twice the bitrate. The val split alone (101 frames) made a run of the tiny
-model last 0.5-1 s, so fixed per-clip costs (opening the clip, its plot) set
-the ratio more than the per-frame work does; 468 frames are a run of a few
-seconds. "The same frames as JPEGs" are the frames
+that row measures the decoder at twice the bitrate. The val split alone (101
+frames) made a run of the tiny model last 0.5-1 s, so fixed per-clip costs
+(opening the clip, its plot) set the ratio more than the per-frame work does;
+468 frames are a run of a few seconds. "The same frames as JPEGs" are the frames
 PyAV decodes from that clip saved as JPEGs (quality 95), so both runs segment
 the same pictures; only the container differs. Models: a SegFormer b0 at
 512x512 (CamVid's 11 classes; random weights exported by Optimum: the weights
