@@ -69,6 +69,7 @@ def test_the_series_plotted_is_each_frames_shares(tiny_onnx_dir, clip, tmp_path)
     expected = [[t["shares"].get(str(i), 0.0) for i in present] for t in summary["timeline"]]
     assert np.allclose(series.means, expected)
     assert len(series.centres) == 12 and series.title == "drive.mp4"
+    assert np.allclose(series.centres, [t["time"] for t in summary["timeline"]])
 
 
 def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):
@@ -165,3 +166,17 @@ def test_the_run_itself_never_imports_matplotlib(tiny_onnx_dir, clip, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MATPLOTLIB False" in proc.stdout
     assert (out / "drive.mp4" / "classes.png").is_file()
+
+
+def test_the_docs_figure_script_writes_a_clips_plot(tiny_onnx_dir, tmp_path):
+    """scripts/video_figure.py (docs/video.md's picture) still runs: a clip in, its plot out."""
+    root = Path(__file__).resolve().parents[1]
+    dest = tmp_path / "figure.png"
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "video_figure.py"), "--model",
+         str(tiny_onnx_dir), "-o", str(dest)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Image.open(dest) as im:
+        assert im.format == "PNG" and im.size == (800, 350)

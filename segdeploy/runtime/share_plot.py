@@ -42,7 +42,7 @@ class ShareSeries:
     """What one clip's plot shows: per time bin with frames, the mean share of each class
     present anywhere in the clip."""
 
-    centres: np.ndarray  # seconds, one per bin
+    centres: np.ndarray  # seconds, one per bin: the mean time of its frames
     means: np.ndarray  # (bins, classes present)
     labels: list[str]  # the classes present, in id order
     colours: np.ndarray  # (classes present, 3), 0-1: the overlay's palette
@@ -76,7 +76,7 @@ def share_series(
     mean = sums[keep] / hits[keep, None]
     present = [i for i in range(n) if mean[:, i].any()]
     return ShareSeries(
-        centres=((edges[:-1] + edges[1:]) / 2)[keep],
+        centres=np.bincount(which, weights=times, minlength=len(hits))[keep] / hits[keep],
         means=mean[:, present],
         labels=[id2label.get(i, str(i)) for i in present],
         colours=palette_for(n)[present] / 255.0,
