@@ -146,6 +146,8 @@ def test_a_failed_plot_in_a_run_leaves_a_summary_without_it(tiny_onnx_dir, clip,
     result = _infer(tiny_onnx_dir, str(clip), "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
+    [line] = [x for x in result.output.splitlines() if "cannot draw the class-share plot" in x]
+    assert str(out / "drive.mp4" / "classes.png") in line
     summary = json.loads((out / "drive.mp4" / "summary.json").read_text())
     assert summary["complete"] and "plot" not in summary["outputs"]
     assert summary["plot_error"].startswith("cannot draw the class-share plot: ")
