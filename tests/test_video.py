@@ -451,6 +451,12 @@ def test_without_pyav_a_clip_exits_2_with_the_install_line(
     result = _infer(tiny_onnx_dir, str(tmp_path / "in"), "-o", str(tmp_path / "out2"))
     assert result.exit_code == 2, result.output
     assert "pip install 'segdeploy[video]'" in result.output.strip().splitlines()[-1]
+    # A stream: the same line, before anything is written.
+    result = _infer(tiny_onnx_dir, "--stream", str(clip), "-o", str(tmp_path / "out3"))
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "--stream" in line and "pip install 'segdeploy[video]'" in line
+    assert not (tmp_path / "out3").exists()
 
 
 def test_no_frame_memory_grows_with_the_clip(tiny_onnx_dir, tmp_path):

@@ -102,9 +102,7 @@ class Clips:
         skip_existing: bool,
     ):
         """`cfg`: the run's pipeline.StageConfig (its palette set: overlays wanted)."""
-        settings.check()
-        if settings.streams:
-            import_av("--stream")
+        settings.check()  # PyAV for --stream: run_infer checks it before the model loads
         self.output, self.seg, self.settings = output, seg, settings
         self.out_real = Path(os.path.realpath(output))
         overlay = cfg.palette is not None

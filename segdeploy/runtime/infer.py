@@ -874,10 +874,12 @@ def run_infer(
         tiled_infer.check_run(video)
         workers = 0  # a tiled image's windows are its batch: in-process
     else:
-        # A clip named as an input needs PyAV: its install line comes before the model
-        # loads and anything is written, and its import (0.06-0.1 s) is not the run's.
-        for clip in (p for p in inputs if is_video_name(p) and os.path.isfile(p)):
-            import_av(clip)
+        # A --stream or a clip named as an input needs PyAV: its install line comes before
+        # the model loads and anything is written, and its import (0.06-0.1 s) is not the
+        # run's. (A clip found in a folder gets the line when the run meets it.)
+        named = [p for p in inputs if is_video_name(p) and os.path.isfile(p)]
+        for where in (["--stream"] if video.streams else []) + named:
+            import_av(where)
     if workers:
         pipeline.start_forkserver()  # boots while the model loads and the run is planned
     seg = segmenter or Segmenter(
