@@ -244,6 +244,20 @@ def test_every_start_end_and_max_fps_pick_frames_by_index_and_time(clip):
     assert [i for i, _ in picked(start=1.0, every=3)] == [12, 15, 18]
 
 
+def test_a_start_past_the_end_says_so_with_the_clips_length(tiny_onnx_dir, clip, tmp_path):
+    out = tmp_path / "out"
+    result = _infer(tiny_onnx_dir, str(clip), "-o", str(out), "--start", "30")
+    assert result.exit_code == 1, result.output  # a failure row, not a crash
+    (failure,) = _summary(out / "summary.json")["failures"]
+    assert failure["reason"] == "no frame was segmented: none from --start 30 s: the clip lasts 2 s"
+    result = _infer(tiny_onnx_dir, str(clip), "-o", str(tmp_path / "o2"), "--start", "0.52",
+                    "--end", "0.58")  # fmt: skip
+    (failure,) = _summary(tmp_path / "o2" / "summary.json")["failures"]
+    assert failure["reason"].endswith(
+        "none from --start 0.52 s to --end 0.58 s: the clip lasts 2 s"
+    )
+
+
 def test_variable_frame_rate_keeps_each_frames_own_time(tiny_onnx_dir, tmp_path):
     times = [0.0, 0.04, 0.5, 0.52, 1.3, 2.0]
     clip = write_clip(tmp_path / "vfr.mkv", scenes(6, (40, 48)), times=times)
@@ -283,7 +297,9 @@ def test_truncated_and_unreadable_clips_are_named_and_the_run_goes_on(tiny_onnx_
     reasons = {Path(f["input"]).name: f["reason"] for f in run["failures"]}
     assert set(reasons) == {"cut.mp4", "empty.mp4", "audio.mkv"}
     assert reasons["audio.mkv"] == "no video stream (it holds audio)"
-    assert reasons["cut.mp4"].startswith("cannot open as video")
+    assert reasons["cut.mp4"].startswith("cannot open as video: ")
+    # FFmpeg's own words: no errno, no second copy of the path (the record names the file)
+    assert "Errno" not in reasons["cut.mp4"] and "cut.mp4" not in reasons["cut.mp4"]
     done = {Path(r["input"]).name: r for r in run["images"]}
     assert done["whole.mkv"]["video"]["frames"] == 20
     cut = _summary(out / "in" / "cut.mkv" / "summary.json")
@@ -315,6 +331,7 @@ def test_a_corrupt_frame_mid_clip_is_a_recorded_dropped_frame(tiny_onnx_dir, tmp
     assert summary["frames"] == 9 and summary["dropped"] == 1
     assert summary["dropped_frames"][0]["time"] == pytest.approx(0.5)
     assert summary["dropped_frames"][0]["reason"].startswith("undecodable: ")
+    assert "Errno" not in summary["dropped_frames"][0]["reason"]
     assert [t["index"] for t in summary["timeline"]] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
 
 

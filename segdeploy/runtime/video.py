@@ -179,6 +179,12 @@ def upright_rgb(frame, rotation: int, reformatter) -> np.ndarray:
     return rgb
 
 
+def ffmpeg_reason(err) -> str:
+    """FFmpeg's own words for a PyAV error ("Invalid data found when processing input"),
+    without the errno and file name its str() adds: the caller names the file."""
+    return getattr(err, "strerror", None) or first_line(err)
+
+
 def open_input(av, source: str, *, stream: bool):
     """(container, video stream) of a clip file or a stream URL; SegdeployError when it has
     no video or cannot be opened. Streams get a read timeout, so one that stops ends."""
@@ -191,7 +197,7 @@ def open_input(av, source: str, *, stream: bool):
     try:
         container = av.open(source, "r", options=options, timeout=timeout)
     except av.error.FFmpegError as err:
-        raise SegdeployError(source, f"cannot open as video: {first_line(err)}") from None
+        raise SegdeployError(source, f"cannot open as video: {ffmpeg_reason(err)}") from None
     except OSError as err:
         raise SegdeployError(source, f"cannot read: {err.strerror or err}") from None
     try:
@@ -254,13 +260,13 @@ def _decoded(av, container, video, counts: FrameCounts) -> Iterator[Any]:
         except StopIteration:
             break
         except av.error.FFmpegError as err:  # demuxing broke: truncated, stream stopped
-            counts.ended = f"reading stopped: {first_line(err)}"
+            counts.ended = f"reading stopped: {ffmpeg_reason(err)}"
             break
         try:
             frames = packet.decode()
         except av.error.FFmpegError as err:
             t = float(packet.pts * tb) if packet.pts is not None and tb else None
-            counts.drop(t, f"undecodable: {first_line(err)}")
+            counts.drop(t, f"undecodable: {ffmpeg_reason(err)}")
             continue
         yield from frames
 

@@ -389,10 +389,23 @@ class ClipOutputs:
             "summary": f"{self.rel}/{SUMMARY}",
         }
         if self.frames == 0:
-            record["reason"] = "no frame was segmented" + (
-                f" ({counts.ended})" if counts.ended else ""
-            )
+            record["reason"] = self._empty_reason(counts)
         return record
+
+    def _empty_reason(self, counts: FrameCounts) -> str:
+        """Why a clip gave no frame: how reading ended, or a --start/--end that left out
+        every frame decoded (past the clip's end, say), with the clip's length."""
+        reason = "no frame was segmented"
+        if counts.ended:
+            return f"{reason} ({counts.ended})"
+        choice = self.header.get("choice") or {}
+        start, end = choice.get("start") or 0.0, choice.get("end")
+        if counts.decoded and counts.skipped >= counts.decoded and (start or end is not None):
+            asked = f"--start {start:g} s" + ("" if end is None else f" to --end {end:g} s")
+            duration = self.info.duration if self.info is not None else None
+            lasts = "" if duration is None else f": the clip lasts {duration:g} s"
+            return f"{reason}: none from {asked}{lasts}"
+        return reason
 
     def mean_shares(self) -> list[dict[str, Any]]:
         n = max(self.frames, 1)
