@@ -398,8 +398,7 @@ class ClipOutputs:
         reason = "no frame was segmented"
         if counts.ended:
             return f"{reason} ({counts.ended})"
-        choice = self.header.get("choice") or {}
-        start, end = choice.get("start") or 0.0, choice.get("end")
+        start, end = self.header["choice"]["start"], self.header["choice"]["end"]
         if counts.decoded and counts.skipped >= counts.decoded and (start or end is not None):
             asked = f"--start {start:g} s" + ("" if end is None else f" to --end {end:g} s")
             duration = self.info.duration if self.info is not None else None
