@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from segdeploy.atomic import atomic_path, write_json
-from segdeploy.errors import SegdeployError, first_line
+from segdeploy.errors import SegdeployError
 from segdeploy.runtime.overlay import render_overlay
 from segdeploy.runtime.share_plot import draw_shares, share_series
 from segdeploy.runtime.video import ClipInfo, Frame, FrameCounts, import_av
@@ -464,4 +464,4 @@ def write_failure_summary(folder: Path, source: str, header: dict, reason: str) 
     )
 
 
-__all__ = ["ClipOutputs", "OVERLAY_CODECS", "LABEL_MODES", "first_line", "write_failure_summary"]
+__all__ = ["ClipOutputs", "OVERLAY_CODECS", "LABEL_MODES", "write_failure_summary"]
